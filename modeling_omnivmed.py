@@ -1,0 +1,643 @@
+"""OmniV-Med: one RoPE vision tower for 2D images, 3D volumes and videos, a merge + MLP projector and a Qwen LLM.
+
+Data flow (shapes):
+    pixel_values (N, C*p*p)  patches of every item in the batch, packed in one sequence, merge-block order per frame
+    patch_positions (N, 3)   integer (t, h, w) of each patch: slice/frame index, patch row, patch column
+    grid_thw (n_items, 3)    frames, patch rows, patch columns of each item
+    merge_sizes (n_items,)   merge x merge patches -> one LLM token
+    visual_keep_mask (T,)    which of the T = sum(t * h/m * w/m) visual tokens survive pruning
+ -> tower (N_kept or N, D) -> projector (T_kept, D_llm) -> scattered into the <|image_pad|> positions of the text.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput, ModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import logging
+
+from .configuration_omnivmed import OmniVMedConfig, OmniVMedVisionConfig
+from .pruning_omnivmed import compute_keep_mask, patch_keep_mask
+
+
+logger = logging.get_logger(__name__)
+
+
+def patch_positions_from_grid(grid_thw: torch.Tensor, merge_sizes: torch.Tensor) -> torch.Tensor:
+    """(t, h, w) of every patch, in merge-block order within each frame: (n_items, 3) -> (N, 3)."""
+    out = []
+    for (t, h, w), m in zip(grid_thw.tolist(), merge_sizes.tolist()):
+        rows = torch.arange(h).view(h // m, m, 1, 1).expand(h // m, m, w // m, m)
+        cols = torch.arange(w).view(1, 1, w // m, m).expand(h // m, m, w // m, m)
+        # (block_row, i, block_col, j) -> (block_row, block_col, i, j): merge-block order
+        rows = rows.permute(0, 2, 1, 3).reshape(-1)
+        cols = cols.permute(0, 2, 1, 3).reshape(-1)
+        frames = torch.arange(t).repeat_interleave(h * w)
+        out.append(torch.stack([frames, rows.repeat(t), cols.repeat(t)], dim=-1))
+    if not out:
+        return torch.zeros(0, 3, dtype=torch.long)
+    return torch.cat(out).to(grid_thw.device)
+
+
+def segment_lengths(
+    grid_thw: torch.Tensor, attention_scope: str, patch_keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Lengths of the attention segments of the packed sequence: one per frame ("frame") or per item ("clip")."""
+    per_frame = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])  # (n_frames,)
+    if patch_keep is not None:
+        frame_id = torch.repeat_interleave(torch.arange(per_frame.numel(), device=per_frame.device), per_frame)
+        per_frame = torch.bincount(frame_id[patch_keep], minlength=per_frame.numel())
+    if attention_scope == "frame":
+        return per_frame
+    item_id = torch.repeat_interleave(torch.arange(grid_thw.shape[0], device=grid_thw.device), grid_thw[:, 0])
+    return torch.zeros(grid_thw.shape[0], dtype=per_frame.dtype, device=per_frame.device).index_add_(
+        0, item_id, per_frame
+    )
+
+
+@dataclass
+class PackedSegments:
+    """Where the attention segments of a packed sequence are, in the forms the attention backends want."""
+
+    cu_seqlens: torch.Tensor  # (S + 1,) int32, for flash-attention varlen
+    max_seqlen: int
+    groups: list[torch.Tensor]  # for eager/sdpa: (G, L) token indices of G segments of equal length L
+
+    @classmethod
+    def from_lengths(cls, lengths: torch.Tensor) -> "PackedSegments":
+        lengths = lengths[lengths > 0]
+        cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=lengths.device)
+        cu[1:] = torch.cumsum(lengths, 0)
+        starts = cu[:-1].long()
+        groups = []
+        # segments of one length run as one batch, so a video's frames cost one attention call, not one each
+        for length in torch.unique(lengths).tolist():
+            seg_starts = starts[lengths == length]
+            groups.append(seg_starts[:, None] + torch.arange(length, device=lengths.device)[None, :])
+        return cls(cu_seqlens=cu, max_seqlen=int(lengths.max()) if lengths.numel() else 0, groups=groups)
+
+
+class OmniVMedVisionRotaryEmbedding(nn.Module):
+    """cos/sin of rotary angles over the (t, h, w) axes, laid out [t | h | w | unrotated] and repeated twice."""
+
+    def __init__(self, config: OmniVMedVisionConfig):
+        super().__init__()
+        self.axes_dims = list(config.rope_axes_dims)
+        self.theta = config.rope_theta
+        self.half = config.head_dim // 2
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: (N, 3) -> cos, sin: (N, head_dim) float32
+        # Computed on the fly rather than kept in a buffer: a non-persistent buffer is left uninitialised when
+        # transformers 5 materialises a model from the meta device, which is how the successor code breaks.
+        pieces = []
+        for axis, n in enumerate(self.axes_dims):
+            if n == 0:
+                continue
+            inv_freq = self.theta ** (-torch.arange(n, dtype=torch.float32, device=positions.device) / n)
+            pieces.append(positions[:, axis, None].float() * inv_freq[None, :])
+        used = sum(self.axes_dims)
+        if used < self.half:
+            pieces.append(torch.zeros(positions.shape[0], self.half - used, device=positions.device))
+        angles = torch.cat(pieces, dim=-1)
+        emb = torch.cat([angles, angles], dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (N, heads, head_dim); cos/sin: (N, head_dim); rotation in float32 whatever the model dtype
+    dtype = x.dtype
+    x = x.float()
+    out = x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+    return out.to(dtype)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    # query/key/value: (B, heads, L, head_dim) -> (B, L, heads, head_dim)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+class OmniVMedVisionAttention(nn.Module):
+    def __init__(self, config: OmniVMedVisionConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.num_key_value_groups = 1
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        segments: PackedSegments,
+        **kwargs,
+    ) -> torch.Tensor:
+        n = hidden_states.shape[0]  # (N, D), the whole packed batch
+        q = self.q_proj(hidden_states).view(n, self.num_heads, self.head_dim)
+        k = self.k_proj(hidden_states).view(n, self.num_heads, self.head_dim)
+        v = self.v_proj(hidden_states).view(n, self.num_heads, self.head_dim)
+        cos, sin = position_embeddings
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        implementation = self.config._attn_implementation or "eager"
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        dropout = self.config.attention_dropout if self.training else 0.0
+
+        if "flash" in implementation:
+            # varlen kernels take the packed sequence with its cu_seqlens: no padding, no mask
+            out, _ = attention_interface(
+                self,
+                q.transpose(0, 1).unsqueeze(0),
+                k.transpose(0, 1).unsqueeze(0),
+                v.transpose(0, 1).unsqueeze(0),
+                attention_mask=None,
+                scaling=self.scaling,
+                dropout=dropout,
+                cu_seq_lens_q=segments.cu_seqlens,
+                cu_seq_lens_k=segments.cu_seqlens,
+                max_length_q=segments.max_seqlen,
+                max_length_k=segments.max_seqlen,
+                is_causal=False,
+                **kwargs,
+            )
+            out = out.reshape(n, -1)
+        else:
+            out = q.new_empty(n, self.num_heads, self.head_dim)
+            for index in segments.groups:  # (G, L): G segments of length L batched together, no N x N mask
+                g, length = index.shape
+                flat = index.reshape(-1)
+
+                def gather(x):
+                    return x[flat].view(g, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+                group_out, _ = attention_interface(
+                    self,
+                    gather(q),
+                    gather(k),
+                    gather(v),
+                    attention_mask=None,
+                    scaling=self.scaling,
+                    dropout=dropout,
+                    is_causal=False,
+                    **kwargs,
+                )
+                out[flat] = group_out.reshape(g * length, self.num_heads, self.head_dim)
+            out = out.reshape(n, -1)
+        return self.out_proj(out)
+
+
+class OmniVMedVisionMLP(nn.Module):
+    def __init__(self, config: OmniVMedVisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class OmniVMedVisionLayer(GradientCheckpointingLayer):
+    def __init__(self, config: OmniVMedVisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = OmniVMedVisionAttention(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = OmniVMedVisionMLP(config)
+
+    def forward(self, hidden_states, position_embeddings, segments, **kwargs):
+        hidden_states = hidden_states + self.self_attn(
+            self.layer_norm1(hidden_states), position_embeddings, segments, **kwargs
+        )
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+
+
+class OmniVMedPreTrainedModel(PreTrainedModel):
+    config_class = OmniVMedConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "video", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["OmniVMedVisionLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"]
+    _skip_keys_device_placement = "cache"
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+
+class OmniVMedVisionModel(OmniVMedPreTrainedModel):
+    """Packed RoPE ViT: every patch of a batch in one sequence, attention limited to segments, no position table."""
+
+    config_class = OmniVMedVisionConfig
+    base_model_prefix = "vision_tower"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "video")
+    _no_split_modules = ["OmniVMedVisionLayer"]
+
+    def __init__(self, config: OmniVMedVisionConfig):
+        super().__init__(config)
+        # a Linear over (C, p, p)-flattened patches == a Conv2d(kernel p, stride p) whose weight is flattened
+        self.patch_embedding = nn.Linear(config.patch_dim, config.hidden_size)
+        self.rotary_emb = OmniVMedVisionRotaryEmbedding(config)
+        self.layers = nn.ModuleList([OmniVMedVisionLayer(config) for _ in range(config.num_hidden_layers)])
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.patch_embedding
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        grid_thw: torch.Tensor,
+        patch_positions: torch.Tensor | None = None,
+        merge_sizes: torch.Tensor | None = None,
+        patch_keep_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutput:
+        """
+        pixel_values: (N, C*p*p); grid_thw: (n_items, 3); patch_positions: (N, 3), derived from the grid (merge-block
+        order, `merge_sizes`) when omitted; patch_keep_mask: (N,) bool, run the tower only on these patches.
+        Returns last_hidden_state (N or N_kept, D) after post_layernorm.
+        """
+        grid_thw = grid_thw.to(pixel_values.device).long()
+        validate_visual_inputs(pixel_values, grid_thw, self.config.patch_dim, patch_positions, patch_keep_mask)
+        if patch_positions is None:
+            if merge_sizes is None:
+                merge_sizes = torch.ones(grid_thw.shape[0], dtype=torch.long)
+            patch_positions = patch_positions_from_grid(grid_thw, merge_sizes)
+        patch_positions = patch_positions.to(pixel_values.device)
+        if patch_keep_mask is not None:
+            patch_keep_mask = patch_keep_mask.to(pixel_values.device).bool()
+            pixel_values = pixel_values[patch_keep_mask]
+            patch_positions = patch_positions[patch_keep_mask]
+        segments = PackedSegments.from_lengths(
+            segment_lengths(grid_thw, self.config.attention_scope, patch_keep_mask)
+        )
+        hidden_states = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+        position_embeddings = self.rotary_emb(patch_positions)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, position_embeddings, segments, **kwargs)
+        return BaseModelOutput(last_hidden_state=self.post_layernorm(hidden_states))
+
+
+def validate_visual_inputs(pixel_values, grid_thw, patch_dim, patch_positions=None, patch_keep_mask=None):
+    """Clear errors for inputs that would otherwise produce silently wrong tensors."""
+    if pixel_values.dim() != 2 or pixel_values.shape[1] != patch_dim:
+        raise ValueError(
+            f"pixel_values must be (num_patches, {patch_dim}) flattened (C, p, p) patches, got {tuple(pixel_values.shape)}"
+        )
+    if grid_thw.dim() != 2 or grid_thw.shape[1] != 3:
+        raise ValueError(f"grid_thw must be (num_items, 3), got {tuple(grid_thw.shape)}")
+    if (grid_thw <= 0).any():
+        raise ValueError(f"grid_thw entries must be positive, got {grid_thw.tolist()}")
+    n = int((grid_thw.prod(-1)).sum())
+    if n != pixel_values.shape[0]:
+        raise ValueError(f"grid_thw describes {n} patches but pixel_values has {pixel_values.shape[0]}")
+    if patch_positions is not None:
+        if tuple(patch_positions.shape) != (n, 3):
+            raise ValueError(f"patch_positions must be ({n}, 3), got {tuple(patch_positions.shape)}")
+        limits = torch.repeat_interleave(grid_thw, grid_thw.prod(-1), dim=0).to(patch_positions.device)
+        if (patch_positions < 0).any() or (patch_positions >= limits).any():
+            bad = ((patch_positions < 0) | (patch_positions >= limits)).any(-1).nonzero()[0].item()
+            raise ValueError(
+                f"patch_positions out of range: patch {bad} has (t, h, w) = {patch_positions[bad].tolist()} "
+                f"outside its item's grid {limits[bad].tolist()}"
+            )
+    if patch_keep_mask is not None and patch_keep_mask.shape != (n,):
+        raise ValueError(f"patch_keep_mask must be ({n},), got {tuple(patch_keep_mask.shape)}")
+
+
+class OmniVMedProjector(nn.Module):
+    """Merge merge x merge patch features into one token (concatenate or average), then Linear-act-Linear."""
+
+    def __init__(self, config: OmniVMedConfig):
+        super().__init__()
+        self.merge_kind = config.merge_kind
+        vision_dim = config.vision_config.hidden_size
+        in_dim = vision_dim * config.image_merge_size**2 if self.merge_kind == "concat" else vision_dim
+        text_dim = config.text_config.hidden_size
+        self.linear_1 = nn.Linear(in_dim, text_dim)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(text_dim, text_dim)
+
+    def merge(self, features: torch.Tensor, token_merge: torch.Tensor) -> torch.Tensor:
+        # features: (N, D) in merge-block order; token_merge: (T,) merge size of each token -> (T, D_in)
+        if self.merge_kind == "concat":
+            return features.reshape(token_merge.numel(), -1)
+        if bool((token_merge == token_merge[0]).all()):
+            m = int(token_merge[0])
+            return features.view(-1, m * m, features.shape[-1]).mean(dim=1)
+        token_id = torch.repeat_interleave(torch.arange(token_merge.numel(), device=features.device), token_merge**2)
+        summed = features.new_zeros(token_merge.numel(), features.shape[-1]).index_add_(0, token_id, features)
+        return summed / (token_merge**2).to(features.dtype)[:, None]
+
+    def forward(self, features: torch.Tensor, token_merge: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(self.merge(features, token_merge))))
+
+
+@dataclass
+class OmniVMedModelOutputWithPast(ModelOutput):
+    last_hidden_state: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor] | None = None
+    attentions: tuple[torch.FloatTensor] | None = None
+    visual_keep_mask: torch.BoolTensor | None = None
+    num_tower_tokens: int | None = None
+
+
+@dataclass
+class OmniVMedCausalLMOutputWithPast(ModelOutput):
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor] | None = None
+    attentions: tuple[torch.FloatTensor] | None = None
+    visual_keep_mask: torch.BoolTensor | None = None
+    num_tower_tokens: int | None = None
+
+
+VISUAL_INPUT_NAMES = ("pixel_values", "grid_thw", "merge_sizes", "patch_positions", "visual_keep_mask")
+
+
+class OmniVMedModel(OmniVMedPreTrainedModel):
+    def __init__(self, config: OmniVMedConfig):
+        super().__init__(config)
+        self.vision_tower = OmniVMedVisionModel(config.vision_config)
+        self.projector = OmniVMedProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def default_merge_sizes(self, grid_thw: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([self.config.merge_size_for(int(t)) for t in grid_thw[:, 0]], device=grid_thw.device)
+
+    def visual_keep_mask(
+        self, pixel_values, grid_thw, merge_sizes, prune_threshold: float | None = None
+    ) -> torch.Tensor:
+        """The pruning rule (pruning_omnivmed.compute_keep_mask) with this model's settings."""
+        c = self.config
+        return compute_keep_mask(
+            pixel_values,
+            grid_thw,
+            merge_sizes,
+            threshold=c.prune_threshold if prune_threshold is None else prune_threshold,
+            reference=c.prune_reference,
+            unit=c.prune_unit,
+            image_mean=c.image_mean,
+            image_std=c.image_std,
+            keep_first_frame=c.prune_keep_first_frame,
+            min_tokens=c.prune_min_tokens,
+            num_channels=c.vision_config.num_channels,
+        )
+
+    def get_visual_features(
+        self,
+        pixel_values: torch.Tensor,
+        grid_thw: torch.Tensor,
+        merge_sizes: torch.Tensor | None = None,
+        patch_positions: torch.Tensor | None = None,
+        visual_keep_mask: torch.Tensor | None = None,
+        prune_threshold: float | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Returns (features of the kept visual tokens (T_kept, D_llm), keep mask (T,), patches the tower ran on)."""
+        grid_thw = grid_thw.to(pixel_values.device).long()
+        merge_sizes = self.default_merge_sizes(grid_thw) if merge_sizes is None else merge_sizes.long()
+        merge_sizes = merge_sizes.to(grid_thw.device)
+        if merge_sizes.shape != (grid_thw.shape[0],):
+            raise ValueError(f"merge_sizes must be ({grid_thw.shape[0]},), got {tuple(merge_sizes.shape)}")
+        if ((grid_thw[:, 1] % merge_sizes) != 0).any() or ((grid_thw[:, 2] % merge_sizes) != 0).any():
+            raise ValueError(
+                f"every item's patch grid must be divisible by its merge size: grid_thw={grid_thw.tolist()}, "
+                f"merge_sizes={merge_sizes.tolist()}"
+            )
+        validate_visual_inputs(pixel_values, grid_thw, self.config.vision_config.patch_dim, patch_positions)
+        token_counts = grid_thw[:, 0] * (grid_thw[:, 1] // merge_sizes) * (grid_thw[:, 2] // merge_sizes)
+        token_merge = torch.repeat_interleave(merge_sizes, token_counts)  # (T,)
+        if visual_keep_mask is None or prune_threshold is not None:
+            visual_keep_mask = self.visual_keep_mask(pixel_values, grid_thw, merge_sizes, prune_threshold)
+        visual_keep_mask = visual_keep_mask.to(pixel_values.device).bool()
+        if visual_keep_mask.shape != token_merge.shape:
+            raise ValueError(
+                f"visual_keep_mask has {visual_keep_mask.numel()} entries but the grids give {token_merge.numel()} "
+                "visual tokens"
+            )
+        if patch_positions is None:
+            patch_positions = patch_positions_from_grid(grid_thw, merge_sizes)
+
+        if self.config.prune_stage == "pre_encoder" and not bool(visual_keep_mask.all()):
+            patch_keep = patch_keep_mask(visual_keep_mask, grid_thw, merge_sizes)
+            features = self.vision_tower(
+                pixel_values, grid_thw, patch_positions, patch_keep_mask=patch_keep, **kwargs
+            ).last_hidden_state
+            features = self.projector(features, token_merge[visual_keep_mask])
+            return features, visual_keep_mask, int(patch_keep.sum())
+        features = self.vision_tower(pixel_values, grid_thw, patch_positions, **kwargs).last_hidden_state
+        features = self.projector(features, token_merge)[visual_keep_mask]
+        return features, visual_keep_mask, pixel_values.shape[0]
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        grid_thw: torch.LongTensor | None = None,
+        merge_sizes: torch.LongTensor | None = None,
+        patch_positions: torch.LongTensor | None = None,
+        visual_keep_mask: torch.BoolTensor | None = None,
+        prune_threshold: float | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> OmniVMedModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Give exactly one of input_ids and inputs_embeds")
+        # transformers 5 renamed past_key_values to cache; accept the old name from older callers
+        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        placeholders = self._placeholder_mask(input_ids, inputs_embeds)
+        keep, tower_tokens = None, None
+        if pixel_values is not None:
+            if grid_thw is None:
+                raise ValueError("pixel_values were given without grid_thw")
+            features, keep, tower_tokens = self.get_visual_features(
+                pixel_values, grid_thw, merge_sizes, patch_positions, visual_keep_mask, prune_threshold
+            )
+            n_placeholders = int(placeholders.sum())
+            if n_placeholders != features.shape[0]:
+                raise ValueError(
+                    f"The text has {n_placeholders} image placeholder tokens (id {self.config.image_token_id}) but "
+                    f"the pixels give {features.shape[0]} visual tokens after pruning "
+                    f"({keep.numel()} before); the processor expands placeholders to the kept count, so use the "
+                    "same prune_threshold / visual_keep_mask for both"
+                )
+            inputs_embeds = inputs_embeds.masked_scatter(
+                placeholders[..., None].to(inputs_embeds.device), features.to(inputs_embeds.dtype)
+            )
+        elif placeholders.any():
+            raise ValueError(
+                f"The text has {int(placeholders.sum())} image placeholder tokens but no pixel_values were given"
+            )
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return OmniVMedModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            visual_keep_mask=keep,
+            num_tower_tokens=tower_tokens,
+        )
+
+    def _placeholder_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        token = self.get_input_embeddings()(torch.tensor(self.config.image_token_id, device=inputs_embeds.device))
+        return (inputs_embeds == token).all(-1)
+
+
+class OmniVMedForConditionalGeneration(OmniVMedPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+
+    def __init__(self, config: OmniVMedConfig):
+        super().__init__(config)
+        self.model = OmniVMedModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    @property
+    def vision_tower(self):
+        return self.model.vision_tower
+
+    @property
+    def language_model(self):
+        return self.model.language_model
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        grid_thw: torch.LongTensor | None = None,
+        merge_sizes: torch.LongTensor | None = None,
+        patch_positions: torch.LongTensor | None = None,
+        visual_keep_mask: torch.BoolTensor | None = None,
+        prune_threshold: float | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> OmniVMedCausalLMOutputWithPast:
+        """labels: (B, L) token ids, -100 where no loss is taken (prompt, visual tokens, padding)."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            pixel_values=pixel_values,
+            grid_thw=grid_thw,
+            merge_sizes=merge_sizes,
+            patch_positions=patch_positions,
+            visual_keep_mask=visual_keep_mask,
+            prune_threshold=prune_threshold,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return OmniVMedCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            visual_keep_mask=outputs.visual_keep_mask,
+            num_tower_tokens=outputs.num_tower_tokens,
+        )
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        # the pixels are consumed by the prefill; later steps only feed the new token against the KV cache
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            for name in VISUAL_INPUT_NAMES:
+                model_inputs.pop(name, None)
+        return model_inputs
+
+
+__all__ = [
+    "OmniVMedPreTrainedModel",
+    "OmniVMedVisionModel",
+    "OmniVMedModel",
+    "OmniVMedForConditionalGeneration",
+]

@@ -1,0 +1,301 @@
+import copy
+
+import pytest
+import torch
+from conftest import tiny_config_dict
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from omnivmed.configuration_omnivmed import OmniVMedConfig
+from omnivmed.modeling_omnivmed import (
+    OmniVMedForConditionalGeneration,
+    OmniVMedModel,
+    OmniVMedVisionModel,
+    patch_positions_from_grid,
+)
+
+
+IMG, START, END = 5, 6, 7
+
+
+def make_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return OmniVMedForConditionalGeneration(OmniVMedConfig(**tiny_config_dict(**overrides))).eval()
+
+
+def visual_inputs(grids, seed=0, patch_dim=48):
+    """Random patches for items with the given (t, h, w) grids."""
+    g = torch.tensor(grids)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(int(g.prod(-1).sum()), patch_dim, generator=gen), g
+
+
+def prompt_ids(n_visual, prefix=(1, 2), suffix=(3, 4)):
+    return list(prefix) + [START] + [IMG] * n_visual + [END] + list(suffix)
+
+
+def n_tokens(grids, merge=2):
+    return sum(t * (h // merge) * (w // merge) for t, h, w in grids)
+
+
+def tower(model):
+    return model.model.vision_tower
+
+
+# --- the vision tower -------------------------------------------------------------------------------------------
+
+
+def test_tower_has_no_absolute_position_parameters():
+    model = make_model()
+    names = [n for n, _ in tower(model).named_parameters()]
+    assert not [n for n in names if "position" in n or "pos_embed" in n]
+    assert not [n for n, _ in tower(model).named_buffers()]
+
+
+@pytest.mark.parametrize("scope", ["frame", "clip"])
+def test_rope_translation_invariance(scope):
+    """Shifting every patch's (h, w) by a constant leaves the tower unchanged: only relative positions matter."""
+    model = make_model(vision_config={"attention_scope": scope})
+    pv, grid = visual_inputs([[1, 6, 4], [3, 4, 4]])
+    pos = patch_positions_from_grid(grid, torch.tensor([2, 2]))
+    ref = tower(model)(pv, grid, pos).last_hidden_state
+    shifted = pos.clone()
+    shifted[:, 1:] += torch.tensor([7, 3])
+    # shifted positions leave the item's grid, which the public forward refuses as a likely bug; the layers below
+    # it take any integers, so check the maths there
+    out = _tower_raw(tower(model), pv, grid, shifted)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_tower_raw(tower(model), pv, grid, pos), ref)
+    # and positions do matter: permuting the first image's positions changes its output
+    perm = pos.clone()
+    perm[:24] = pos[:24][torch.randperm(24, generator=torch.Generator().manual_seed(1))]
+    assert not torch.allclose(tower(model)(pv, grid, perm).last_hidden_state[:24], ref[:24], atol=1e-4)
+
+
+def _tower_raw(vision, pv, grid, positions):
+    from omnivmed.modeling_omnivmed import PackedSegments, segment_lengths
+
+    segments = PackedSegments.from_lengths(segment_lengths(grid, vision.config.attention_scope))
+    hidden = vision.patch_embedding(pv)
+    emb = vision.rotary_emb(positions)
+    for layer in vision.layers:
+        hidden = layer(hidden, emb, segments)
+    return vision.post_layernorm(hidden)
+
+
+def test_clip_scope_sees_time_axis_frame_scope_does_not():
+    pv, grid = visual_inputs([[3, 4, 4]])
+    pos = patch_positions_from_grid(grid, torch.tensor([2]))
+    swapped_t = pos.clone()
+    swapped_t[:, 0] = 2 - swapped_t[:, 0]  # reverse the slice order labels, pixels unchanged
+    frame = make_model(vision_config={"attention_scope": "frame"})
+    torch.testing.assert_close(
+        tower(frame)(pv, grid, swapped_t).last_hidden_state, tower(frame)(pv, grid, pos).last_hidden_state
+    )
+    clip = make_model(vision_config={"attention_scope": "clip"})
+    assert not torch.allclose(
+        tower(clip)(pv, grid, swapped_t).last_hidden_state, tower(clip)(pv, grid, pos).last_hidden_state, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("hw", [(2, 2), (4, 14), (30, 6), (16, 16)])
+def test_any_image_size_runs(hw):
+    model = make_model()
+    pv, grid = visual_inputs([[1, *hw]])
+    out = tower(model)(pv, grid, merge_sizes=torch.tensor([2])).last_hidden_state
+    assert out.shape == (hw[0] * hw[1], 48) and torch.isfinite(out).all()
+
+
+def test_packed_batch_equals_each_alone():
+    model = make_model()
+    grids = [[1, 4, 6], [1, 8, 2], [2, 4, 4], [1, 2, 2]]
+    pv, grid = visual_inputs(grids)
+    merge = torch.full((len(grids),), 2)
+    packed = tower(model)(pv, grid, merge_sizes=merge).last_hidden_state
+    offset = 0
+    for g in grids:
+        n = g[0] * g[1] * g[2]
+        alone = tower(model)(pv[offset : offset + n], torch.tensor([g]), merge_sizes=torch.tensor([2]))
+        torch.testing.assert_close(packed[offset : offset + n], alone.last_hidden_state, atol=1e-5, rtol=1e-5)
+        offset += n
+
+
+def test_eager_and_sdpa_agree():
+    model = make_model()
+    pv, grid = visual_inputs([[1, 4, 6], [3, 4, 4]])
+    ids = torch.tensor([prompt_ids(n_tokens([[1, 4, 6], [3, 4, 4]]))])
+    outs = {}
+    for impl in ("eager", "sdpa"):
+        model.set_attn_implementation(impl)
+        outs[impl] = model(input_ids=ids, pixel_values=pv, grid_thw=grid, prune_threshold=0.0).logits
+    torch.testing.assert_close(outs["eager"], outs["sdpa"], atol=1e-5, rtol=1e-4)
+
+
+def test_bfloat16_forward_runs_on_cpu():
+    model = make_model().to(torch.bfloat16)
+    pv, grid = visual_inputs([[2, 4, 4]])
+    ids = torch.tensor([prompt_ids(n_tokens([[2, 4, 4]]))])
+    out = model(input_ids=ids, pixel_values=pv.bfloat16(), grid_thw=grid, prune_threshold=0.0)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    pv, grid = visual_inputs([[1, 4, 4], [2, 4, 4]])
+    ids = torch.tensor([prompt_ids(n_tokens([[1, 4, 4], [2, 4, 4]]))])
+    grads = []
+    for checkpointing in (False, True):
+        model = make_model().train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert model.model.vision_tower.layers[0].gradient_checkpointing
+        out = model(input_ids=ids, pixel_values=pv, grid_thw=grid, labels=ids, prune_threshold=0.0)
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("vision_tower" in n for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+# --- the language model side ------------------------------------------------------------------------------------
+
+
+def test_text_only_equals_plain_qwen2():
+    model = make_model()
+    qwen = Qwen2ForCausalLM(Qwen2Config(**tiny_config_dict()["text_config"])).eval()
+    state = {k.replace("model.language_model.", "model."): v for k, v in model.state_dict().items()}
+    missing, unexpected = qwen.load_state_dict(
+        {k: v for k, v in state.items() if k.startswith(("model.", "lm_head"))}, strict=False
+    )
+    assert not missing
+    ids = torch.tensor([[1, 2, 3, 9, 10, 11], [4, 4, 12, 13, 14, 15]])
+    torch.testing.assert_close(model(input_ids=ids).logits, qwen(input_ids=ids).logits, atol=1e-6, rtol=1e-5)
+
+
+def test_loss_only_on_labelled_tokens():
+    model = make_model()
+    pv, grid = visual_inputs([[1, 4, 4]])
+    ids = torch.tensor([prompt_ids(n_tokens([[1, 4, 4]]), suffix=(30, 31, 32))])
+    labels = torch.full_like(ids, -100)
+    labels[0, -3:] = ids[0, -3:]
+    out = model(input_ids=ids, pixel_values=pv, grid_thw=grid, labels=labels)
+    logits = out.logits[0, :-1]
+    expected = torch.nn.functional.cross_entropy(logits[-3:], ids[0, -3:])
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_visual_features_land_in_placeholders():
+    model = make_model()
+    pv, grid = visual_inputs([[1, 4, 4]])
+    ids = torch.tensor([prompt_ids(n_tokens([[1, 4, 4]]))])
+    a = model(input_ids=ids, pixel_values=pv, grid_thw=grid).logits
+    b = model(input_ids=ids, pixel_values=pv + 1.0, grid_thw=grid).logits
+    # text before the image cannot see it (causal); everything from the first visual token on does
+    torch.testing.assert_close(a[:, :3], b[:, :3])
+    assert not torch.allclose(a[:, 3:], b[:, 3:])
+
+
+def _left_pad(seqs, pad=0):
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+    return ids, mask
+
+
+def test_left_padded_batch_generation_equals_each_alone():
+    model = make_model(text_config={"pad_token_id": 0})
+    grids = [[[1, 4, 4]], [[2, 4, 6]]]
+    seqs = [prompt_ids(n_tokens(grids[0])), [9, 10, 11] + prompt_ids(n_tokens(grids[1]), suffix=(3, 4, 12, 13))]
+    pvs = [visual_inputs(g, seed=i) for i, g in enumerate(grids)]
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, prune_threshold=0.0)
+    alone = [
+        model.generate(input_ids=torch.tensor([s]), pixel_values=pv, grid_thw=g, **kwargs)[0, len(s) :]
+        for s, (pv, g) in zip(seqs, pvs)
+    ]
+    ids, mask = _left_pad(seqs)
+    batch = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        pixel_values=torch.cat([pv for pv, _ in pvs]),
+        grid_thw=torch.cat([g for _, g in pvs]),
+        **kwargs,
+    )[:, ids.shape[1] :]
+    for i in range(2):
+        assert batch[i].tolist() == alone[i].tolist()
+    # the cache is used: the same tokens as a generation that recomputes everything each step
+    no_cache = model.generate(
+        input_ids=torch.tensor([seqs[0]]), pixel_values=pvs[0][0], grid_thw=pvs[0][1], use_cache=False, **kwargs
+    )[0, len(seqs[0]) :]
+    assert no_cache.tolist() == alone[0].tolist()
+
+
+# --- errors ------------------------------------------------------------------------------------------------------
+
+
+def test_placeholder_count_mismatch_is_a_clear_error():
+    model = make_model()
+    pv, grid = visual_inputs([[1, 4, 4]])
+    ids = torch.tensor([prompt_ids(n_tokens([[1, 4, 4]]) - 1)])
+    with pytest.raises(ValueError, match=r"3 image placeholder tokens .* 4 visual tokens"):
+        model(input_ids=ids, pixel_values=pv, grid_thw=grid)
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model(input_ids=ids)
+
+
+def test_wrong_pixel_shape_is_a_clear_error():
+    model = make_model()
+    pv, grid = visual_inputs([[1, 4, 4]])
+    ids = torch.tensor([prompt_ids(4)])
+    with pytest.raises(ValueError, match=r"flattened \(C, p, p\) patches"):
+        model(input_ids=ids, pixel_values=pv[:, :40], grid_thw=grid)
+    with pytest.raises(ValueError, match="describes 16 patches but pixel_values has 15"):
+        model(input_ids=ids, pixel_values=pv[:15], grid_thw=grid)
+    with pytest.raises(ValueError, match="divisible by its merge size"):
+        model(input_ids=ids, pixel_values=torch.randn(15, 48), grid_thw=torch.tensor([[1, 3, 5]]))
+
+
+def test_positions_out_of_range_are_a_clear_error():
+    model = make_model()
+    pv, grid = visual_inputs([[2, 4, 4]])
+    pos = patch_positions_from_grid(grid, torch.tensor([2]))
+    pos[5, 1] = 4
+    with pytest.raises(ValueError, match=r"patch_positions out of range: patch 5"):
+        tower(model)(pv, grid, pos)
+
+
+def test_keep_mask_of_wrong_length_is_a_clear_error():
+    model = make_model()
+    pv, grid = visual_inputs([[2, 4, 4]])
+    ids = torch.tensor([prompt_ids(8)])
+    with pytest.raises(ValueError, match="visual_keep_mask has 7 entries"):
+        model(input_ids=ids, pixel_values=pv, grid_thw=grid, visual_keep_mask=torch.ones(7, dtype=torch.bool))
+
+
+# --- projector / merge --------------------------------------------------------------------------------------------
+
+
+def test_average_merge_with_per_medium_merge_sizes():
+    """Hulu-Med style: 2D images unmerged (1), video merged 2x2 by averaging, one projector."""
+    model = make_model(merge_kind="average", image_merge_size=1, video_merge_size=2)
+    assert model.model.projector.linear_1.in_features == 48
+    grids = [[1, 4, 4], [2, 4, 4]]
+    pv, grid = visual_inputs(grids)
+    n = 16 + 2 * 4
+    ids = torch.tensor([prompt_ids(n)])
+    out = model(input_ids=ids, pixel_values=pv, grid_thw=grid, prune_threshold=0.0)
+    assert out.visual_keep_mask.numel() == n
+    # the video's merged token is the projector applied to the mean of its 4 patch features
+    feats = tower(model)(pv, grid, merge_sizes=torch.tensor([1, 2])).last_hidden_state
+    merged, _, _ = model.model.get_visual_features(pv, grid, torch.tensor([1, 2]), prune_threshold=0.0)
+    proj = model.model.projector
+    expected = proj.linear_2(proj.act(proj.linear_1(feats[16:20].mean(0))))
+    torch.testing.assert_close(merged[16], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_concat_merge_needs_equal_merge_sizes():
+    with pytest.raises(ValueError, match="must be equal"):
+        OmniVMedConfig(**tiny_config_dict(image_merge_size=1, video_merge_size=2))
+
+
+def test_base_model_shares_weights_layout_with_lm():
+    model = make_model()
+    base = OmniVMedModel(copy.deepcopy(model.config))
+    assert set(base.state_dict()) == {k[len("model.") :] for k in model.state_dict() if k.startswith("model.")}
