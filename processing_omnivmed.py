@@ -1,0 +1,798 @@
+"""OmniV-Med processing: media -> patches, positions and keep mask (image processor), text -> expanded placeholders
+(processor), conversations -> ChatML prompts (chat template).
+
+One code path for 2D images, 3D volumes and videos. An item is T frames (T = 1 for a 2D image, slices for a volume,
+sampled frames for a video), all resized to the same (H, W); the kinds differ only in T, in the merge size
+(`image_merge_size` for 2D images, `video_merge_size` for volumes and videos) and in the per-frame pixel budget
+(`max_pixels` for 2D images, `video_max_pixels` per slice/frame).
+
+Patch layout (what the model and `pruning_omnivmed` rely on):
+    pixel_values[n] is one p x p patch flattened in (C, p, p) order (a Conv2d patch embedding of shape (D, 3, p, p)
+    is the same Linear); within a frame, patches come in merge-block order: for each block row, for each block
+    column, the merge x merge patches of the block row by row. So one LLM visual token = `merge**2` consecutive rows.
+    patch_positions[n] = (t, h, w): frame index within the item, patch row, patch column (not divided by merge).
+
+Text format: each medium is ONE `<|image_pad|>` between `<|vision_start|>` and `<|vision_end|>` in the prompt; the
+processor expands it to the number of visual tokens the model produces after pruning: `<|image_pad|>` * kept for a 2D
+image, and for a volume/video, per slice/frame f, `<|frame_sep|>` followed by `<|image_pad|>` * kept(f). The frame
+separators let the LLM tell which slice/frame each visual token came from (a frame whose tokens were all pruned
+cannot happen: every frame keeps >= `prune_min_tokens` >= 1 tokens).
+"""
+
+import bisect
+import math
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.processing_utils import ImagesKwargs, ProcessorMixin, TextKwargs
+from transformers.utils import logging
+from transformers.utils.chat_template_utils import render_jinja_template
+
+from .media_omnivmed import Media, MediaError, load_media
+from .pruning_omnivmed import compute_keep_mask, pruning_report, tokens_per_frame
+
+
+logger = logging.get_logger(__name__)
+
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+IMAGE_TOKEN = "<|image_pad|>"
+FRAME_TOKEN = "<|frame_sep|>"
+# the special tokens of an OmniV-Med tokenizer, in the id order of the tiny offline tokenizer (ids 0..6)
+SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_TOKEN, FRAME_TOKEN]
+DEFAULT_SYSTEM_PROMPT = "You are a helpful medical imaging assistant."
+MEDIA_KINDS = ("image", "volume", "video")
+
+# Qwen2.5-style ChatML. A media block (type image / video / volume) renders as ONE placeholder that the processor
+# expands; no timestamps or slice positions are written into the text (they travel in `media_metadata`).
+# `{% generation %}` marks the assistant reply (with its closing <|im_end|>) for `return_assistant_tokens_mask`.
+CHAT_TEMPLATE = (
+    "{%- macro render_content(content) -%}"
+    "{%- if content is string -%}"
+    "{{- content -}}"
+    "{%- else -%}"
+    "{%- for block in content -%}"
+    "{%- if block['type'] in ['image', 'video', 'volume'] -%}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif block['type'] == 'text' -%}"
+    "{{- block['text'] -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- if not messages or messages[0]['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- generation -%}"
+    "{{- render_content(message['content']) + '<|im_end|>' -}}"
+    "{%- endgeneration -%}"
+    "{{- '\\n' -}}"
+    "{%- else -%}"
+    "{{- render_content(message['content']) + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- endif -%}"
+)
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's rule: the (height, width) closest to the input whose sides are multiples of `factor`, whose area lies
+    in [min_pixels, max_pixels] (as far as multiples of `factor` allow) and whose aspect ratio is kept."""
+    if min(height, width) < 1:
+        raise ValueError(f"image sides must be >= 1 pixel, got {height}x{width}")
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio must be at most 200, got {height}x{width}")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+class OmniVMedImagesKwargs(ImagesKwargs, total=False):
+    """Settings of `OmniVMedImageProcessor` that `from_pretrained(..., key=value)` may override."""
+
+    patch_size: int
+    image_merge_size: int
+    video_merge_size: int
+    min_pixels: int
+    max_pixels: int
+    video_max_pixels: int
+    max_total_visual_tokens: int
+    prune_threshold: float
+    prune_reference: str
+    prune_unit: str
+    prune_keep_first_frame: bool
+    prune_min_tokens: int
+    window: str | list | None
+    slice_axis: str
+    min_slice_spacing_mm: float | None
+    max_slices: int
+    fps: float
+    max_frames: int
+    percentiles: list[float]
+
+
+# settings a call may override (all saved); LOAD_SETTINGS are forwarded to `load_media`
+SETTINGS = (
+    "patch_size", "image_merge_size", "video_merge_size", "min_pixels", "max_pixels", "video_max_pixels",
+    "max_total_visual_tokens", "prune_threshold", "prune_reference", "prune_unit", "prune_keep_first_frame",
+    "prune_min_tokens", "window", "slice_axis", "min_slice_spacing_mm", "max_slices", "fps", "max_frames",
+    "percentiles", "resample", "image_mean", "image_std",
+)  # fmt: skip
+LOAD_SETTINGS = ("window", "slice_axis", "min_slice_spacing_mm", "max_slices", "fps", "max_frames", "percentiles")
+# per-call / per-item `load_media` options that are not saved settings
+LOAD_OPTIONS = ("data_root", "modality", "volume_index", "series_uid", "video_backend", "nan_policy")
+# resample names (and PIL's integer codes) -> torch interpolate modes
+_RESAMPLE = {
+    "bicubic": "bicubic",
+    "bilinear": "bilinear",
+    "nearest": "nearest",
+    3: "bicubic",
+    2: "bilinear",
+    0: "nearest",
+}
+
+
+def _plain(value):
+    """numpy values -> python (metadata is returned as plain data)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+class OmniVMedImageProcessor(BaseImageProcessor):
+    r"""
+    Turns media items into the packed visual inputs of OmniV-Med.
+
+    Resizing: all frames of an item go to one (H, W) chosen by `smart_resize` with factor `patch_size * merge` within
+    [`min_pixels`, `max_pixels`] (2D images) or [`min_pixels`, `video_max_pixels`] (each slice/frame of a volume or
+    video). Frames arrive as float32 in [0, 1] (rescaling and intensity windowing happen in media loading) and are
+    resized in float32 with `torch.nn.functional.interpolate(mode=resample, antialias=True)` (deterministic on CPU; no
+    8-bit quantisation, so 16-bit dynamic range survives), then clamped to [0, 1] (bicubic overshoot). A frame already
+    at the target size is not resampled at all. Then `(x - image_mean) / image_std`.
+
+    Args:
+        patch_size: side of a square patch in pixels.
+        image_merge_size / video_merge_size: merge x merge patches form one LLM visual token (2D images / volumes and
+            videos).
+        min_pixels / max_pixels / video_max_pixels: per-frame pixel bounds (see above).
+        max_total_visual_tokens: most LLM visual tokens (before pruning, all frames) one item may produce; checked
+            before any patch is allocated.
+        prune_threshold / prune_reference / prune_unit / prune_keep_first_frame / prune_min_tokens: the pruning rule
+            of `pruning_omnivmed.compute_keep_mask` (threshold 0 disables pruning; 2D images are never pruned).
+        window, slice_axis, min_slice_spacing_mm, max_slices, fps, max_frames, percentiles: forwarded to
+            `media_omnivmed.load_media` when an item is not a `Media` (a path, DICOM folder, PIL image, array).
+        resample: "bicubic" (default), "bilinear" or "nearest".
+        image_mean / image_std: per-channel normalisation (SigLIP: 0.5 / 0.5).
+
+    Call: `processor(media, kind=None, return_tensors=None, **overrides)` -> `BatchFeature` with
+        pixel_values (N_patches, 3 * p * p) float32, patch_positions (N_patches, 3) int64 (t, h, w),
+        grid_thw (n_items, 3) int64, merge_sizes (n_items,) int64, visual_keep_mask (N_tokens,) bool and
+        media_metadata (a list of one dict per item; never converted to tensors).
+    """
+
+    model_input_names = ["pixel_values", "patch_positions", "grid_thw", "merge_sizes", "visual_keep_mask"]
+    valid_kwargs = OmniVMedImagesKwargs
+
+    def __init__(
+        self,
+        patch_size: int = 14,
+        image_merge_size: int = 2,
+        video_merge_size: int = 2,
+        min_pixels: int = 56 * 56,
+        max_pixels: int = 448 * 448,
+        video_max_pixels: int = 224 * 224,
+        max_total_visual_tokens: int = 16384,
+        prune_threshold: float = 0.1,
+        prune_reference: str = "last_kept",
+        prune_unit: str = "normalized",
+        prune_keep_first_frame: bool = True,
+        prune_min_tokens: int = 1,
+        window: str | list | None = None,
+        slice_axis: str = "axial",
+        min_slice_spacing_mm: float | None = None,
+        max_slices: int = 64,
+        fps: float = 1.0,
+        max_frames: int = 64,
+        percentiles: list[float] = (0.5, 99.5),
+        resample: str = "bicubic",
+        image_mean: list[float] = (0.5, 0.5, 0.5),
+        image_std: list[float] = (0.5, 0.5, 0.5),
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.patch_size = int(patch_size)
+        self.image_merge_size = int(image_merge_size)
+        self.video_merge_size = int(video_merge_size)
+        self.min_pixels = int(min_pixels)
+        self.max_pixels = int(max_pixels)
+        self.video_max_pixels = int(video_max_pixels)
+        self.max_total_visual_tokens = int(max_total_visual_tokens)
+        self.prune_threshold = float(prune_threshold)
+        self.prune_reference = prune_reference
+        self.prune_unit = prune_unit
+        self.prune_keep_first_frame = bool(prune_keep_first_frame)
+        self.prune_min_tokens = int(prune_min_tokens)
+        self.window = list(window) if isinstance(window, tuple) else window
+        self.slice_axis = slice_axis
+        self.min_slice_spacing_mm = None if min_slice_spacing_mm is None else float(min_slice_spacing_mm)
+        self.max_slices = int(max_slices)
+        self.fps = float(fps)
+        self.max_frames = int(max_frames)
+        self.percentiles = [float(p) for p in percentiles]
+        self.resample = resample
+        self.image_mean = [float(m) for m in image_mean]
+        self.image_std = [float(s) for s in image_std]
+        self._check_settings(self._settings())
+
+    # ---------------------------------------------------------------------------------------------------------- setup
+    def _settings(self, **overrides) -> dict:
+        unknown = set(overrides) - set(SETTINGS)
+        if unknown:
+            raise TypeError(f"Unknown image processor argument(s) {sorted(unknown)}; valid ones: {list(SETTINGS)}")
+        settings = {name: getattr(self, name) for name in SETTINGS}
+        settings.update({k: v for k, v in overrides.items() if v is not None})
+        return settings
+
+    @staticmethod
+    def _check_settings(s: dict):
+        if s["patch_size"] < 1 or min(s["image_merge_size"], s["video_merge_size"]) < 1:
+            raise ValueError("patch_size and merge sizes must be >= 1")
+        if s["min_pixels"] > min(s["max_pixels"], s["video_max_pixels"]):
+            raise ValueError(
+                f"min_pixels ({s['min_pixels']}) exceeds max_pixels ({s['max_pixels']}) or video_max_pixels "
+                f"({s['video_max_pixels']})"
+            )
+        if s["resample"] not in _RESAMPLE:
+            raise ValueError(f"resample must be one of 'bicubic', 'bilinear', 'nearest', got {s['resample']!r}")
+        if len(s["image_mean"]) != 3 or len(s["image_std"]) != 3 or min(s["image_std"]) <= 0:
+            raise ValueError("image_mean and image_std must be 3 values each, std > 0")
+        if s["prune_threshold"] < 0:
+            raise ValueError(f"prune_threshold must be >= 0, got {s['prune_threshold']}")
+        if s["prune_min_tokens"] < 1:
+            raise ValueError("prune_min_tokens must be >= 1 (every frame keeps at least one token)")
+
+    def get_resized_size(self, height: int, width: int, kind: str = "image", **overrides) -> tuple[int, int, int]:
+        """(resized height, resized width, merge size) of a frame of `kind` under the current settings."""
+        s = self._settings(**overrides)
+        merge = s["image_merge_size"] if kind == "image" else s["video_merge_size"]
+        max_pixels = s["max_pixels"] if kind == "image" else s["video_max_pixels"]
+        factor = s["patch_size"] * merge
+        h, w = smart_resize(height, width, factor, s["min_pixels"], max_pixels)
+        return h, w, merge
+
+    # --------------------------------------------------------------------------------------------------------- inputs
+    def to_media(self, item: Any, kind: str | None = None, **options) -> Media:
+        """Turn one input into a `Media`: a `Media` is returned as is; a content block dict
+        `{"type": kind, kind | "path": source, **load options}` is unpacked; anything else (a path, a DICOM folder, a
+        list of DICOM files, a PIL image, an array or tensor) goes through `load_media` with this processor's load
+        settings, overridden by `options` (any of LOAD_SETTINGS and LOAD_OPTIONS)."""
+        unknown = set(options) - set(SETTINGS) - set(LOAD_OPTIONS)
+        if unknown:
+            raise TypeError(f"unknown media option(s) {sorted(unknown)}")
+        if isinstance(item, Media):
+            if kind is not None and item.kind != kind:
+                raise ValueError(f"{item.source}: passed as a {kind} but it is a {item.kind}")
+            return item
+        if isinstance(item, dict):
+            block = dict(item)
+            block_kind = block.pop("type", kind)
+            if block_kind not in MEDIA_KINDS:
+                raise ValueError(f"a media block needs 'type' in {MEDIA_KINDS}, got {item.get('type')!r}")
+            if kind is not None and block_kind != kind:
+                raise ValueError(f"a {block_kind} block was passed as a {kind}")
+            if "url" in block:
+                raise ValueError(f"media URLs are not fetched ({block['url']!r}): download the file, pass its 'path'")
+            keys = [k for k in (block_kind, "path") if k in block]
+            if len(keys) != 1:
+                raise ValueError(f"a {block_kind} block needs one of '{block_kind}' or 'path', got keys {sorted(item)}")
+            source = block.pop(keys[0])
+            block.pop("text", None)
+            unknown = set(block) - set(LOAD_SETTINGS) - set(LOAD_OPTIONS)
+            if unknown:
+                valid = LOAD_SETTINGS + LOAD_OPTIONS
+                raise ValueError(f"unknown option(s) {sorted(unknown)} in a {block_kind} block; valid: {valid}")
+            return self.to_media(source, kind=block_kind, **{**options, **block})
+        load_kwargs = {name: options.get(name, getattr(self, name)) for name in LOAD_SETTINGS}
+        load_kwargs.update({k: options[k] for k in LOAD_OPTIONS if options.get(k) is not None})
+        if isinstance(item, os.PathLike):
+            item = os.fspath(item)
+        return load_media(item, kind=kind, **load_kwargs)
+
+    @staticmethod
+    def _validated_frames(media: Media) -> np.ndarray:
+        frames = media.frames
+        name = media.source
+        if media.kind not in MEDIA_KINDS:
+            raise ValueError(f"{name}: kind must be one of {MEDIA_KINDS}, got {media.kind!r}")
+        if not isinstance(frames, np.ndarray) or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
+            shape = getattr(frames, "shape", type(frames).__name__)
+            raise ValueError(f"{name}: frames must be a (T, H, W, 3) float array in [0, 1], got {shape}")
+        if not np.issubdtype(frames.dtype, np.floating):
+            raise ValueError(f"{name}: frames must be float in [0, 1], got dtype {frames.dtype}")
+        if media.kind == "image" and frames.shape[0] != 1:
+            raise ValueError(f"{name}: a 2D image has one frame, got {frames.shape[0]}")
+        lo, hi = float(frames.min()), float(frames.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"{name}: frames contain NaN or infinite values")
+        if lo < -1e-6 or hi > 1 + 1e-6:
+            raise ValueError(f"{name}: frames must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
+        return frames
+
+    # ----------------------------------------------------------------------------------------------------- processing
+    def __call__(self, media, *args, **kwargs) -> BatchFeature:
+        return self.preprocess(media, *args, **kwargs)
+
+    def preprocess(
+        self,
+        media,
+        kind: str | None = None,
+        return_tensors: str | None = None,
+        **overrides,
+    ) -> BatchFeature:
+        """Process a list of media items (or one item). `kind` tells what non-`Media` inputs are (None: let
+        `load_media` decide); `overrides` are per-call settings (e.g. `prune_threshold=0`, `max_frames=16`) and
+        `load_media` options (LOAD_OPTIONS, e.g. `modality="CT"`)."""
+        load_options = {k: overrides.pop(k) for k in LOAD_OPTIONS if k in overrides}
+        s = self._settings(**overrides)
+        self._check_settings(s)
+        items = list(media) if isinstance(media, (list, tuple)) else [media]
+        load_settings = {k: v for k, v in overrides.items() if k in LOAD_SETTINGS and v is not None}
+        medias = [self.to_media(item, kind=kind, **load_settings, **load_options) for item in items]
+
+        # plan every item (validation and the token budget) before allocating any patch
+        plans = []
+        for index, m in enumerate(medias):
+            frames = self._validated_frames(m)
+            t, height, width = frames.shape[:3]
+            h, w, merge = self.get_resized_size(height, width, m.kind, **overrides)
+            p = s["patch_size"]
+            n_tokens = t * (h // (p * merge)) * (w // (p * merge))
+            if n_tokens > s["max_total_visual_tokens"]:
+                raise ValueError(
+                    f"media item {index} ({m.source}, {m.kind}, {t} frame(s) of {height}x{width} -> {h}x{w}) would "
+                    f"give {n_tokens} visual tokens before pruning, more than max_total_visual_tokens="
+                    f"{s['max_total_visual_tokens']}; lower max_frames / max_slices or the pixel budget "
+                    f"({'max_pixels' if m.kind == 'image' else 'video_max_pixels'})"
+                )
+            plans.append((m, frames, h, w, merge))
+
+        p = s["patch_size"]
+        patch_dim = 3 * p * p
+        n_patches = sum(frames.shape[0] * (h // p) * (w // p) for _, frames, h, w, _ in plans)
+        pixel_values = torch.empty(n_patches, patch_dim, dtype=torch.float32)
+        patch_positions = torch.empty(n_patches, 3, dtype=torch.int64)
+        mean = torch.tensor(s["image_mean"], dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(s["image_std"], dtype=torch.float32).view(1, 3, 1, 1)
+        mode = _RESAMPLE[s["resample"]]
+        resize = {"mode": mode} if mode == "nearest" else {"mode": mode, "antialias": True, "align_corners": False}
+
+        grids, merges, metadata = [], [], []
+        offset = 0
+        for m, frames, h, w, merge in plans:
+            t = frames.shape[0]
+            gh, gw = h // p, w // p
+            per_frame = gh * gw
+            # frames in chunks so a long clip never holds two full-resolution float copies
+            chunk = max(1, (1 << 24) // max(1, frames.shape[1] * frames.shape[2] * 3 + h * w * 3))
+            for f0 in range(0, t, chunk):
+                x = torch.from_numpy(np.ascontiguousarray(frames[f0 : f0 + chunk], dtype=np.float32))
+                x = x.permute(0, 3, 1, 2)  # (n, 3, H, W)
+                if x.shape[-2:] != (h, w):
+                    x = F.interpolate(x, size=(h, w), **resize).clamp_(0.0, 1.0)
+                x = (x - mean) / std
+                n = x.shape[0]
+                # (n, C, gh/m, m, p, gw/m, m, p) -> (n, gh/m, gw/m, m, m, C, p, p): merge-block order, (C, p, p) flat
+                x = x.reshape(n, 3, gh // merge, merge, p, gw // merge, merge, p).permute(0, 2, 5, 3, 6, 1, 4, 7)
+                rows = slice(offset + f0 * per_frame, offset + (f0 + n) * per_frame)
+                pixel_values[rows] = x.reshape(n * per_frame, patch_dim)
+            patch_positions[offset : offset + t * per_frame] = _patch_positions(t, gh, gw, merge)
+            offset += t * per_frame
+            grids.append([t, gh, gw])
+            merges.append(merge)
+            metadata.append(
+                {
+                    "kind": m.kind,
+                    "source": m.source,
+                    "num_frames": t,
+                    "original_size": [int(frames.shape[1]), int(frames.shape[2])],
+                    "resized_size": [h, w],
+                    "grid_thw": [t, gh, gw],
+                    "merge_size": merge,
+                    "spacing_mm": _plain(m.spacing_mm),
+                    "slice_positions_mm": _plain(m.slice_positions_mm),
+                    "slice_indices": _plain(m.slice_indices),
+                    "timestamps_s": _plain(m.timestamps_s),
+                    "metadata": _plain(m.metadata),
+                }
+            )
+
+        grid_thw = torch.tensor(grids, dtype=torch.int64).reshape(-1, 3)
+        merge_sizes = torch.tensor(merges, dtype=torch.int64)
+        keep = compute_keep_mask(
+            pixel_values,
+            grid_thw,
+            merge_sizes,
+            threshold=s["prune_threshold"],
+            reference=s["prune_reference"],
+            unit=s["prune_unit"],
+            image_mean=s["image_mean"],
+            image_std=s["image_std"],
+            keep_first_frame=s["prune_keep_first_frame"],
+            min_tokens=s["prune_min_tokens"],
+        )
+        reports = pruning_report(keep, grid_thw, merge_sizes)
+        for item_meta, report in zip(metadata, reports):
+            item_meta["pruning_report"] = report
+        logger.debug("visual tokens (before, after pruning): %s", [(r["tokens_before"], r["tokens_after"]) for r in reports])
+
+        data = {
+            "pixel_values": pixel_values,
+            "patch_positions": patch_positions,
+            "grid_thw": grid_thw,
+            "merge_sizes": merge_sizes,
+            "visual_keep_mask": keep,
+        }
+        if return_tensors != "pt":
+            data = {k: v.numpy() for k, v in data.items()}
+        data["media_metadata"] = metadata
+        return BatchFeature(data=data, skip_tensor_conversion=["media_metadata"])
+
+
+def _patch_positions(t: int, gh: int, gw: int, merge: int) -> torch.Tensor:
+    """(t * gh * gw, 3) int64 (frame, patch row, patch column) in merge-block order."""
+    bh = torch.arange(gh // merge).view(-1, 1, 1, 1)
+    bw = torch.arange(gw // merge).view(1, -1, 1, 1)
+    i = torch.arange(merge).view(1, 1, -1, 1)
+    j = torch.arange(merge).view(1, 1, 1, -1)
+    shape = (gh // merge, gw // merge, merge, merge)
+    rows = (bh * merge + i).expand(shape).reshape(-1)
+    cols = (bw * merge + j).expand(shape).reshape(-1)
+    frame = torch.arange(t).repeat_interleave(gh * gw)
+    return torch.stack([frame, rows.repeat(t), cols.repeat(t)], dim=1)
+
+
+# the tokenizer keywords `OmniVMedProcessor.__call__` forwards
+_TEXT_KWARGS = set(TextKwargs.__annotations__) - {
+    "return_tensors",
+    "return_mm_token_type_ids",
+    "sanitize_control_tokens",
+}
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision")
+
+
+class OmniVMedProcessor(ProcessorMixin):
+    r"""
+    Tokenizer + `OmniVMedImageProcessor` + ChatML chat template.
+
+    `processor(text, media=[...])`: every `<|image_pad|>` in the text is one medium (in order of appearance across the
+    batch); it is expanded to the visual tokens the model produces after pruning (see the module docstring). Returns
+    input_ids, attention_mask, mm_token_type_ids (1 on `<|image_pad|>`), the image processor's tensors and
+    `media_metadata`.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None):
+        if chat_template is None and tokenizer is not None:
+            chat_template = getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        vocab = tokenizer.get_vocab()
+        missing = [tok for tok in (IMAGE_TOKEN, FRAME_TOKEN, VISION_START, VISION_END) if tok not in vocab]
+        if missing:
+            raise ValueError(
+                f"the tokenizer lacks the special token(s) {missing}; add them with "
+                "tokenizer.add_special_tokens({'additional_special_tokens': [...]}) and resize the embeddings"
+            )
+        self.image_token, self.frame_token = IMAGE_TOKEN, FRAME_TOKEN
+        self.vision_start_token, self.vision_end_token = VISION_START, VISION_END
+        self.image_token_id = vocab[IMAGE_TOKEN]
+        self.frame_token_id = vocab[FRAME_TOKEN]
+        self.vision_start_token_id = vocab[VISION_START]
+        self.vision_end_token_id = vocab[VISION_END]
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return list(self.tokenizer.model_input_names) + self.image_processor.model_input_names + ["mm_token_type_ids"]
+
+    # ------------------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        # The image processor is this file's class (no Auto lookup, so the folder loads with or without
+        # trust_remote_code once this module is imported); settings come from processor_config.json, else
+        # preprocessor_config.json.
+        from transformers import AutoTokenizer
+
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in SETTINGS}
+        subfolder = kwargs.pop("subfolder", "")
+        image_config = (processor_dict or {}).get("image_processor")
+        if isinstance(image_config, dict):
+            image_processor = OmniVMedImageProcessor.from_dict({**image_config, **overrides})
+        else:
+            hub_kwargs = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS}
+            image_processor = OmniVMedImageProcessor.from_pretrained(
+                pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs, **overrides
+            )
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        return [image_processor, tokenizer]
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        # processor_config.json (image processor nested) + tokenizer + chat_template.jinja + this code, and also a
+        # stand-alone preprocessor_config.json for tools that read only that file
+        files = super().save_pretrained(save_directory)
+        files = files + self.image_processor.save_pretrained(save_directory)
+        if push_to_hub:  # push_to_hub saves into a fresh folder through this method, so every file goes up
+            repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(os.fspath(save_directory))))
+            kwargs.pop("max_shard_size", None)
+            self.push_to_hub(repo_id, **kwargs)
+        return files
+
+    # ------------------------------------------------------------------------------------------------------- calling
+    def __call__(
+        self,
+        text: str | list[str] | None = None,
+        media=None,
+        images=None,
+        videos=None,
+        volumes=None,
+        prune_threshold: float | None = None,
+        return_tensors: str | None = None,
+        padding: bool | str = True,
+        **kwargs,
+    ) -> BatchFeature:
+        """
+        Args:
+            text: a prompt or a batch of prompts; each medium is one `<|image_pad|>` (as the chat template writes it,
+                inside `<|vision_start|>...<|vision_end|>`).
+            media: the media of the whole batch in order of appearance (flat), or one list per prompt. Items: `Media`,
+                paths (image files, NIfTI, DICOM folders, videos), PIL images, arrays, or content-block dicts
+                `{"type": "volume", "path": ..., "window": "lung"}`.
+            images / videos / volumes: the same, all of one kind (use `media` for a mix).
+            prune_threshold: per-call override of the pruning threshold (0 keeps every token).
+            return_tensors: "pt" for torch tensors, "np" / None for numpy (token ids as lists when None).
+            padding: tokenizer padding (default True: pad to the longest, on the tokenizer's `padding_side`).
+            kwargs: image processor settings (e.g. `max_frames=16`, `window="lung"`) and tokenizer arguments.
+        """
+        sources = {None: media, "image": images, "video": videos, "volume": volumes}
+        given = [(kind, value) for kind, value in sources.items() if value is not None]
+        if len(given) > 1:
+            raise ValueError("pass media of mixed kinds through `media=`, in order of appearance, not several of "
+                             "media / images / videos / volumes")  # fmt: skip
+        kind, value = given[0] if given else (None, None)
+        items, per_sample = _flatten_media(value)
+
+        image_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in SETTINGS or k in LOAD_OPTIONS}
+        if prune_threshold is not None:
+            image_kwargs["prune_threshold"] = prune_threshold
+        return_replacements = kwargs.pop("return_text_replacement_offsets", False)
+        unknown = set(kwargs) - _TEXT_KWARGS
+        if unknown:
+            raise TypeError(f"Unknown argument(s) {sorted(unknown)} for {type(self).__name__}.__call__")
+
+        texts = None
+        if text is not None:
+            texts = [text] if isinstance(text, str) else list(text)
+            if not all(isinstance(t, str) for t in texts):
+                raise ValueError("`text` must be a string or a list of strings")
+            counts = [t.count(IMAGE_TOKEN) for t in texts]
+            if per_sample is not None and (len(per_sample) != len(texts) or per_sample != counts):
+                raise ValueError(
+                    f"the prompts hold {counts} {IMAGE_TOKEN} placeholders per sample but the media given per sample "
+                    f"number {per_sample}"
+                )
+            if sum(counts) != len(items):
+                raise ValueError(
+                    f"the text holds {sum(counts)} {IMAGE_TOKEN} placeholder(s) (per sample: {counts}) but "
+                    f"{len(items)} media item(s) were given"
+                )
+        if texts is None and not items:
+            raise ValueError(f"You need to provide text and/or media to call {type(self).__name__}")
+
+        data: dict[str, Any] = {}
+        replacements: list[str] = []
+        if items:
+            visual = self.image_processor(items, kind=kind, return_tensors="pt", **image_kwargs)
+            kept = tokens_per_frame(visual["visual_keep_mask"], visual["grid_thw"], visual["merge_sizes"])
+            for meta, per_frame in zip(visual["media_metadata"], kept):
+                if meta["kind"] == "image":
+                    replacements.append(IMAGE_TOKEN * per_frame[0])
+                else:
+                    replacements.append("".join(FRAME_TOKEN + IMAGE_TOKEN * k for k in per_frame))
+            data.update(visual)
+
+        if texts is not None:
+            expanded, offsets = _expand_placeholders(texts, replacements)
+            text_inputs = self.tokenizer(expanded, padding=padding, **kwargs)
+            data.update(text_inputs)
+            input_ids = text_inputs["input_ids"]
+            data["mm_token_type_ids"] = [[int(i == self.image_token_id) for i in ids] for ids in input_ids]
+            n_placeholders = sum(sum(row) for row in data["mm_token_type_ids"])
+            if items and n_placeholders != int(data["visual_keep_mask"].sum()):
+                raise ValueError(
+                    f"the tokenized text holds {n_placeholders} {IMAGE_TOKEN} tokens but the media give "
+                    f"{int(data['visual_keep_mask'].sum())} visual tokens (was the text truncated?)"
+                )
+            if return_replacements:
+                data["text_replacement_offsets"] = offsets
+
+        if return_tensors != "pt" and items:
+            for key in self.image_processor.model_input_names:
+                data[key] = data[key].numpy()
+        return BatchFeature(
+            data, tensor_type=return_tensors, skip_tensor_conversion=["media_metadata", "text_replacement_offsets"]
+        )
+
+    # ------------------------------------------------------------------------------------------------ chat template
+    def apply_chat_template(
+        self,
+        conversation,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
+        tokenize: bool = False,
+        return_dict: bool = False,
+        return_tensors: str | None = None,
+        return_assistant_tokens_mask: bool = False,
+        processor_kwargs: dict | None = None,
+        **kwargs,
+    ):
+        """Render one conversation (a list of messages) or a batch of them with the ChatML template; with
+        `tokenize=True`, load the media blocks (type image / video / volume, with the source under that key or
+        `path`, plus optional load options such as `window`) in order of appearance and run the processor.
+
+        kwargs that are processor settings or tokenizer arguments (e.g. `prune_threshold`, `max_frames`, `padding`)
+        go to the processor, the rest to the template. `return_assistant_tokens_mask=True` (with tokenize and
+        return_dict) adds `assistant_masks`: 1 on the tokens of assistant replies including their closing <|im_end|>,
+        0 elsewhere and on every media token (<|vision_start|>, <|image_pad|>, <|frame_sep|>, <|vision_end|>).
+        """
+        template = self._resolve_chat_template(chat_template)
+        call_names = set(SETTINGS) | set(LOAD_OPTIONS) | _TEXT_KWARGS | {"prune_threshold"}
+        call_kwargs = dict(processor_kwargs or {})
+        call_kwargs.update({k: kwargs.pop(k) for k in list(kwargs) if k in call_names})
+        if return_assistant_tokens_mask and not (tokenize and return_dict):
+            raise ValueError("return_assistant_tokens_mask=True needs tokenize=True and return_dict=True")
+        if return_assistant_tokens_mask and continue_final_message:
+            raise ValueError("continue_final_message is not compatible with return_assistant_tokens_mask")
+
+        is_batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        conversations = [list(c) for c in conversation] if is_batched else [list(conversation)]
+        prompts, generation_indices = render_jinja_template(
+            conversations=conversations,
+            chat_template=template,
+            return_assistant_tokens_mask=return_assistant_tokens_mask,
+            continue_final_message=continue_final_message,
+            add_generation_prompt=add_generation_prompt,
+            **{**self.tokenizer.special_tokens_map, **kwargs},
+        )
+        if not tokenize:
+            return prompts if is_batched else prompts[0]
+
+        media = [
+            [
+                block
+                for message in conv
+                if isinstance(message.get("content"), (list, tuple))
+                for block in message["content"]
+                if isinstance(block, dict) and block.get("type") in MEDIA_KINDS
+            ]
+            for conv in conversations
+        ]
+        if return_assistant_tokens_mask:
+            call_kwargs["return_offsets_mapping"] = True
+            call_kwargs["return_text_replacement_offsets"] = True
+        out = self(
+            text=prompts,
+            media=media if any(media) else None,
+            return_tensors=None,
+            **call_kwargs,
+        )
+        if return_assistant_tokens_mask:
+            out["assistant_masks"] = self._assistant_masks(out, generation_indices)
+            out.pop("offset_mapping")
+            out.pop("text_replacement_offsets")
+        if return_tensors is not None:
+            out.convert_to_tensors(tensor_type=return_tensors)
+        if not return_dict:
+            return out["input_ids"] if is_batched else out["input_ids"][0]
+        return out
+
+    def _assistant_masks(self, out, generation_indices) -> list[list[int]]:
+        """Map the assistant spans of the rendered prompts through the placeholder expansion onto tokens."""
+        media_ids = {self.image_token_id, self.frame_token_id, self.vision_start_token_id, self.vision_end_token_id}
+        masks = []
+        for ids, offsets, replaced, spans in zip(
+            out["input_ids"], out["offset_mapping"], out["text_replacement_offsets"], generation_indices
+        ):
+            # a position of the rendered prompt moves by the characters that the expansions before it added
+            ends = [r["span"][1] for r in replaced]
+            moved = [r["new_span"][1] - r["span"][1] for r in replaced]  # cumulative shift at each placeholder end
+
+            def shift(pos: int) -> int:
+                before = bisect.bisect_right(ends, pos)
+                return pos + (moved[before - 1] if before else 0)
+
+            new_spans = [(shift(a), shift(b)) for a, b in spans]
+            mask = [0] * len(ids)
+            for pos, ((start, end), token_id) in enumerate(zip(offsets, ids)):
+                if end > start and token_id not in media_ids and any(start < b and end > a for a, b in new_spans):
+                    mask[pos] = 1
+            masks.append(mask)
+        return masks
+
+
+def _flatten_media(media) -> tuple[list, list[int] | None]:
+    """Media given flat (in order of appearance) or nested per sample -> (flat list, per-sample counts or None)."""
+    if media is None:
+        return [], None
+    if not isinstance(media, (list, tuple)):
+        return [media], None
+    if any(isinstance(m, (list, tuple)) for m in media):
+        if not all(isinstance(m, (list, tuple)) for m in media):
+            raise ValueError("`media` must be a flat list of items or a list of lists (one per sample), not a mix")
+        return [item for sample in media for item in sample], [len(sample) for sample in media]
+    return list(media), None
+
+
+def _expand_placeholders(texts: list[str], replacements: list[str]) -> tuple[list[str], list[list[dict]]]:
+    """Replace the i-th `<|image_pad|>` of the batch by replacements[i]; also return, per text, the span of each
+    placeholder in the input and of its expansion in the output (character offsets)."""
+    expanded, offsets = [], []
+    index = 0
+    for text in texts:
+        parts = text.split(IMAGE_TOKEN)
+        pieces, spans = [parts[0]], []
+        old_pos, new_pos = len(parts[0]), len(parts[0])
+        for part in parts[1:]:
+            replacement = replacements[index]
+            index += 1
+            spans.append(
+                {"span": (old_pos, old_pos + len(IMAGE_TOKEN)), "new_span": (new_pos, new_pos + len(replacement))}
+            )
+            pieces += [replacement, part]
+            old_pos += len(IMAGE_TOKEN) + len(part)
+            new_pos += len(replacement) + len(part)
+        expanded.append("".join(pieces))
+        offsets.append(spans)
+    return expanded, offsets
+
+
+OmniVMedImageProcessor.register_for_auto_class("AutoImageProcessor")
+OmniVMedProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = [
+    "Media",
+    "MediaError",
+    "OmniVMedImageProcessor",
+    "OmniVMedProcessor",
+    "smart_resize",
+    "CHAT_TEMPLATE",
+    "IMAGE_TOKEN",
+    "FRAME_TOKEN",
+    "VISION_START",
+    "VISION_END",
+    "SPECIAL_TOKENS",
+]
