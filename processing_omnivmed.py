@@ -133,12 +133,11 @@ class OmniVMedImagesKwargs(ImagesKwargs, total=False):
 
 
 # settings a call may override (all saved); LOAD_SETTINGS are forwarded to `load_media`
-SETTINGS = (
-    "patch_size", "image_merge_size", "video_merge_size", "min_pixels", "max_pixels", "video_max_pixels",
-    "max_total_visual_tokens", "prune_threshold", "prune_reference", "prune_unit", "prune_keep_first_frame",
-    "prune_min_tokens", "window", "slice_axis", "min_slice_spacing_mm", "max_slices", "fps", "max_frames",
-    "percentiles", "resample", "image_mean", "image_std",
-)  # fmt: skip
+SETTINGS = tuple(k for k in OmniVMedImagesKwargs.__annotations__ if k not in ImagesKwargs.__annotations__) + (
+    "resample",
+    "image_mean",
+    "image_std",
+)
 LOAD_SETTINGS = ("window", "slice_axis", "min_slice_spacing_mm", "max_slices", "fps", "max_frames", "percentiles")
 # per-call / per-item `load_media` options that are not saved settings
 LOAD_OPTIONS = ("data_root", "modality", "volume_index", "series_uid", "video_backend", "nan_policy")
