@@ -1,13 +1,24 @@
 """Build OmniV-Med checkpoints: complete Hub folders (code, config, weights, processor, tokenizer, chat template).
 
-This part: `build_tiny_tokenizer`, an offline byte-level BPE for tiny test models (no download, deterministic).
+    python build_omnivmed.py --preset tiny --out DIR [--seed N]   # random tiny model + offline tokenizer
+
+`build_tiny_tokenizer` trains a byte-level BPE offline for tiny models (no download, deterministic); same seed, same
+bytes for every file of the folder.
 """
 
+import argparse
+import logging
 import random
+import shutil
+from pathlib import Path
+
+import torch
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import GenerationConfig, PreTrainedTokenizerFast
 
+from omnivmed.configuration_omnivmed import OmniVMedConfig
+from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration
 from omnivmed.processing_omnivmed import (
     CHAT_TEMPLATE,
     ENDOFTEXT,
@@ -15,6 +26,8 @@ from omnivmed.processing_omnivmed import (
     IM_END,
     IMAGE_TOKEN,
     SPECIAL_TOKENS,
+    OmniVMedImageProcessor,
+    OmniVMedProcessor,
     VISION_END,
     VISION_START,
 )
@@ -215,4 +228,192 @@ def build_tiny_tokenizer(seed: int = 0, vocab_size: int = 1024) -> PreTrainedTok
     )
 
 
-# model building: added by the foundation work
+
+REMOTE_CODE_FILES = (
+    "configuration_omnivmed.py",
+    "modeling_omnivmed.py",
+    "processing_omnivmed.py",
+    "pruning_omnivmed.py",
+    "media_omnivmed.py",
+)
+AUTO_MAP = {
+    "AutoConfig": "configuration_omnivmed.OmniVMedConfig",
+    "AutoModel": "modeling_omnivmed.OmniVMedModel",
+    "AutoModelForImageTextToText": "modeling_omnivmed.OmniVMedForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_omnivmed.OmniVMedForConditionalGeneration",
+    "AutoProcessor": "processing_omnivmed.OmniVMedProcessor",
+}
+ROOT = Path(__file__).resolve().parent
+logger = logging.getLogger("build_omnivmed")
+
+# The tiny preset: a few million parameters, real patch size 14 so the processor defaults apply unchanged.
+TINY_VISION = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, patch_size=14)
+TINY_TEXT = dict(
+    model_type="qwen2",
+    hidden_size=256,
+    intermediate_size=1024,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+)
+TINY_IMAGE_PROCESSOR = dict(max_pixels=224 * 224, video_max_pixels=112 * 112, max_slices=32, max_frames=32)
+
+
+def token_ids(tokenizer) -> dict:
+    vocab = tokenizer.get_vocab()
+    return dict(
+        image_token_id=vocab[IMAGE_TOKEN],
+        frame_token_id=vocab[FRAME_TOKEN],
+        vision_start_token_id=vocab[VISION_START],
+        vision_end_token_id=vocab[VISION_END],
+    )
+
+
+def tiny_model(tokenizer, seed: int) -> OmniVMedForConditionalGeneration:
+    vocab_size = -(-len(tokenizer) // 64) * 64  # rows padded to a multiple of 64, as Qwen does
+    text = dict(
+        TINY_TEXT,
+        vocab_size=vocab_size,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
+        bos_token_id=None,
+    )
+    config = OmniVMedConfig(
+        text_config=text, vision_config=TINY_VISION, tie_word_embeddings=True, **token_ids(tokenizer)
+    )
+    torch.manual_seed(seed)
+    return OmniVMedForConditionalGeneration(config).eval()
+
+
+MODEL_CARD = """---
+license: apache-2.0
+library_name: transformers
+pipeline_tag: image-text-to-text
+tags:
+- medical
+- vision-language
+- 3d
+- video
+- omnivmed
+{extra_meta}---
+
+# {title}
+
+{description}
+
+OmniV-Med reads 2D images, 3D volumes (NIfTI, DICOM series) and videos through one RoPE vision tower
+(positions (t, h, w): slice or frame, row, column), drops visual tokens that repeat the previous slice/frame
+(medical-aware token pruning), and answers in a Qwen2.5 language model.
+
+## Use
+
+```python
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+model = AutoModelForImageTextToText.from_pretrained("{repo}", trust_remote_code=True)
+processor = AutoProcessor.from_pretrained("{repo}", trust_remote_code=True)
+messages = [{{"role": "user", "content": [
+    {{"type": "volume", "path": "scan.nii.gz"}},
+    {{"type": "text", "text": "Which side is the lesion on?"}},
+]}}]
+inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                       return_dict=True, return_tensors="pt")
+inputs.pop("media_metadata")
+output = model.generate(**inputs, max_new_tokens=64)
+print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+## Architecture
+
+| part | shape |
+|---|---|
+| vision tower | hidden {v_hidden}, {v_layers} layers, {v_heads} heads, patch {patch}, RoPE frequencies (t, h, w) = {rope} |
+| projector | {merge_kind} merge (images {image_merge}x{image_merge}, volumes/videos {video_merge}x{video_merge}), 2-layer MLP |
+| language model | {text_type}, hidden {t_hidden}, {t_layers} layers |
+| parameters | {params:,} |
+| pruning | threshold {prune_threshold} ({prune_unit} units, reference {prune_reference}, {prune_stage}) |
+"""
+
+
+def write_model_card(out: Path, model, title: str, description: str, repo: str, extra_meta: str = ""):
+    c = model.config
+    out.joinpath("README.md").write_text(
+        MODEL_CARD.format(
+            extra_meta=extra_meta,
+            title=title,
+            description=description,
+            repo=repo,
+            v_hidden=c.vision_config.hidden_size,
+            v_layers=c.vision_config.num_hidden_layers,
+            v_heads=c.vision_config.num_attention_heads,
+            patch=c.vision_config.patch_size,
+            rope=tuple(c.vision_config.rope_axes_dims),
+            merge_kind=c.merge_kind,
+            image_merge=c.image_merge_size,
+            video_merge=c.video_merge_size,
+            text_type=c.text_config.model_type,
+            t_hidden=c.text_config.hidden_size,
+            t_layers=c.text_config.num_hidden_layers,
+            params=sum(p.numel() for p in model.parameters()),
+            prune_threshold=c.prune_threshold,
+            prune_unit=c.prune_unit,
+            prune_reference=c.prune_reference,
+            prune_stage=c.prune_stage,
+        )
+    )
+
+
+def save_hub_folder(model, processor, out: Path, **card) -> Path:
+    """Everything a Hub repo needs: code, config with auto_map, safetensors, processor, tokenizer, card."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.auto_map = dict(AUTO_MAP)
+    model.config.architectures = ["OmniVMedForConditionalGeneration"]
+    model.generation_config = GenerationConfig(
+        eos_token_id=sorted({processor.tokenizer.convert_tokens_to_ids(IM_END), processor.tokenizer.eos_token_id}),
+        pad_token_id=processor.tokenizer.pad_token_id,
+        do_sample=False,
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    for name in REMOTE_CODE_FILES:
+        shutil.copyfile(ROOT / name, out / name)
+    write_model_card(out, model, **card)
+    logger.info("wrote %s", out)
+    return out
+
+
+def build_tiny(out: Path, seed: int = 0) -> Path:
+    # the tokenizer is part of the preset: the seed only changes the weights
+    tokenizer = build_tiny_tokenizer(seed=0)
+    processor = OmniVMedProcessor(
+        image_processor=OmniVMedImageProcessor(**TINY_IMAGE_PROCESSOR), tokenizer=tokenizer
+    )
+    model = tiny_model(tokenizer, seed)
+    return save_hub_folder(
+        model,
+        processor,
+        out,
+        title="OmniV-Med tiny (random weights)",
+        description="A randomly initialised tiny OmniV-Med for tests and the embedded default; its answers are noise "
+        "until trained (`python train_trl.py`).",
+        repo=out.name,
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=["tiny"], required=True)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    folder = build_tiny(args.out, args.seed)
+    print(folder)
+
+
+if __name__ == "__main__":
+    main()

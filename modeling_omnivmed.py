@@ -489,8 +489,10 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
         visual_keep_mask: torch.BoolTensor | None = None,
         prune_threshold: float | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
+        media_metadata: list | None = None,
         **kwargs,
     ) -> OmniVMedModelOutputWithPast:
+        """mm_token_type_ids and media_metadata come with the processor's outputs; placeholders are found by id."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Give exactly one of input_ids and inputs_embeds")
         # transformers 5 renamed past_key_values to cache; accept the old name from older callers
@@ -590,9 +592,12 @@ class OmniVMedForConditionalGeneration(OmniVMedPreTrainedModel, GenerationMixin)
         visual_keep_mask: torch.BoolTensor | None = None,
         prune_threshold: float | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        mm_token_type_ids: torch.Tensor | None = None,
+        media_metadata: list | None = None,
         **kwargs,
     ) -> OmniVMedCausalLMOutputWithPast:
-        """labels: (B, L) token ids, -100 where no loss is taken (prompt, visual tokens, padding)."""
+        """labels: (B, L) token ids, -100 where no loss is taken (prompt, visual tokens, padding).
+        prune_threshold overrides the config's for this call (the processor must have used the same one)."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
