@@ -9,6 +9,7 @@ Data flow (shapes):
  -> tower (N_kept or N, D) -> projector (T_kept, D_llm) -> scattered into the <|image_pad|> positions of the text.
 """
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
 from .configuration_omnivmed import OmniVMedConfig, OmniVMedVisionConfig
-from .pruning_omnivmed import compute_keep_mask, patch_keep_mask
+from .pruning_omnivmed import compute_keep_mask, patch_keep_mask, tokens_per_frame
 
 
 logger = logging.get_logger(__name__)
@@ -515,6 +516,9 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
                     f"({keep.numel()} before); the processor expands placeholders to the kept count, so use the "
                     "same prune_threshold / visual_keep_mask for both"
                 )
+            if input_ids is not None:
+                merges = self.default_merge_sizes(grid_thw.long()) if merge_sizes is None else merge_sizes
+                check_placeholder_runs(placeholders, keep, grid_thw, merges)
             inputs_embeds = inputs_embeds.masked_scatter(
                 placeholders[..., None].to(inputs_embeds.device), features.to(inputs_embeds.dtype)
             )
@@ -544,6 +548,25 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
             return input_ids == self.config.image_token_id
         token = self.get_input_embeddings()(torch.tensor(self.config.image_token_id, device=inputs_embeds.device))
         return (inputs_embeds == token).all(-1)
+
+
+def check_placeholder_runs(placeholders, keep, grid_thw, merge_sizes):
+    """Each run of consecutive placeholders in the text must hold whole frames: with frame separators one run per
+    frame, without them (e.g. converted checkpoints' formats) several consecutive frames or items. A keep mask that
+    merely has the right total would otherwise put visual tokens into the wrong frames silently."""
+    runs = []
+    for row in placeholders.int():
+        edges = torch.diff(torch.nn.functional.pad(row, (1, 1)))
+        runs += ((edges == -1).nonzero()[:, 0] - (edges == 1).nonzero()[:, 0]).tolist()
+    frames = [n for item in tokens_per_frame(keep, grid_thw.cpu(), merge_sizes.cpu()) for n in item]
+    frame_ends = set(itertools.accumulate(frames))
+    if not set(itertools.accumulate(runs)) <= frame_ends:
+        raise ValueError(
+            f"visual_keep_mask disagrees with input_ids: the text's runs of placeholders have lengths {runs[:16]}"
+            f"{'...' if len(runs) > 16 else ''}, which do not end at frame boundaries of the mask's kept tokens "
+            f"per frame {frames[:16]}{'...' if len(frames) > 16 else ''}; process the text and the pixels with the "
+            "same prune_threshold"
+        )
 
 
 class OmniVMedForConditionalGeneration(OmniVMedPreTrainedModel, GenerationMixin):
