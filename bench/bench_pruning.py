@@ -1,0 +1,176 @@
+"""Token pruning: tokens kept and forward-time speed-up, measured in one run.
+
+    python bench/bench_pruning.py [--configs tiny,mid] [--repeats 3] [--montage-dir docs]
+
+Inputs: the MNI152 T1 volume (axial, every 1 mm slice) and a synthetic static-camera video (64 s at 1 fps, 224 px)
+with an instrument sweeping across. For each model config: forward time of the whole model (tower + projector +
+LLM prefill) without pruning and with pruning at the default threshold, post-encoder and pre-encoder, as ratios
+unpruned / pruned. Timings are medians of interleaved repetitions in one process, so the machine's noise hits all
+arms alike.
+"""
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import build_omnivmed  # noqa: E402
+from omnivmed.configuration_omnivmed import OmniVMedConfig  # noqa: E402
+from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration  # noqa: E402
+from omnivmed.processing_omnivmed import OmniVMedImageProcessor, OmniVMedProcessor  # noqa: E402
+
+
+MNI = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+CONFIGS = {
+    "tiny": dict(vision=build_omnivmed.TINY_VISION, text=build_omnivmed.TINY_TEXT),
+    # a ViT-S-sized tower and a half-depth Qwen2.5-0.5B-shaped LLM
+    "mid": dict(
+        vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6, patch_size=14),
+        text=dict(
+            build_omnivmed.TINY_TEXT,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=12,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+        ),
+    ),
+}
+
+
+def write_instrument_video(path: Path, seconds: int = 64, fps: int = 8, size: int = 224, seed: int = 0) -> Path:
+    """A static 'endoscopic' scene (smooth pink texture) with a grey instrument sweeping left to right and back."""
+    import av
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    texture = sum(
+        np.sin(2 * np.pi * (fx * xx + fy * yy) + phase)
+        for fx, fy, phase in rng.uniform([1, 1, 0], [6, 6, 2 * np.pi], size=(8, 3))
+    )
+    texture = (texture - texture.min()) / np.ptp(texture)
+    scene = np.stack([0.55 + 0.35 * texture, 0.25 + 0.2 * texture, 0.25 + 0.15 * texture], -1)
+    container = av.open(str(path), "w")
+    stream = container.add_stream("libx264", rate=fps)
+    stream.width = stream.height = size
+    stream.pix_fmt = "yuv420p"
+    stream.options = {"crf": "18"}
+    n = seconds * fps
+    for i in range(n):
+        frame = scene.copy()
+        phase = (i / n) * 2  # one sweep right, one back
+        x = int((phase if phase < 1 else 2 - phase) * (size - 40))
+        y = size // 2 + int(20 * np.sin(2 * np.pi * i / n))
+        frame[y - 6 : y + 6, : x + 30] = 0.75  # shaft from the left edge
+        frame[y - 12 : y + 12, x + 30 : x + 40] = 0.9  # jaws
+        image = av.VideoFrame.from_ndarray((frame * 255).astype(np.uint8), format="rgb24")
+        for packet in stream.encode(image):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    return path
+
+
+def model_for(name: str, tokenizer) -> OmniVMedForConditionalGeneration:
+    c = CONFIGS[name]
+    text = dict(c["text"], vocab_size=-(-len(tokenizer) // 64) * 64, pad_token_id=tokenizer.pad_token_id)
+    config = OmniVMedConfig(text_config=text, vision_config=c["vision"], **build_omnivmed.token_ids(tokenizer))
+    torch.manual_seed(0)
+    model = OmniVMedForConditionalGeneration(config).eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def inputs_for(processor, block, threshold):
+    conversation = [{"role": "user", "content": [block, {"type": "text", "text": "Describe."}]}]
+    inputs = processor.apply_chat_template(
+        conversation,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        processor_kwargs={"prune_threshold": threshold},
+    )
+    inputs.pop("media_metadata")
+    return inputs
+
+
+def time_arms(model, arms: dict, repeats: int) -> dict:
+    times = {name: [] for name in arms}
+    with torch.inference_mode():
+        for name, (inputs, stage) in arms.items():  # warm-up
+            model.config.prune_stage = stage
+            model(**inputs)
+        for _ in range(repeats):
+            for name, (inputs, stage) in arms.items():
+                model.config.prune_stage = stage
+                start = time.perf_counter()
+                model(**inputs)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="tiny,mid")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--montage-dir", type=Path, help="also write pruning montages (PNG) here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(torch.get_num_threads())
+    import nilearn
+
+    tokenizer = build_omnivmed.build_tiny_tokenizer()
+    # 224 px per slice/frame, every MNI slice (189 at 1 mm), 64 video frames at 1 fps
+    processor = OmniVMedProcessor(
+        OmniVMedImageProcessor(video_max_pixels=224 * 224, max_slices=256, max_frames=64), tokenizer
+    )
+    workdir = Path(tempfile.mkdtemp())
+    media = {
+        "MNI T1 axial 1 mm": {"type": "volume", "path": str(Path(nilearn.__file__).parent / "datasets/data" / MNI)},
+        "static-camera video": {"type": "video", "path": str(write_instrument_video(workdir / "instrument.mp4"))},
+    }
+    if args.montage_dir:
+        from visualize_pruning import visualize
+
+        args.montage_dir.mkdir(parents=True, exist_ok=True)
+        for name, block in media.items():
+            out = args.montage_dir / f"pruning_{name.split()[0].lower()}.png"
+            visualize(
+                block["path"], out, kind=block["type"], processor=processor.image_processor, max_slices=24, max_frames=16
+            )
+            print(f"montage: {out}")
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, sdpa attention, float32")
+    print("| input | config | tokens | kept % | unpruned s | post s | pre s | speed-up post | speed-up pre |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for config_name in args.configs.split(","):
+        model = model_for(config_name, tokenizer)
+        for name, block in media.items():
+            full = inputs_for(processor, block, 0.0)
+            pruned = inputs_for(processor, block, None)
+            kept = pruned["visual_keep_mask"]
+            times = time_arms(
+                model,
+                {"unpruned": (full, "post_encoder"), "post": (pruned, "post_encoder"), "pre": (pruned, "pre_encoder")},
+                args.repeats,
+            )
+            print(
+                f"| {name} | {config_name} | {kept.numel()} | {100 * kept.float().mean():.1f} | "
+                f"{times['unpruned']:.2f} | {times['post']:.2f} | {times['pre']:.2f} | "
+                f"{times['unpruned'] / times['post']:.2f}x | {times['unpruned'] / times['pre']:.2f}x |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
