@@ -25,7 +25,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
 from .configuration_omnivmed import OmniVMedConfig, OmniVMedVisionConfig
-from .pruning_omnivmed import compute_keep_mask, patch_keep_mask, tokens_per_frame
+from .pruning_omnivmed import compute_keep_mask, patch_keep_mask, patch_grid_positions, tokens_per_frame
 
 
 logger = logging.get_logger(__name__)
@@ -33,18 +33,8 @@ logger = logging.get_logger(__name__)
 
 def patch_positions_from_grid(grid_thw: torch.Tensor, merge_sizes: torch.Tensor) -> torch.Tensor:
     """(t, h, w) of every patch, in merge-block order within each frame: (n_items, 3) -> (N, 3)."""
-    out = []
-    for (t, h, w), m in zip(grid_thw.tolist(), merge_sizes.tolist()):
-        rows = torch.arange(h).view(h // m, m, 1, 1).expand(h // m, m, w // m, m)
-        cols = torch.arange(w).view(1, 1, w // m, m).expand(h // m, m, w // m, m)
-        # (block_row, i, block_col, j) -> (block_row, block_col, i, j): merge-block order
-        rows = rows.permute(0, 2, 1, 3).reshape(-1)
-        cols = cols.permute(0, 2, 1, 3).reshape(-1)
-        frames = torch.arange(t).repeat_interleave(h * w)
-        out.append(torch.stack([frames, rows.repeat(t), cols.repeat(t)], dim=-1))
-    if not out:
-        return torch.zeros(0, 3, dtype=torch.long)
-    return torch.cat(out).to(grid_thw.device)
+    out = [patch_grid_positions(t, h, w, m) for (t, h, w), m in zip(grid_thw.tolist(), merge_sizes.tolist())]
+    return (torch.cat(out) if out else torch.zeros(0, 3, dtype=torch.long)).to(grid_thw.device)
 
 
 def segment_lengths(

@@ -34,7 +34,7 @@ from transformers.utils import logging
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from .media_omnivmed import Media, MediaError, load_media
-from .pruning_omnivmed import compute_keep_mask, pruning_report, tokens_per_frame
+from .pruning_omnivmed import compute_keep_mask, patch_grid_positions, pruning_report, tokens_per_frame
 
 
 logger = logging.get_logger(__name__)
@@ -411,7 +411,7 @@ class OmniVMedImageProcessor(BaseImageProcessor):
                 x = x.reshape(n, 3, gh // merge, merge, p, gw // merge, merge, p).permute(0, 2, 5, 3, 6, 1, 4, 7)
                 rows = slice(offset + f0 * per_frame, offset + (f0 + n) * per_frame)
                 pixel_values[rows] = x.reshape(n * per_frame, patch_dim)
-            patch_positions[offset : offset + t * per_frame] = _patch_positions(t, gh, gw, merge)
+            patch_positions[offset : offset + t * per_frame] = patch_grid_positions(t, gh, gw, merge)
             offset += t * per_frame
             grids.append([t, gh, gw])
             merges.append(merge)
@@ -462,19 +462,6 @@ class OmniVMedImageProcessor(BaseImageProcessor):
             data = {k: v.numpy() for k, v in data.items()}
         data["media_metadata"] = metadata
         return BatchFeature(data=data, skip_tensor_conversion=["media_metadata"])
-
-
-def _patch_positions(t: int, gh: int, gw: int, merge: int) -> torch.Tensor:
-    """(t * gh * gw, 3) int64 (frame, patch row, patch column) in merge-block order."""
-    bh = torch.arange(gh // merge).view(-1, 1, 1, 1)
-    bw = torch.arange(gw // merge).view(1, -1, 1, 1)
-    i = torch.arange(merge).view(1, 1, -1, 1)
-    j = torch.arange(merge).view(1, 1, 1, -1)
-    shape = (gh // merge, gw // merge, merge, merge)
-    rows = (bh * merge + i).expand(shape).reshape(-1)
-    cols = (bw * merge + j).expand(shape).reshape(-1)
-    frame = torch.arange(t).repeat_interleave(gh * gw)
-    return torch.stack([frame, rows.repeat(t), cols.repeat(t)], dim=1)
 
 
 # the tokenizer keywords `OmniVMedProcessor.__call__` forwards

@@ -1,4 +1,5 @@
-"""Medical-aware token pruning: the one function that decides which visual tokens of a volume or video are kept.
+"""Medical-aware token pruning: the one function that decides which visual tokens of a volume or video are kept,
+and the patch layout it (and the processor and model) rely on.
 
 Unit: one LLM visual token, i.e. one merge x merge block of patches (patches arrive in merge-block order, so a
 block is `merge**2` consecutive rows of `pixel_values`). A block of slice/frame f is dropped when the mean absolute
@@ -16,9 +17,17 @@ at least `min_tokens` tokens (the most changed ones), 2D images (t == 1) are nev
 import torch
 
 
-def _item_blocks(pixel_values: torch.Tensor, t: int, h: int, w: int, merge: int) -> torch.Tensor:
-    # (t*h*w, C*p*p) in merge-block order -> (t, blocks per frame, merge**2 * C*p*p)
-    return pixel_values.reshape(t, (h // merge) * (w // merge), -1)
+def patch_grid_positions(t: int, gh: int, gw: int, merge: int) -> torch.Tensor:
+    """(t * gh * gw, 3) int64 (frame, patch row, patch column) in merge-block order."""
+    bh = torch.arange(gh // merge).view(-1, 1, 1, 1)
+    bw = torch.arange(gw // merge).view(1, -1, 1, 1)
+    i = torch.arange(merge).view(1, 1, -1, 1)
+    j = torch.arange(merge).view(1, 1, 1, -1)
+    shape = (gh // merge, gw // merge, merge, merge)
+    rows = (bh * merge + i).expand(shape).reshape(-1)
+    cols = (bw * merge + j).expand(shape).reshape(-1)
+    frame = torch.arange(t).repeat_interleave(gh * gw)
+    return torch.stack([frame, rows.repeat(t), cols.repeat(t)], dim=1)
 
 
 def frame_block_distances(frames: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
