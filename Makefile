@@ -19,7 +19,7 @@ test: venv
 	$(PY) -m pytest -q tests
 
 demo: venv
-	$(PY) demo_omnivmed.py
+	$(PY) train_trl.py
 
 clean:
 	rm -rf $(VENV) runs
