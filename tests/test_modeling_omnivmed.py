@@ -145,7 +145,7 @@ def test_gradient_checkpointing_gives_same_gradients():
     for checkpointing in (False, True):
         model = make_model().train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             assert model.model.vision_tower.layers[0].gradient_checkpointing
         out = model(input_ids=ids, pixel_values=pv, grid_thw=grid, labels=ids, prune_threshold=0.0)
         out.loss.backward()
