@@ -164,3 +164,260 @@ def test_default_config_is_the_1_5b_architecture():
     # SigLIP-so400m without its position table and pooling head; Qwen2.5-1.5B with tied embeddings
     assert counts == {"vision_tower": 412_147_440, "projector": 9_440_256, "language_model": 1_543_714_304}
     assert sum(p.numel() for p in model.parameters()) == 1_965_302_000
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Composing pretrained parts (issue #6): tiny SigLIP / Qwen2 checkpoints made with transformers' own classes
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _tiny_siglip_config(**vision):
+    return dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, patch_size=14,
+                image_size=56, **vision)  # fmt: skip
+
+
+def _tiny_qwen2(vocab_size: int, tie: bool):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=vocab_size, tie_word_embeddings=tie, max_position_embeddings=512,
+    )  # fmt: skip
+    return Qwen2ForCausalLM(config).eval()
+
+
+def _tokenizer_without_media_tokens():
+    """A Qwen2-like chat tokenizer that lacks <|vision_start|>, <|vision_end|>, <|image_pad|> and <|frame_sep|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from build_omnivmed import TINY_CORPUS
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )  # fmt: skip
+    tok.train_from_iterator(TINY_CORPUS.splitlines(), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def pretrained_parts(tmp_path_factory):
+    """A full SiglipModel (vision + text tower) and a tied Qwen2ForCausalLM whose tokenizer already has the media
+    tokens (as Qwen2.5's has all but <|frame_sep|>; here all of them)."""
+    from transformers import SiglipConfig, SiglipModel
+
+    from build_omnivmed import build_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("parts")
+    torch.manual_seed(0)
+    siglip = SiglipModel(SiglipConfig(
+        vision_config=_tiny_siglip_config(),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=100),
+    ))  # fmt: skip
+    siglip.save_pretrained(root / "siglip")
+    (root / "siglip" / "preprocessor_config.json").write_text(
+        json.dumps({"image_processor_type": "SiglipImageProcessor", "image_mean": [0.5] * 3, "image_std": [0.5] * 3})
+    )
+    _tiny_qwen2(vocab_size=1088, tie=True).save_pretrained(root / "qwen")
+    build_tiny_tokenizer().save_pretrained(root / "qwen")
+    return root
+
+
+@pytest.fixture(scope="module")
+def built_dir(pretrained_parts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("built") / "omnivmed-composed"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "build_omnivmed.py"), "--vision", str(pretrained_parts / "siglip"),
+         "--llm", str(pretrained_parts / "qwen"), "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result.stdout
+
+
+def test_pretrained_build_maps_every_siglip_tensor_and_prints_the_table(pretrained_parts, built_dir):
+    from safetensors.torch import load_file
+
+    out, stdout = built_dir
+    source = load_file(pretrained_parts / "siglip" / "model.safetensors")
+    built = load_file(out / "model.safetensors")
+    dropped = {"vision_model.embeddings.position_embedding.weight"}
+    vision_keys = [k for k in source if k.startswith("vision_model.") and not k.startswith("vision_model.head.")]
+    assert len(vision_keys) == 2 + 2 * 16 + 2 + 1
+    for key in vision_keys:
+        if key in dropped:
+            continue
+        rest = key.removeprefix("vision_model.").replace("encoder.layers.", "layers.").replace("embeddings.", "")
+        target = "model.vision_tower." + rest
+        expected = source[key]
+        if key.endswith("patch_embedding.weight"):
+            assert expected.shape == (64, 3, 14, 14)
+            expected = expected.reshape(64, 3 * 14 * 14)  # Conv2d (D, C, p, p) -> Linear over (C, p, p)
+        assert torch.equal(built[target], expected), key
+    assert not [k for k in built if "position_embedding" in k or ".head." in k]
+    # the table: mapped, dropped (position table, pooling head, text tower) and new (projector) tensors
+    for text in ("mapped", "absolute position table", "attention-pooling head", "text tower", "projector (fresh)"):
+        assert text in stdout, text
+    assert "62 mapped, 36 dropped, 4 newly initialised" in stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["image_mean"] == [0.5] * 3 and config["vision_config"]["hidden_size"] == 64
+    assert config["vision_config"]["hidden_act"] == "gelu_pytorch_tanh" and config["tie_word_embeddings"] is True
+    assert config["text_config"]["vocab_size"] == 1088  # every media token already fits: no resize
+    assert json.loads((out / "preprocessor_config.json").read_text())["image_mean"] == [0.5] * 3
+
+
+def test_pretrained_build_text_logits_equal_the_qwen2_model(pretrained_parts, built_dir):
+    from transformers import Qwen2ForCausalLM
+
+    from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration
+
+    out, _ = built_dir
+    qwen = Qwen2ForCausalLM.from_pretrained(pretrained_parts / "qwen").eval()
+    model = OmniVMedForConditionalGeneration.from_pretrained(out).eval()
+    ids = torch.tensor([[1, 40, 300, 77, 900, 2, 15]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, qwen(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_pretrained_build_reloads_in_a_new_process_offline(built_dir, tmp_path):
+    out, _ = built_dir
+    card = (out / "README.md").read_text()
+    assert "projector is random" in card and "pipeline_tag: image-text-to-text" in card
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(script), str(out), str(tmp_path / "out.pt")],
+        capture_output=True, text=True, cwd=tmp_path,
+        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["classes"][0] == "OmniVMedConfig"
+
+
+def test_pretrained_build_standalone_tower_untied_llm_and_a_tokenizer_lacking_media_tokens(tmp_path):
+    """A prefix-less SigLIP vision tower, an untied Qwen2 whose embedding has exactly len(tokenizer) rows and a
+    tokenizer without the media tokens: they are added, the embeddings and lm_head grow (new rows = mean of the old
+    ones), and old-vocabulary logits are unchanged."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, SiglipVisionConfig, SiglipVisionModel
+
+    from build_omnivmed import build_pretrained
+
+    torch.manual_seed(1)
+    config = SiglipVisionConfig(**_tiny_siglip_config(hidden_act="gelu", layer_norm_eps=1e-5))
+    tower = SiglipVisionModel(config)
+    tower.save_pretrained(tmp_path / "siglip")  # transformers 5 writes it without the `vision_model.` prefix
+    with safe_open(tmp_path / "siglip" / "model.safetensors", framework="pt") as f:
+        assert "embeddings.patch_embedding.weight" in f.keys()
+    tokenizer = _tokenizer_without_media_tokens()
+    qwen = _tiny_qwen2(vocab_size=len(tokenizer), tie=False)
+    qwen.save_pretrained(tmp_path / "qwen")
+    tokenizer.save_pretrained(tmp_path / "qwen")
+
+    out = build_pretrained(str(tmp_path / "siglip"), str(tmp_path / "qwen"), tmp_path / "out", seed=3)
+    built_tok = AutoTokenizer.from_pretrained(out)
+    added = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|frame_sep|>"]
+    ids = built_tok.convert_tokens_to_ids(added)
+    assert ids == list(range(len(tokenizer), len(tokenizer) + 4)) and built_tok.padding_side == "left"
+    config = json.loads((out / "config.json").read_text())
+    rows = -(-(len(tokenizer) + 4) // 64) * 64
+    assert config["text_config"]["vocab_size"] == rows and config["tie_word_embeddings"] is False
+    assert config["image_token_id"] == ids[2] and config["frame_token_id"] == ids[3]
+    assert config["vision_config"]["hidden_act"] == "gelu" and config["vision_config"]["layer_norm_eps"] == 1e-5
+    weights = load_file(out / "model.safetensors")
+    old = qwen.state_dict()
+    for name, source in (("model.language_model.embed_tokens.weight", "model.embed_tokens.weight"),
+                         ("lm_head.weight", "lm_head.weight")):  # fmt: skip
+        grown = weights[name]
+        assert grown.shape == (rows, 64)
+        assert torch.equal(grown[: len(tokenizer)], old[source])
+        torch.testing.assert_close(grown[len(tokenizer) :], old[source].mean(0).expand(rows - len(tokenizer), -1))
+    assert torch.equal(
+        weights["model.vision_tower.patch_embedding.weight"],
+        tower.embeddings.patch_embedding.weight.reshape(64, -1),
+    )
+
+    from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration
+
+    model = OmniVMedForConditionalGeneration.from_pretrained(out).eval()
+    text = torch.tensor([[1, 30, 200, 45, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=text).logits[..., : len(tokenizer)], qwen(text).logits, atol=1e-5, rtol=1e-5
+        )
+
+
+def test_siglip2_linear_patch_embedding_is_reordered_to_channel_first(tmp_path):
+    """SigLIP2 embeds (p, p, C)-ordered patches with a Linear; the tower wants (C, p, p): same outputs after mapping."""
+    from safetensors.torch import save_file
+    from transformers.models.siglip2.image_processing_pil_siglip2 import convert_image_to_patches
+
+    from build_omnivmed import TensorRef, _load_tensor
+
+    torch.manual_seed(2)
+    d, p = 8, 14
+    linear = torch.nn.Linear(3 * p * p, d)
+    save_file({"w": linear.weight.detach().contiguous()}, tmp_path / "w.safetensors")
+    weight = _load_tensor(TensorRef(tmp_path, "w.safetensors", "w", (d, 3 * p * p), "F32"), "siglip2_patch", {})
+    image = torch.rand(3, 2 * p, 3 * p)
+    theirs = torch.from_numpy(convert_image_to_patches(image.numpy(), p)) @ linear.weight.T  # (6, d)
+    ours = image.reshape(3, 2, p, 3, p).permute(1, 3, 0, 2, 4).reshape(6, -1) @ weight.T
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_pretrained_build_errors_name_what_was_expected(pretrained_parts, tmp_path):
+    import shutil as sh
+
+    from safetensors.torch import load_file, save_file
+
+    from build_omnivmed import BuildError, build_pretrained
+
+    siglip, qwen = pretrained_parts / "siglip", pretrained_parts / "qwen"
+    with pytest.raises(BuildError, match="not a SigLIP vision checkpoint"):
+        build_pretrained(str(qwen), str(qwen), tmp_path / "a")
+    with pytest.raises(BuildError, match="not a supported LLM"):
+        build_pretrained(str(siglip), str(siglip), tmp_path / "b")
+    empty = tmp_path / "empty"
+    sh.copytree(siglip, empty, ignore=sh.ignore_patterns("*.safetensors"))
+    with pytest.raises(BuildError, match="no model.safetensors"):
+        build_pretrained(str(empty), str(qwen), tmp_path / "c")
+    odd = tmp_path / "odd"
+    sh.copytree(siglip, odd)
+    tensors = load_file(siglip / "model.safetensors")
+    tensors["vision_model.encoder.layers.0.adapter.weight"] = torch.zeros(2)
+    save_file(tensors, odd / "model.safetensors")
+    with pytest.raises(BuildError, match=r"unexpected tensors.*adapter"):
+        build_pretrained(str(odd), str(qwen), tmp_path / "d")
+    with pytest.raises(BuildError, match="--preset 1.5b expects"):
+        build_pretrained(str(siglip), str(qwen), tmp_path / "e", preset="1.5b")
+    with pytest.raises(BuildError, match="could not be fetched"):
+        build_pretrained("no-such-org/no-such-siglip", str(qwen), tmp_path / "f")
+    assert not any((tmp_path / n).exists() for n in "abcdef")  # nothing written on failure
+
+
+def test_pretrained_build_pushes_the_folder(pretrained_parts, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from build_omnivmed import build_pretrained
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id, kwargs.get("private")))
+
+        def upload_folder(self, folder_path, repo_id, **kwargs):
+            calls.append(("upload_folder", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    out = build_pretrained(str(pretrained_parts / "siglip"), str(pretrained_parts / "qwen"), tmp_path / "pushed",
+                           push_to_hub="someone/omnivmed-test", private=True)  # fmt: skip
+    assert calls[0] == ("create_repo", "someone/omnivmed-test", True)
+    assert calls[1][0] == "upload_folder" and "model.safetensors" in calls[1][2] and "config.json" in calls[1][2]
+    assert 'from_pretrained("someone/omnivmed-test"' in (out / "README.md").read_text()
