@@ -100,6 +100,8 @@ class OmniVMedConfig(PreTrainedConfig):
         `"pre_encoder"` (drop the patches of pruned tokens before the tower, saving its compute).
     prune_keep_first_frame (`bool`): keep the first frame whole (ours); False reproduces the successor code, whose
         first frame keeps only `prune_min_tokens` tokens.
+    prune_min_tokens / prune_min_tokens_pick: every frame keeps at least this many tokens, the most changed ones
+        (`"most_changed"`) or the frame's first ones (`"first"`, VideoLLaMA3's rule).
     image_mean / image_std: the processor's normalisation, needed to measure pruning in intensity units.
     """
 
@@ -125,6 +127,7 @@ class OmniVMedConfig(PreTrainedConfig):
     prune_stage: str = "post_encoder"
     prune_keep_first_frame: bool = True
     prune_min_tokens: int = 1
+    prune_min_tokens_pick: str = "most_changed"
     image_mean: list[float] | None = None
     image_std: list[float] | None = None
     tie_word_embeddings: bool = False
@@ -138,6 +141,7 @@ class OmniVMedConfig(PreTrainedConfig):
             ("prune_reference", self.prune_reference, PRUNE_REFERENCES),
             ("prune_unit", self.prune_unit, PRUNE_UNITS),
             ("prune_stage", self.prune_stage, PRUNE_STAGES),
+            ("prune_min_tokens_pick", self.prune_min_tokens_pick, ("most_changed", "first")),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

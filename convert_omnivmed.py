@@ -49,7 +49,6 @@ from omnivmed.processing_omnivmed import (
     FRAME_TOKEN,
     IM_END,
     IMAGE_TOKEN,
-    SETTINGS,
     VISION_END,
     VISION_START,
     OmniVMedImageProcessor,
@@ -294,14 +293,17 @@ def pruning_settings(source: Source, compat: bool) -> dict:
     VideoLLaMA3: mean |delta| * 255 > 0.1, i.e. > 0.1 / 255 in normalised units; the first frame is kept whole.
     Both run the tower on every patch and drop tokens after it (post_encoder)."""
     ours = dict(prune_threshold=0.1, prune_reference="last_kept", prune_unit="normalized", prune_keep_first_frame=True,
-                prune_min_tokens=1)  # fmt: skip
+                prune_min_tokens=1, prune_min_tokens_pick="most_changed")  # fmt: skip
     if not compat:
         return ours
     if not source_uses_token_compression(source):
         return dict(ours, prune_threshold=0.0)
     threshold = 0.1 if source.family == "hulumed" else 0.1 / 255.0
+    # VideoLLaMA3 fills a frame below min_tokens with its first tokens; Hulu-Med's ties make "first" and
+    # "most_changed" agree on the first frame, and its later frames keep their most changed token
     return dict(prune_threshold=threshold, prune_reference="previous", prune_unit="normalized",
-                prune_keep_first_frame=source.family != "hulumed", prune_min_tokens=1)  # fmt: skip
+                prune_keep_first_frame=source.family != "hulumed", prune_min_tokens=1,
+                prune_min_tokens_pick="first" if source.family == "videollama3" else "most_changed")  # fmt: skip
 
 
 def omnivmed_config(source: Source, token_ids: dict, mean_std, compat_pruning: bool, dtype: str) -> OmniVMedConfig:
@@ -368,6 +370,9 @@ def image_processor_settings(source: Source, config: OmniVMedConfig) -> dict:
         prune_unit=config.prune_unit,
         prune_keep_first_frame=config.prune_keep_first_frame,
         prune_min_tokens=config.prune_min_tokens,
+        prune_min_tokens_pick=config.prune_min_tokens_pick,
+        # their resize is PIL bicubic on uint8 (transformers' image processors on uint8 inputs)
+        resize_backend="pil",
     )
     max_frames = 64  # OmniVMedImageProcessor's default frame budget
     if source.layout == "native":
@@ -385,17 +390,15 @@ def image_processor_settings(source: Source, config: OmniVMedConfig) -> dict:
         image_factor = p * config.image_merge_size
         video_factor = p * config.video_merge_size
         settings.update(
-            # their min is min_tokens at the item's own factor; ours is one number: the image one (merge 1). For
-            # video frames smaller than min_tokens * (p * 2)**2 pixels theirs upsizes more (pass min_pixels per call)
+            # their minimum is min_tokens at the item's own factor (merge 1 for images, 2 for video)
             min_pixels=min_tokens * image_factor**2,
+            video_min_pixels=min_tokens * video_factor**2,
             max_pixels=max_tokens * image_factor**2,
             # their budget max_tokens * factor**2 is shared by all frames of a call: per frame of a max_frames clip
             video_max_pixels=max(min_tokens * image_factor**2, max_tokens * video_factor**2 // max_frames),
             max_total_visual_tokens=max_tokens,
         )
     settings["max_frames"] = max_frames
-    if "resize_backend" in SETTINGS:  # their resize is PIL bicubic on uint8 (see the report / README)
-        settings["resize_backend"] = "pil"
     return settings
 
 

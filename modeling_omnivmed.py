@@ -416,6 +416,7 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
             image_std=c.image_std,
             keep_first_frame=c.prune_keep_first_frame,
             min_tokens=c.prune_min_tokens,
+            min_tokens_pick=c.prune_min_tokens_pick,
             num_channels=c.vision_config.num_channels,
         )
 

@@ -116,13 +116,16 @@ class OmniVMedImagesKwargs(ImagesKwargs, total=False):
     video_merge_size: int
     min_pixels: int
     max_pixels: int
+    video_min_pixels: int | None
     video_max_pixels: int
+    resize_backend: str
     max_total_visual_tokens: int
     prune_threshold: float
     prune_reference: str
     prune_unit: str
     prune_keep_first_frame: bool
     prune_min_tokens: int
+    prune_min_tokens_pick: str
     window: str | list | None
     slice_axis: str
     min_slice_spacing_mm: float | None
@@ -165,6 +168,21 @@ def _plain(value):
     return value
 
 
+def _pil_resize(frames: np.ndarray, h: int, w: int, resample: str) -> np.ndarray:
+    """(n, H, W, 3) float in [0, 1] -> (n, h, w, 3) float32 through uint8 Pillow, as transformers' processors do."""
+    from PIL import Image
+
+    codes = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+    code = codes[_RESAMPLE[resample]]
+    out = np.empty((frames.shape[0], h, w, 3), dtype=np.float32)
+    for i, frame in enumerate(frames):
+        image = Image.fromarray(np.clip(np.round(frame * 255.0), 0, 255).astype(np.uint8))
+        if image.size != (w, h):
+            image = image.resize((w, h), resample=code)
+        out[i] = np.asarray(image, dtype=np.float32) * np.float32(1 / 255)
+    return out
+
+
 class OmniVMedImageProcessor(BaseImageProcessor):
     r"""
     Turns media items into the packed visual inputs of OmniV-Med.
@@ -175,16 +193,22 @@ class OmniVMedImageProcessor(BaseImageProcessor):
     resized in float32 with `torch.nn.functional.interpolate(mode=resample, antialias=True)` (deterministic on CPU; no
     8-bit quantisation, so 16-bit dynamic range survives), then clamped to [0, 1] (bicubic overshoot). A frame already
     at the target size is not resampled at all. Then `(x - image_mean) / image_std`.
+    `resize_backend="pil"` instead rounds each frame to uint8 and resizes it with Pillow, then rescales by 1/255: what
+    transformers' image processors do with uint8 inputs, so converted checkpoints (Hulu-Med, VideoLLaMA3) see the
+    pixels they were trained on.
 
     Args:
         patch_size: side of a square patch in pixels.
         image_merge_size / video_merge_size: merge x merge patches form one LLM visual token (2D images / volumes and
             videos).
-        min_pixels / max_pixels / video_max_pixels: per-frame pixel bounds (see above).
+        min_pixels / max_pixels / video_max_pixels: per-frame pixel bounds (see above); video_min_pixels: the lower
+            bound for slices/frames when it differs from 2D images (None: min_pixels).
+        resize_backend: "torch" (float, default) or "pil" (uint8 Pillow, for converted checkpoints).
         max_total_visual_tokens: most LLM visual tokens (before pruning, all frames) one item may produce; checked
             before any patch is allocated.
-        prune_threshold / prune_reference / prune_unit / prune_keep_first_frame / prune_min_tokens: the pruning rule
-            of `pruning_omnivmed.compute_keep_mask` (threshold 0 disables pruning; 2D images are never pruned).
+        prune_threshold / prune_reference / prune_unit / prune_keep_first_frame / prune_min_tokens /
+            prune_min_tokens_pick: the pruning rule of `pruning_omnivmed.compute_keep_mask` (threshold 0 disables
+            pruning; 2D images are never pruned).
         window, slice_axis, min_slice_spacing_mm, max_slices, fps, max_frames, percentiles: forwarded to
             `media_omnivmed.load_media` when an item is not a `Media` (a path, DICOM folder, PIL image, array).
         resample: "bicubic" (default), "bilinear" or "nearest".
@@ -206,13 +230,16 @@ class OmniVMedImageProcessor(BaseImageProcessor):
         video_merge_size: int = 2,
         min_pixels: int = 56 * 56,
         max_pixels: int = 448 * 448,
+        video_min_pixels: int | None = None,
         video_max_pixels: int = 224 * 224,
+        resize_backend: str = "torch",
         max_total_visual_tokens: int = 16384,
         prune_threshold: float = 0.1,
         prune_reference: str = "last_kept",
         prune_unit: str = "normalized",
         prune_keep_first_frame: bool = True,
         prune_min_tokens: int = 1,
+        prune_min_tokens_pick: str = "most_changed",
         window: str | list | None = None,
         slice_axis: str = "axial",
         min_slice_spacing_mm: float | None = None,
@@ -231,13 +258,16 @@ class OmniVMedImageProcessor(BaseImageProcessor):
         self.video_merge_size = int(video_merge_size)
         self.min_pixels = int(min_pixels)
         self.max_pixels = int(max_pixels)
+        self.video_min_pixels = None if video_min_pixels is None else int(video_min_pixels)
         self.video_max_pixels = int(video_max_pixels)
+        self.resize_backend = resize_backend
         self.max_total_visual_tokens = int(max_total_visual_tokens)
         self.prune_threshold = float(prune_threshold)
         self.prune_reference = prune_reference
         self.prune_unit = prune_unit
         self.prune_keep_first_frame = bool(prune_keep_first_frame)
         self.prune_min_tokens = int(prune_min_tokens)
+        self.prune_min_tokens_pick = prune_min_tokens_pick
         self.window = list(window) if isinstance(window, tuple) else window
         self.slice_axis = slice_axis
         self.min_slice_spacing_mm = None if min_slice_spacing_mm is None else float(min_slice_spacing_mm)
@@ -268,8 +298,14 @@ class OmniVMedImageProcessor(BaseImageProcessor):
                 f"min_pixels ({s['min_pixels']}) exceeds max_pixels ({s['max_pixels']}) or video_max_pixels "
                 f"({s['video_max_pixels']})"
             )
+        if s["video_min_pixels"] is not None and s["video_min_pixels"] > s["video_max_pixels"]:
+            raise ValueError(
+                f"video_min_pixels ({s['video_min_pixels']}) exceeds video_max_pixels ({s['video_max_pixels']})"
+            )
         if s["resample"] not in _RESAMPLE:
             raise ValueError(f"resample must be one of 'bicubic', 'bilinear', 'nearest', got {s['resample']!r}")
+        if s["resize_backend"] not in ("torch", "pil"):
+            raise ValueError(f"resize_backend must be 'torch' or 'pil', got {s['resize_backend']!r}")
         if len(s["image_mean"]) != 3 or len(s["image_std"]) != 3 or min(s["image_std"]) <= 0:
             raise ValueError("image_mean and image_std must be 3 values each, std > 0")
         if s["prune_threshold"] < 0:
@@ -282,8 +318,9 @@ class OmniVMedImageProcessor(BaseImageProcessor):
         s = self._settings(**overrides)
         merge = s["image_merge_size"] if kind == "image" else s["video_merge_size"]
         max_pixels = s["max_pixels"] if kind == "image" else s["video_max_pixels"]
+        min_pixels = s["min_pixels"] if kind == "image" or s["video_min_pixels"] is None else s["video_min_pixels"]
         factor = s["patch_size"] * merge
-        h, w = smart_resize(height, width, factor, s["min_pixels"], max_pixels)
+        h, w = smart_resize(height, width, factor, min_pixels, max_pixels)
         return h, w, merge
 
     # --------------------------------------------------------------------------------------------------------- inputs
@@ -401,7 +438,10 @@ class OmniVMedImageProcessor(BaseImageProcessor):
             # frames in chunks so a long clip never holds two full-resolution float copies
             chunk = max(1, (1 << 24) // max(1, frames.shape[1] * frames.shape[2] * 3 + h * w * 3))
             for f0 in range(0, t, chunk):
-                x = torch.from_numpy(np.ascontiguousarray(frames[f0 : f0 + chunk], dtype=np.float32))
+                if s["resize_backend"] == "pil":
+                    x = torch.from_numpy(_pil_resize(frames[f0 : f0 + chunk], h, w, s["resample"]))
+                else:
+                    x = torch.from_numpy(np.ascontiguousarray(frames[f0 : f0 + chunk], dtype=np.float32))
                 x = x.permute(0, 3, 1, 2)  # (n, 3, H, W)
                 if x.shape[-2:] != (h, w):
                     x = F.interpolate(x, size=(h, w), **resize).clamp_(0.0, 1.0)
@@ -445,6 +485,7 @@ class OmniVMedImageProcessor(BaseImageProcessor):
             image_std=s["image_std"],
             keep_first_frame=s["prune_keep_first_frame"],
             min_tokens=s["prune_min_tokens"],
+            min_tokens_pick=s["prune_min_tokens_pick"],
         )
         reports = pruning_report(keep, grid_thw, merge_sizes)
         for item_meta, report in zip(metadata, reports):
@@ -523,6 +564,9 @@ class OmniVMedProcessor(ProcessorMixin):
             image_processor = OmniVMedImageProcessor.from_pretrained(
                 pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs, **overrides
             )
+        # the tokenizer is a plain fast tokenizer: never let the config's auto_map make AutoTokenizer prompt for
+        # remote code (it would block a non-interactive process)
+        kwargs.setdefault("trust_remote_code", False)
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         return [image_processor, tokenizer]
 

@@ -11,7 +11,8 @@ Units: `"normalized"` measures the pixels as the tower sees them (after mean/std
 code's rule, where 0.1 is ~2.7 % of full intensity with CLIP mean/std); `"intensity"` undoes the normalisation and
 measures on the [0, 1] scale, so a threshold means the same whatever the normalisation.
 The first frame is kept whole (unless `keep_first_frame=False`, the successor code's behaviour), every frame keeps
-at least `min_tokens` tokens (the most changed ones), 2D images (t == 1) are never pruned, threshold 0 keeps all.
+at least `min_tokens` tokens (the most changed ones, or with `min_tokens_pick="first"` the first ones), 2D images
+(t == 1) are never pruned, threshold 0 keeps all.
 """
 
 import torch
@@ -47,6 +48,7 @@ def compute_keep_mask(
     image_std=(0.5, 0.5, 0.5),
     keep_first_frame: bool = True,
     min_tokens: int = 1,
+    min_tokens_pick: str = "most_changed",
     num_channels: int = 3,
 ) -> torch.Tensor:
     """Keep mask over the LLM visual tokens of a packed batch.
@@ -62,6 +64,8 @@ def compute_keep_mask(
         raise ValueError(f"reference must be 'last_kept' or 'previous', got {reference!r}")
     if unit not in ("normalized", "intensity"):
         raise ValueError(f"unit must be 'normalized' or 'intensity', got {unit!r}")
+    if min_tokens_pick not in ("most_changed", "first"):
+        raise ValueError(f"min_tokens_pick must be 'most_changed' or 'first', got {min_tokens_pick!r}")
     masks = []
     offset = 0
     for (t, h, w), m in zip(grid_thw.tolist(), merge_sizes.tolist()):
@@ -78,7 +82,9 @@ def compute_keep_mask(
             blocks = blocks * std + mean
         blocks = blocks.reshape(t, n_blocks, -1)
         masks.append(
-            _frame_masks(blocks, threshold, reference, keep_first_frame, min(min_tokens, n_blocks)).reshape(-1)
+            _frame_masks(
+                blocks, threshold, reference, keep_first_frame, min(min_tokens, n_blocks), min_tokens_pick
+            ).reshape(-1)
         )
         offset += n_patches
     if offset != pixel_values.shape[0]:
@@ -90,17 +96,19 @@ def compute_keep_mask(
     return torch.cat(masks)
 
 
-def _force_min(keep: torch.Tensor, dist: torch.Tensor, min_tokens: int) -> torch.Tensor:
+def _force_min(keep: torch.Tensor, dist: torch.Tensor, min_tokens: int, pick: str) -> torch.Tensor:
     if int(keep.sum()) >= min_tokens:
         return keep
-    # the most changed blocks; a stable sort breaks ties by position
-    order = torch.sort(dist, descending=True, stable=True).indices[:min_tokens]
+    if pick == "first":  # VideoLLaMA3's rule: the frame's first blocks
+        order = torch.arange(min_tokens, device=keep.device)
+    else:  # the most changed blocks; a stable sort breaks ties by position
+        order = torch.sort(dist, descending=True, stable=True).indices[:min_tokens]
     keep = keep.clone()
     keep[order] = True
     return keep
 
 
-def _frame_masks(blocks, threshold, reference, keep_first_frame, min_tokens) -> torch.Tensor:
+def _frame_masks(blocks, threshold, reference, keep_first_frame, min_tokens, pick) -> torch.Tensor:
     # blocks: (t, n, d) -> (t, n) bool
     t, n, _ = blocks.shape
     keep = torch.zeros(t, n, dtype=torch.bool, device=blocks.device)
@@ -110,16 +118,16 @@ def _frame_masks(blocks, threshold, reference, keep_first_frame, min_tokens) -> 
         # the successor code scores the first frame with a sentinel that its /255 rescale makes tiny, so it
         # falls below any useful threshold and only `min_tokens` of it survive
         first = torch.full((n,), 1.0 / 255.0, device=blocks.device)
-        keep[0] = _force_min(first > threshold, first, min_tokens)
+        keep[0] = _force_min(first > threshold, first, min_tokens, pick)
     if reference == "previous":
         dist = frame_block_distances(blocks[1:], blocks[:-1])  # (t-1, n)
         for f in range(1, t):
-            keep[f] = _force_min(dist[f - 1] > threshold, dist[f - 1], min_tokens)
+            keep[f] = _force_min(dist[f - 1] > threshold, dist[f - 1], min_tokens, pick)
         return keep
     ref = blocks[0].clone()
     for f in range(1, t):
         dist = frame_block_distances(blocks[f], ref)
-        keep[f] = _force_min(dist > threshold, dist, min_tokens)
+        keep[f] = _force_min(dist > threshold, dist, min_tokens, pick)
         ref[keep[f]] = blocks[f][keep[f]]
     return keep
 

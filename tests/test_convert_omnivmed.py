@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from convert_omnivmed import ConversionError, convert, map_key  # noqa: E402
 from omnivmed.media_omnivmed import Media  # noqa: E402
 from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration, patch_positions_from_grid  # noqa: E402
-from omnivmed.processing_omnivmed import SETTINGS, OmniVMedProcessor  # noqa: E402
+from omnivmed.processing_omnivmed import OmniVMedProcessor  # noqa: E402
 from omnivmed.pruning_omnivmed import tokens_per_frame  # noqa: E402
 
 
@@ -37,10 +37,6 @@ needs_fixtures = pytest.mark.skipif(
 )
 PLACEHOLDER = 500  # the fixtures' image placeholder id
 ATOL = 1e-5
-# Their resize is PIL bicubic on uint8 (transformers.image_transforms.resize); ours is float torch bicubic. Cases whose
-# frames are resized need the processor's PIL backend; the others reproduce their pixel values bit for bit.
-HAS_PIL_RESIZE = "resize_backend" in SETTINGS
-RESIZED = {"image_m2", "video_m2"}
 
 
 def case_names(folder):
@@ -126,10 +122,7 @@ def all_cases():
     params = []
     for label, folder in (("qwen2", QWEN2), ("qwen3", QWEN3)):
         for name in case_names(folder) if folder.is_dir() else []:
-            marks = []
-            if name in RESIZED and not HAS_PIL_RESIZE:
-                marks = [pytest.mark.xfail(strict=True, reason="needs the processor's PIL uint8 bicubic resize")]
-            params.append(pytest.param(label, name, marks=marks, id=f"{label}-{name}"))
+            params.append(pytest.param(label, name, id=f"{label}-{name}"))
     return params
 
 
@@ -506,8 +499,9 @@ def test_videollama3_remote_code_layout_is_the_hulumed_layout(tmp_path):
 @needs_fixtures
 @pytest.mark.parametrize("label,name", [("qwen2", "image_m2"), ("qwen2", "video_m2"), ("qwen3", "video_m2")])
 def test_resized_cases_match_once_frames_are_resized_like_theirs(converted, label, name):
-    """What the resized cases lack is only the resize kernel: with the frames resized as their processor does (PIL
-    bicubic on uint8, to the size our processor plans), our processor and model reproduce their logits."""
+    """The resize kernel is what the resized cases hinge on: frames resized by PIL bicubic on uint8 outside the
+    processor give the converted processor's pixels exactly (its resize_backend="pil"), and the float torch kernel
+    does not reproduce their logits."""
     from PIL import Image
 
     folder = QWEN2 if label == "qwen2" else QWEN3
@@ -524,9 +518,12 @@ def test_resized_cases_match_once_frames_are_resized_like_theirs(converted, labe
     inputs = processor.image_processor([media], return_tensors="pt", **settings)  # at the planned size: no resampling
     torch.testing.assert_close(inputs["pixel_values"], cases[f"{name}.pixel_values"], atol=ATOL, rtol=0)
     torch.testing.assert_close(logits_for(model, cases, name, inputs), cases[f"{name}.logits"], atol=ATOL, rtol=0)
-    # with our own (float, torch) bicubic the pixels differ by up to ~7 % of full intensity
-    ours = logits_for(model, cases, name, planned)
-    assert (ours - cases[f"{name}.logits"]).abs().max() > ATOL
+    assert torch.equal(planned["pixel_values"], inputs["pixel_values"])  # the converted processor resizes like theirs
+    # the negative control: our float torch bicubic differs by up to ~7 % of full intensity, which the logits show
+    float_resize = processor.image_processor(
+        raw_media(cases, name, info), return_tensors="pt", resize_backend="torch", **settings
+    )
+    assert (logits_for(model, cases, name, float_resize) - cases[f"{name}.logits"]).abs().max() > ATOL
 
 
 def test_source_tokenizer_gets_the_missing_media_tokens(tmp_path):
@@ -568,8 +565,6 @@ def test_dtype_cast_is_recorded(tmp_path):
     assert torch.equal(tensors["model.language_model.norm.weight"], expected)
 
 
-@pytest.mark.xfail(strict=True, reason="compute_keep_mask fills a frame below min_tokens with its most changed "
-                   "tokens; their code with its first tokens (needs a pruning option)")
 def test_compat_pruning_fills_a_static_frame_like_theirs(tmp_path):
     """A frame whose every block changed, but by less than the threshold: both keep min_tokens (1) of it; theirs keeps
     the first block, ours the most changed one."""

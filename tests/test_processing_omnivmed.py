@@ -540,3 +540,31 @@ def test_matches_hulumed_reference_pixels_and_keep_mask():
     np.testing.assert_allclose(out["pixel_values"], cases["video_m2_pruned.pixel_values"], atol=2e-5, rtol=0)
     assert out["grid_thw"].tolist() == cases["video_m2_pruned.grid_sizes"].tolist()
     np.testing.assert_array_equal(out["visual_keep_mask"], cases["video_m2_pruned.keep_mask"].astype(bool))
+
+
+def test_pil_resize_backend_matches_pillow_on_uint8():
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    processor = OmniVMedImageProcessor(resize_backend="pil", image_merge_size=1, min_pixels=28 * 28, max_pixels=56 * 84)
+    out = processor([Media(frames=image[None].astype(np.float32) / 255.0, kind="image", source="u8")], return_tensors="pt")
+    t, gh, gw = out["grid_thw"][0].tolist()
+    expected = np.asarray(Image.fromarray(image).resize((gw * 14, gh * 14), Image.BICUBIC), dtype=np.float32) / 255.0
+    first_patch = out["pixel_values"][0].reshape(3, 14, 14).permute(1, 2, 0).numpy() * 0.5 + 0.5
+    np.testing.assert_allclose(first_patch, expected[:14, :14], atol=1e-6)
+    torch_out = OmniVMedImageProcessor(image_merge_size=1, min_pixels=28 * 28, max_pixels=56 * 84)(
+        [Media(frames=image[None].astype(np.float32) / 255.0, kind="image", source="u8")], return_tensors="pt"
+    )
+    assert not torch.allclose(torch_out["pixel_values"], out["pixel_values"], atol=1e-3)
+
+
+def test_video_min_pixels_applies_to_frames_only():
+    processor = OmniVMedImageProcessor(min_pixels=28 * 28, video_min_pixels=112 * 112)
+    small = np.zeros((2, 28, 28, 3), dtype=np.float32)
+    assert processor.get_resized_size(28, 28, "image")[:2] == (28, 28)
+    assert processor.get_resized_size(28, 28, "video")[:2] == (112, 112)
+    out = processor([Media(frames=small, kind="video", source="v")], return_tensors="pt")
+    assert out["grid_thw"][0].tolist() == [2, 8, 8]
+    with pytest.raises(ValueError, match="video_min_pixels"):
+        OmniVMedImageProcessor(video_min_pixels=10**9)

@@ -251,3 +251,15 @@ def test_compute_keep_mask_validates_its_input():
         compute_keep_mask(torch.zeros(8, 12), torch.tensor([[2, 2, 2]]), torch.tensor([2]), reference="next")
     with pytest.raises(ValueError, match="describes 8 patches"):
         compute_keep_mask(torch.zeros(9, 12), torch.tensor([[2, 2, 2]]), torch.tensor([2]))
+
+
+def test_min_tokens_pick_first_or_most_changed():
+    """A static frame keeps one token: the most changed block by default, the first block with pick="first"."""
+    blocks = torch.zeros(2, 4, 4 * 12)  # 2 frames, 4 blocks of 2x2 patches of 12 values
+    blocks[1, 2] += 0.01  # block 2 changed most, still below the threshold
+    pixel_values = blocks.reshape(2 * 4 * 4, 12)
+    grid, merge = torch.tensor([[2, 4, 4]]), torch.tensor([2])
+    most = compute_keep_mask(pixel_values, grid, merge, num_channels=3)
+    first = compute_keep_mask(pixel_values, grid, merge, num_channels=3, min_tokens_pick="first")
+    assert most[4:].tolist() == [False, False, True, False]
+    assert first[4:].tolist() == [True, False, False, False]
