@@ -215,6 +215,33 @@ def meteor(predictions: list[str], references: list[str]) -> float | str:
     return _mean(meteor_score([r.lower().split()], p.lower().split()) for p, r in zip(predictions, references))
 
 
+DEBIAN_WORDNET = Path("/usr/share/wordnet")
+DEBIAN_LEXNAMES = Path("/usr/share/man/man5/lexnames.5WN.gz")
+_LEX_CATEGORY = {"adj": 3, "adv": 4, "noun": 1, "verb": 2}
+
+
+def setup_wordnet(nltk_data: str | Path, source: Path = DEBIAN_WORDNET, lexnames_man: Path = DEBIAN_LEXNAMES) -> Path:
+    """Lay out Debian's WordNet 3.0 (`apt-get install wordnet-base wordnet-sense-index`) as nltk's `wordnet` corpus
+    under `nltk_data` (then `export NLTK_DATA=...`): the database files are copied and the `lexnames` file nltk reads
+    is built from the table in Debian's lexnames(5WN) manual page. Returns the corpus folder."""
+    import gzip
+    import shutil
+
+    if not source.is_dir() or not lexnames_man.is_file():
+        raise DataError(f"Debian's WordNet is not installed ({source}, {lexnames_man}): apt-get install wordnet-base "
+                        "wordnet-sense-index")  # fmt: skip
+    target = Path(nltk_data) / "corpora" / "wordnet"
+    target.mkdir(parents=True, exist_ok=True)
+    for f in source.iterdir():
+        if f.is_file():
+            shutil.copyfile(f, target / f.name)
+    rows = re.findall(r"^(\d\d)\t(\w+\.\w+)\s*\t", gzip.open(lexnames_man, "rt").read(), flags=re.MULTILINE)
+    if len(rows) != 45:
+        raise DataError(f"{lexnames_man}: expected the 45 lexicographer files, found {len(rows)}")
+    (target / "lexnames").write_text("".join(f"{n}\t{name}\t{_LEX_CATEGORY[name.split('.')[0]]}\n" for n, name in rows))
+    return target
+
+
 def m3d_metrics(samples: list[Sample], predictions: list[str]) -> dict:
     closed = [(s, p) for s, p in zip(samples, predictions) if s.meta["answer_type"] == "CLOSED"]
     opened = [(s, p) for s, p in zip(samples, predictions) if s.meta["answer_type"] == "OPEN"]
@@ -944,9 +971,11 @@ def evaluate(model_path: str, benchmark: str, data: str | Path, split: str = "te
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)  # fmt: skip
-    parser.add_argument("--model", required=True, help="OmniV-Med folder or Hub id")
-    parser.add_argument("--benchmark", required=True, choices=BENCHMARKS)
-    parser.add_argument("--data", required=True, help="the dataset's folder (omnivmed-mini: also a JSONL file)")
+    parser.add_argument("--setup-wordnet", metavar="NLTK_DATA", default=None,
+                        help="only lay out Debian's WordNet as nltk data in this folder (for METEOR), then exit")
+    parser.add_argument("--model", help="OmniV-Med folder or Hub id")
+    parser.add_argument("--benchmark", choices=BENCHMARKS)
+    parser.add_argument("--data", help="the dataset's folder (omnivmed-mini: also a JSONL file)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--limit", type=int, default=None, help="first N questions only")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -962,6 +991,15 @@ def main(argv=None):
                         help="cholec80 / endovis18: frames whose number is a multiple of this only")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.setup_wordnet:
+        try:
+            print(setup_wordnet(args.setup_wordnet))
+        except DataError as error:
+            parser.exit(2, f"error: {error}\n")
+        print(f"METEOR: export NLTK_DATA={Path(args.setup_wordnet).resolve()}")
+        return
+    if not (args.model and args.benchmark and args.data):
+        parser.error("--model, --benchmark and --data are required")
     options = {"all_languages": args.all_languages, "m3d_mode": args.m3d_mode, "sequences": args.sequences,
                "frame_stride": args.frame_stride}  # fmt: skip
     try:

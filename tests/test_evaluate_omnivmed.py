@@ -106,16 +106,19 @@ def test_text_metrics_hand_computed():
     assert out["rouge1"] == pytest.approx(2 * 0.75 * 0.5 / 1.25)
 
 
-def test_meteor_when_wordnet_is_installed():
-    pytest.importorskip("nltk")
-    from nltk.corpus import wordnet
-
-    try:
-        wordnet.ensure_loaded()
-    except LookupError:
-        assert ev.meteor(["a b"], ["a b"]).startswith("unavailable")
-        pytest.skip("nltk's WordNet corpus is not installed (see README: Evaluation)")
-    assert ev.meteor(["the liver is normal"], ["the liver is normal"]) == pytest.approx(0.9921875, abs=1e-3)
+def test_meteor_with_debian_wordnet_laid_out_for_nltk(tmp_path, monkeypatch):
+    nltk = pytest.importorskip("nltk")
+    code = "import evaluate_omnivmed as ev; print(ev.meteor(['a b'], ['a b']))"
+    empty = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                           env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "NLTK_DATA": str(tmp_path / "none")})
+    assert empty.stdout.startswith("unavailable: nltk's WordNet corpus not found"), empty.stderr[-2000:]
+    if not (ev.DEBIAN_WORDNET.is_dir() and ev.DEBIAN_LEXNAMES.is_file()):
+        pytest.skip("Debian's WordNet is not installed (apt-get install wordnet-base wordnet-sense-index)")
+    corpus = ev.setup_wordnet(tmp_path)
+    assert (corpus / "lexnames").read_text().splitlines()[44] == "44\tadj.ppl\t3"
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)] + list(nltk.data.path))
+    # identical 4-word answers: F-mean 1, one chunk of 4 matches -> penalty 0.5 * (1/4)**3
+    assert ev.meteor(["the liver is normal"], ["the liver is normal"]) == pytest.approx(1 - 0.5 / 64)
 
 
 # ------------------------------------------------------------------------------------------------------- fixtures
