@@ -421,3 +421,32 @@ def test_pretrained_build_pushes_the_folder(pretrained_parts, tmp_path, monkeypa
     assert calls[0] == ("create_repo", "someone/omnivmed-test", True)
     assert calls[1][0] == "upload_folder" and "model.safetensors" in calls[1][2] and "config.json" in calls[1][2]
     assert 'from_pretrained("someone/omnivmed-test"' in (out / "README.md").read_text()
+
+
+def test_pretrained_build_siglip2_tower_and_qwen3_llm(tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Siglip2VisionConfig, Siglip2VisionModel
+
+    from build_omnivmed import build_pretrained, build_tiny_tokenizer
+    from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration
+
+    torch.manual_seed(4)
+    tower = Siglip2VisionModel(Siglip2VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                   num_attention_heads=4, patch_size=14, num_patches=16))  # fmt: skip
+    tower.save_pretrained(tmp_path / "siglip2")
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=1088, tie_word_embeddings=True, max_position_embeddings=512,
+    )).eval()  # fmt: skip
+    qwen3.save_pretrained(tmp_path / "qwen3")
+    build_tiny_tokenizer().save_pretrained(tmp_path / "qwen3")
+
+    out = build_pretrained(str(tmp_path / "siglip2"), str(tmp_path / "qwen3"), tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    assert config["text_config"]["model_type"] == "qwen3"
+    model = OmniVMedForConditionalGeneration.from_pretrained(out).eval()
+    linear = tower.embeddings.patch_embedding.weight  # (D, p*p*C) over (p, p, C)-ordered patches
+    expected = linear.detach().view(64, 14, 14, 3).permute(0, 3, 1, 2).reshape(64, -1)
+    assert torch.equal(model.model.vision_tower.patch_embedding.weight, expected)
+    ids = torch.tensor([[1, 40, 300, 77, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, qwen3(ids).logits, atol=1e-5, rtol=1e-5)
