@@ -826,7 +826,8 @@ def build_pretrained(
         for name, (ref, transform) in plan.moves.items():
             tensor = _load_tensor(ref, transform, handles)
             if name in resized:
-                tensor = torch.cat([tensor, tensor.float().mean(0, keepdim=True).to(tensor.dtype).expand(rows - old_rows, -1)])
+                mean = tensor.float().mean(0, keepdim=True).to(tensor.dtype)
+                tensor = torch.cat([tensor, mean.expand(rows - old_rows, -1)])
             state_dict[name] = tensor.to(torch_dtype).contiguous()
     finally:
         handles.clear()
@@ -852,6 +853,9 @@ def build_pretrained(
     def hub_name(source: str) -> str | None:
         return None if Path(source).expanduser().exists() else source
 
+    def short_name(source: str, folder: Path) -> str:
+        return (hub_name(source) or folder.name).split("/")[-1]
+
     parents = [name for name in (hub_name(vision), hub_name(llm)) if name]
     extra_meta = ("base_model:\n" + "".join(f"- {p}\n" for p in parents)) if parents else ""
     description = PRETRAINED_DESCRIPTION.format(
@@ -876,7 +880,7 @@ def build_pretrained(
         processor,
         out,
         max_shard_size=max_shard_size,
-        title=f"{title}: {(hub_name(vision) or vision_dir.name).split('/')[-1]} + {(hub_name(llm) or llm_dir.name).split('/')[-1]}",
+        title=f"{title}: {short_name(vision, vision_dir)} + {short_name(llm, llm_dir)}",
         description=description,
         repo=push_to_hub or out.name,
         extra_meta=extra_meta,
@@ -886,7 +890,8 @@ def build_pretrained(
 
         api = HfApi()
         api.create_repo(push_to_hub, private=private, exist_ok=True)
-        api.upload_folder(folder_path=str(out), repo_id=push_to_hub, commit_message="Build OmniV-Med from pretrained parts")
+        message = "Build OmniV-Med from pretrained parts"
+        api.upload_folder(folder_path=str(out), repo_id=push_to_hub, commit_message=message)
         logger.info("pushed %s to %s", out, push_to_hub)
     return out
 

@@ -7,7 +7,7 @@ Benchmarks (`--data` is the dataset's folder as published; nothing is downloaded
     vqa-rad        2D   closed accuracy + open recall
     slake          2D   closed accuracy + open recall (English questions; --all-languages for Chinese too)
     pathvqa        2D   closed accuracy + open recall
-    m3d-vqa        3D   closed (4-way multiple choice): accuracy; open: BLEU-1, ROUGE-1/L, METEOR (BERTScore not computed)
+    m3d-vqa        3D   closed (4-way multiple choice): accuracy; open: BLEU-1, ROUGE-1/L, METEOR (no BERTScore)
     cholec80-vqa   surgical frames   accuracy, macro precision / recall / F1 over the fixed answer set
     endovis18-vqa  surgical frames   the same
     psi-ava-vqa    surgical frames   the same
@@ -161,7 +161,9 @@ def vqa_2d_metrics(samples: list[Sample], predictions: list[str]) -> dict:
 
 CHOICE_LETTERS = ("A", "B", "C", "D")
 # "B", "B.", "(B) ...", "B) ...", "Answer: B", "The answer is B." (a bare "A lesion ..." is an article, not a choice)
-_CHOICE_AT_START = re.compile(r"^\s*(?i:(?:the\s+)?(?:answer|option|choice)\s*(?:is)?\s*[:\-]?\s*)?\(?([A-D])(?:[\.\):,]|\s*$)")
+_CHOICE_AT_START = re.compile(
+    r"^\s*(?i:(?:the\s+)?(?:answer|option|choice)\s*(?:is)?\s*[:\-]?\s*)?\(?([A-D])(?:[\.\):,]|\s*$)"
+)
 
 
 def parse_choice(prediction: str, choices: dict[str, str]) -> str | None:
@@ -598,7 +600,7 @@ def load_m3d_vqa(data: Path, split: str, m3d_mode: str = "both", **_) -> list[Sa
     samples = []
     for i, row in enumerate(rows):
         volume = data / row["Image Path"]
-        block = {"type": "volume", "npy": str(volume)} if volume.suffix == ".npy" else {"type": "volume", "path": str(volume)}
+        block = {"type": "volume", "npy" if volume.suffix == ".npy" else "path": str(volume)}
         qtype = M3D_QUESTION_TYPES.get(str(row["Question Type"]).strip(), str(row["Question Type"]).strip())
         choices = {letter: row[f"Choice {letter}"] for letter in CHOICE_LETTERS}
         if m3d_mode in ("both", "closed"):
@@ -775,7 +777,9 @@ def load_omnivmed_mini(data: Path, split: str, **_) -> list[Sample]:
             reference = next((t["value"] for t in turns if t.get("from") == "gpt"), None)
         elif "messages" in row:
             user = next((m for m in row["messages"] if m.get("role") == "user"), {"content": []})
-            content = user["content"] if isinstance(user["content"], list) else [{"type": "text", "text": user["content"]}]
+            content = user["content"]
+            if not isinstance(content, list):
+                content = [{"type": "text", "text": content}]
             media = []
             for block in content:
                 if block.get("type") in MEDIA_KEYS:
@@ -790,7 +794,8 @@ def load_omnivmed_mini(data: Path, split: str, **_) -> list[Sample]:
             reference = None
             if assistant is not None:
                 c = assistant["content"]
-                reference = c if isinstance(c, str) else " ".join(b.get("text", "") for b in c if b.get("type") == "text")
+                texts = [c] if isinstance(c, str) else [b.get("text", "") for b in c if b.get("type") == "text"]
+                reference = " ".join(texts)
         else:
             raise DataError(f"{path}:{n}: expected 'conversations' (LLaVA style) or 'messages' (TRL style)")
         reference = row.get("answer", reference)
@@ -815,7 +820,7 @@ LOADERS = {
 SURGICAL = ("cholec80-vqa", "endovis18-vqa", "psi-ava-vqa")
 
 
-def load_benchmark(name: str, data: str | Path, split: str = "test", **options) -> tuple[list[Sample], list[str] | None]:
+def load_benchmark(name: str, data: str | Path, split: str = "test", **options) -> tuple[list[Sample], list | None]:
     """(samples, answer set for the surgical classification sets else None); raises DataError naming what it
     expected when the folder does not hold the benchmark's files."""
     if name not in LOADERS:

@@ -77,8 +77,8 @@ def test_answers_stream_piece_by_piece(tiny_dir, png):
 
 
 def test_interactive_loop_reads_questions_from_stdin(tiny_dir, png, tmp_path):
-    result = _run(["--model", tiny_dir, png, "--max-new-tokens", "3"], stdin="What is this?\n\nAnd this?\nquit\nnever\n",
-                  tmp_path=tmp_path)  # fmt: skip
+    stdin = "What is this?\n\nAnd this?\nquit\nnever\n"
+    result = _run(["--model", tiny_dir, png, "--max-new-tokens", "3"], stdin=stdin, tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("\n") >= 2  # two answers, each closed by a newline; "never" is not asked
 

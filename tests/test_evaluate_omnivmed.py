@@ -74,8 +74,9 @@ def test_classification_metrics_clean_and_surgicalgpt_compatible():
 
 def test_multiple_choice_parsing_and_m3d_rule():
     choices = {"A": "liver", "B": "kidney", "C": "spleen", "D": "lung"}
-    for text, letter in [("B", "B"), ("B. kidney", "B"), ("(C) spleen", "C"), ("Answer: D", "D"),
-                         ("The answer is A.", "A"), ("kidney", "B"), ("A lesion is seen", None), ("", None)]:  # fmt: skip
+    cases = [("B", "B"), ("B. kidney", "B"), ("(C) spleen", "C"), ("Answer: D", "D"), ("The answer is A.", "A"),
+             ("kidney", "B"), ("A lesion is seen", None), ("", None)]
+    for text, letter in cases:
         assert ev.parse_choice(text, choices) == letter, text
     samples = [
         ev.Sample("0", [], "q", "B. kidney", {"answer_type": "CLOSED", "choices": choices, "answer_choice": "B",
@@ -215,8 +216,9 @@ def make_endovis18(root: Path) -> Path:
     for seq in ("1", "2"):
         qa = root / f"seq_{seq}" / "vqa" / "Classification" / "frame000_QA.txt"
         qa.parent.mkdir(parents=True)
+        where = "left-top" if seq == "1" else "right-top"
         qa.write_text("What organ is being operated?|kidney\nWhat is the state of bipolar_forceps?|Grasping\n"
-                      f"Where is monopolar_curved_scissors located?|{'left-top' if seq == '1' else 'right-top'}\n")  # fmt: skip
+                      f"Where is monopolar_curved_scissors located?|{where}\n")
         _png(root / f"seq_{seq}" / "left_frames" / "frame000.png")
     return root
 
@@ -240,8 +242,8 @@ def make_mini(root: Path) -> Path:
     (root / "volumes").mkdir()
     nib.save(nib.Nifti1Image(volume, np.diag([2.0, 2.0, 3.0, 1.0])), root / "volumes" / "v.nii.gz")
     rows = [
-        {"image": "images/a.png", "conversations": [{"from": "human", "value": "<image>\nIs there a lesion?"},
-                                                     {"from": "gpt", "value": "no"}], "task": "lesion", "kind": "image"},
+        {"image": "images/a.png", "task": "lesion", "kind": "image",
+         "conversations": [{"from": "human", "value": "<image>\nIs there a lesion?"}, {"from": "gpt", "value": "no"}]},
         {"volume": "volumes/v.nii.gz", "conversations": [{"from": "human", "value": "<volume>\nWhich side?"},
                                                           {"from": "gpt", "value": "left"}], "task": "side",
          "kind": "volume"},
