@@ -826,8 +826,8 @@ def build_pretrained(
         for name, (ref, transform) in plan.moves.items():
             tensor = _load_tensor(ref, transform, handles)
             if name in resized:
-                mean = tensor.float().mean(0, keepdim=True).to(tensor.dtype)
-                tensor = torch.cat([tensor, mean.expand(rows - old_rows, -1)])
+                row_mean = tensor.float().mean(0, keepdim=True).to(tensor.dtype)
+                tensor = torch.cat([tensor, row_mean.expand(rows - old_rows, -1)])
             state_dict[name] = tensor.to(torch_dtype).contiguous()
     finally:
         handles.clear()
