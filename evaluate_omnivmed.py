@@ -936,7 +936,17 @@ def markdown_table(result: dict) -> str:
             shown = _fmt(value) if not (isinstance(value, int) and not isinstance(value, bool)) else str(value)
             lines.append(f"| {prefix} | {shown} |")
 
-    walk("", {k: v for k, v in result["metrics"].items() if k != "per_class_recall"})
+    grid = result["metrics"].get("accuracy_by_task_x_modality")
+    hidden = {"per_class_recall", "accuracy_by_task_x_modality", "n_by_task_x_modality"}
+    walk("", {k: v for k, v in result["metrics"].items() if k not in hidden})
+    if grid:  # omnivmed-mini: task x modality as a table, "accuracy (n)" per cell
+        counts = result["metrics"]["n_by_task_x_modality"]
+        cells = {tuple(k.split(" x ", 1)): (v, counts[k]) for k, v in grid.items()}
+        tasks, modalities = sorted({t for t, _ in cells}), sorted({m for _, m in cells})
+        lines += ["", "| task | " + " | ".join(modalities) + " |", "|---|" + "---|" * len(modalities)]
+        for t in tasks:
+            row = [f"{_fmt(cells[t, m][0])} ({cells[t, m][1]})" if (t, m) in cells else "" for m in modalities]
+            lines.append(f"| {t} | " + " | ".join(row) + " |")
     lines += ["", "Rates in percent. " + result["definitions"]]
     return "\n".join(lines) + "\n"
 

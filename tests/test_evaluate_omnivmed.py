@@ -379,6 +379,8 @@ def test_tiny_model_runs_through_each_benchmark(benchmark, make, tiny_model_dir,
     assert saved["metrics"] == json.loads(json.dumps(result["metrics"]))
     table = out.with_suffix(".md").read_text()
     assert table.startswith(f"### {benchmark}") and "| metric | value |" in table
+    if benchmark == "omnivmed-mini":
+        assert "| task | image | volume |" in table
     key = {"vqa-rad": "closed_accuracy", "slake": "open_recall", "m3d-vqa": "closed_accuracy",
            "omnivmed-mini": "accuracy_by_task_x_modality"}.get(benchmark, "macro_f1")  # fmt: skip
     assert key in result["metrics"]
