@@ -18,6 +18,7 @@ import collections
 import dataclasses
 import json
 import logging
+import os
 import math
 import random
 import re
@@ -400,6 +401,17 @@ def save_hub_folder(model, processor, out: Path, max_shard_size: str | int | Non
     return out
 
 
+def push_folder(folder: Path, repo_id: str, private: bool = False, token: str | None = None, message: str = "") -> str:
+    """Create the Hub repo (if needed) and upload the folder in one commit; honours HF_ENDPOINT at call time."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
+    url = api.create_repo(repo_id, exist_ok=True, private=private)
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=message or "Upload OmniV-Med")
+    logger.info("pushed %s to %s (%s)", folder, url, getattr(info, "commit_url", info))
+    return str(url)
+
+
 def build_tiny(out: Path, seed: int = 0) -> Path:
     # the tokenizer is part of the preset: the seed only changes the weights
     tokenizer = build_tiny_tokenizer(seed=0)
@@ -525,6 +537,13 @@ def read_tensor_index(folder: Path) -> dict[str, TensorRef]:
             for key in f.keys():
                 view = f.get_slice(key)
                 tensors[key] = TensorRef(folder, name, key, tuple(view.get_shape()), view.get_dtype())
+    if index.is_file():
+        listed, stored = set(json.loads(index.read_text())["weight_map"]), set(tensors)
+        if listed != stored:
+            raise BuildError(
+                f"{folder}: {WEIGHTS_INDEX_NAME} and the shards disagree: listed but not stored "
+                f"{_short(sorted(listed - stored))}, stored but not listed {_short(sorted(stored - listed))}"
+            )
     return tensors
 
 
@@ -886,13 +905,7 @@ def build_pretrained(
         extra_meta=extra_meta,
     )
     if push_to_hub:
-        from huggingface_hub import HfApi
-
-        api = HfApi()
-        api.create_repo(push_to_hub, private=private, exist_ok=True)
-        message = "Build OmniV-Med from pretrained parts"
-        api.upload_folder(folder_path=str(out), repo_id=push_to_hub, commit_message=message)
-        logger.info("pushed %s to %s", out, push_to_hub)
+        push_folder(out, push_to_hub, private=private, message="Build OmniV-Med from pretrained parts")
     return out
 
 

@@ -41,7 +41,21 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer, GenerationConfig
 
-from build_omnivmed import AUTO_MAP, REMOTE_CODE_FILES, ROOT, build_tiny_tokenizer, write_model_card
+from build_omnivmed import (
+    AUTO_MAP,
+    REMOTE_CODE_FILES,
+    ROOT,
+    BuildError,
+    TensorRef,
+    _read_json,
+    _short,
+    build_tiny_tokenizer,
+    push_folder,
+    read_tensor_index,
+    resolve_checkpoint,
+    token_ids,
+    write_model_card,
+)
 from omnivmed.configuration_omnivmed import OmniVMedConfig
 from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration
 from omnivmed.processing_omnivmed import (
@@ -88,7 +102,7 @@ TEXT_KEYS = (  # what the flat (remote-code) config holds for the LLM; the rest 
 )  # fmt: skip
 
 
-class ConversionError(ValueError):
+class ConversionError(BuildError):
     """The source cannot be expressed exactly (unknown / missing / mis-shaped tensors, unsupported settings)."""
 
 
@@ -140,20 +154,12 @@ def converted_shape(target: str, shape: tuple) -> tuple:
 
 # ------------------------------------------------------------------------------------------------------ the source
 @dataclass
-class SourceTensor:
-    name: str
-    file: str
-    shape: tuple
-    dtype: str
-
-
-@dataclass
 class Source:
     folder: Path
     config: dict
     family: str
     layout: str
-    tensors: dict[str, SourceTensor] = field(default_factory=dict)
+    tensors: dict[str, TensorRef] = field(default_factory=dict)
 
     @property
     def text_type(self) -> str:
@@ -163,15 +169,7 @@ class Source:
 
 def resolve_source(src: str, revision: str | None = None) -> Path:
     """A local folder as is; anything else is a Hub repo id, downloaded (config, safetensors, tokenizer, card)."""
-    path = Path(src).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ConversionError(f"--src {src} is a file; give the checkpoint folder or a Hub repo id")
-    from huggingface_hub import snapshot_download
-
-    logger.info("downloading %s from the Hub", src)
-    return Path(snapshot_download(repo_id=src, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS))
+    return resolve_checkpoint(src, HUB_ALLOW_PATTERNS, revision)
 
 
 def read_source(folder: Path, family: str) -> Source:
@@ -190,35 +188,11 @@ def read_source(folder: Path, family: str) -> Source:
         raise ConversionError(f"{folder} is a {src_family} checkpoint (model_type {model_type!r}), not {family}")
     source = Source(folder=folder, config=config, family=family, layout=layout)
 
-    index = folder / INDEX_NAME
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    elif (folder / WEIGHTS_NAME).is_file():
-        weight_map, files = None, [WEIGHTS_NAME]
-    else:
-        found = sorted(p.name for p in folder.iterdir())
-        raise ConversionError(f"{folder} has neither {WEIGHTS_NAME} nor {INDEX_NAME} (found {found})")
-    for name in files:
-        if not (folder / name).is_file():
-            raise ConversionError(f"{folder}: shard {name} listed in {INDEX_NAME} is missing")
-        with safe_open(folder / name, framework="pt") as f:
-            for key in f.keys():
-                tensor_slice = f.get_slice(key)  # header only: no tensor data is read here
-                source.tensors[key] = SourceTensor(key, name, tuple(tensor_slice.get_shape()), tensor_slice.get_dtype())
-    if weight_map is not None:
-        listed, stored = set(weight_map), set(source.tensors)
-        if listed != stored:
-            raise ConversionError(
-                f"{folder}: {INDEX_NAME} and the shards disagree: listed but not stored "
-                f"{_short(sorted(listed - stored))}, stored but not listed {_short(sorted(stored - listed))}"
-            )
+    try:
+        source.tensors = read_tensor_index(folder)
+    except BuildError as error:  # the converter's callers catch ConversionError
+        raise ConversionError(str(error)) from error
     return source
-
-
-def _short(names: list, limit: int = 25) -> str:
-    shown = ", ".join(map(str, names[:limit]))
-    return f"[{shown}{f', ... ({len(names) - limit} more)' if len(names) > limit else ''}] ({len(names)})"
 
 
 # ------------------------------------------------------------------------------------------------------ the config
@@ -336,10 +310,6 @@ def omnivmed_config(source: Source, token_ids: dict, mean_std, compat_pruning: b
 
 
 # ------------------------------------------------------------------------------------------------------ the processor
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def image_statistics(source: Source) -> tuple[list, list]:
     pre = _read_json(source.folder / "preprocessor_config.json")
     if "image_mean" in pre and "image_std" in pre:
@@ -435,18 +405,12 @@ def load_tokenizer(source: Source, tokenizer_dir: str | None, tiny: bool, vocab_
     return tokenizer
 
 
-def token_ids(tokenizer) -> dict:
-    names = {"image_token_id": IMAGE_TOKEN, "frame_token_id": FRAME_TOKEN, "vision_start_token_id": VISION_START,
-             "vision_end_token_id": VISION_END}  # fmt: skip
-    return {name: tokenizer.convert_tokens_to_ids(token) for name, token in names.items()}
-
-
 # ------------------------------------------------------------------------------------------------------ the weights
 @dataclass
 class Plan:
     """source key -> target key, in source order; the checks' findings."""
 
-    moves: list[tuple[SourceTensor, str]]
+    moves: list[tuple[TensorRef, str]]
     dropped: list[str]
 
 
@@ -514,9 +478,9 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 _CODES = {v: k for k, v in _DTYPES.items()}
 
 
-def _target_dtype(tensor: SourceTensor, dtype: torch.dtype | None) -> torch.dtype:
+def _target_dtype(tensor: TensorRef, dtype: torch.dtype | None) -> torch.dtype:
     if tensor.dtype not in _DTYPES:
-        raise ConversionError(f"{tensor.name}: unsupported safetensors dtype {tensor.dtype}")
+        raise ConversionError(f"{tensor.key}: unsupported safetensors dtype {tensor.dtype}")
     stored = _DTYPES[tensor.dtype]
     return dtype if dtype is not None and stored.is_floating_point else stored
 
@@ -576,7 +540,7 @@ def write_weights(source: Source, plan: Plan, out: Path, max_shard_size: int, dt
         if tensor.file not in handles:
             handles.clear()  # sources are read shard by shard: one open (memory-mapped) at a time
             handles[tensor.file] = safe_open(source.folder / tensor.file, framework="pt")
-        value = convert_tensor(name, handles[tensor.file].get_tensor(tensor.name))
+        value = convert_tensor(name, handles[tensor.file].get_tensor(tensor.key))
         return value.to(_target_dtype(tensor, dtype))
 
     weight_map = {}
@@ -701,11 +665,7 @@ def convert(
     )
     logger.info("converted %d tensors (%.2f GB) into %s", len(plan.moves), total / 1e9, out)
     if push_to_hub:
-        from huggingface_hub import HfApi
-
-        api = HfApi()
-        api.create_repo(push_to_hub, private=private, exist_ok=True)
-        api.upload_folder(folder_path=str(out), repo_id=push_to_hub, commit_message=f"Convert {base} to OmniV-Med")
+        push_folder(out, push_to_hub, private=private, message=f"Convert {base} to OmniV-Med")
     return out
 
 
@@ -733,7 +693,7 @@ def main(argv=None):
             revision=args.revision, base_model=args.base_model, overwrite=args.overwrite,
             push_to_hub=args.push_to_hub, private=args.private,
         )  # fmt: skip
-    except ConversionError as error:
+    except BuildError as error:
         parser.exit(2, f"error: {error}\n")
     print(folder)
 

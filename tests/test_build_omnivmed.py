@@ -409,6 +409,9 @@ def test_pretrained_build_pushes_the_folder(pretrained_parts, tmp_path, monkeypa
     calls = []
 
     class FakeApi:
+        def __init__(self, **kwargs):
+            pass
+
         def create_repo(self, repo_id, **kwargs):
             calls.append(("create_repo", repo_id, kwargs.get("private")))
 
