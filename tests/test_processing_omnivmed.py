@@ -27,7 +27,8 @@ from omnivmed.processing_omnivmed import (  # noqa: E402
 )
 
 
-FIXTURES = Path("/work/shared/fixtures/hulumed-qwen2-tiny")
+# the shared reference fixtures sit beside the checkout (CI lays a copy of shared/ next to its clone)
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "hulumed-qwen2-tiny"
 PH = f"{VISION_START}{IMAGE_TOKEN}{VISION_END}"
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -568,3 +569,46 @@ def test_video_min_pixels_applies_to_frames_only():
     assert out["grid_thw"][0].tolist() == [2, 8, 8]
     with pytest.raises(ValueError, match="video_min_pixels"):
         OmniVMedImageProcessor(video_min_pixels=10**9)
+
+
+def test_png_nifti_and_mp4_files_in_one_batch_through_the_model(tokenizer, tmp_path):
+    """Real files of the three kinds in one batch: placeholders expand to exactly the visual tokens the model makes."""
+    import av
+    import nilearn
+    from PIL import Image
+
+    from build_omnivmed import tiny_model
+
+    png = tmp_path / "slice.png"
+    Image.fromarray((random_frames(1, 90, 120)[0] * 255).astype(np.uint8)).save(png)
+    mp4 = tmp_path / "clip.mp4"
+    with av.open(str(mp4), "w") as container:
+        stream = container.add_stream("libx264", rate=2)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for i in range(8):
+            frame = np.full((64, 64, 3), 40, np.uint8)
+            frame[20:40, 8 * i : 8 * i + 16] = 250  # a bright square moving right
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    mni = Path(nilearn.__file__).parent / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    processor = make_processor(tokenizer, max_pixels=112 * 112, video_max_pixels=56 * 56, max_slices=6)
+    conversation = [{"role": "user", "content": [
+        {"type": "image", "path": str(png)},
+        {"type": "volume", "path": str(mni)},
+        {"type": "video", "path": str(mp4)},
+        {"type": "text", "text": "Compare them."},
+    ]}]  # fmt: skip
+    inputs = processor.apply_chat_template(
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    assert [m["kind"] for m in inputs["media_metadata"]] == ["image", "volume", "video"]
+    assert inputs["grid_thw"][:, 0].tolist() == [1, 6, 4]  # 6 slices; 4 s of video at 1 fps
+    n_visual = int(inputs["visual_keep_mask"].sum())
+    assert int((inputs["input_ids"] == tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)).sum()) == n_visual
+    assert int((inputs["input_ids"] == tokenizer.convert_tokens_to_ids("<|frame_sep|>")).sum()) == 6 + 4
+    model = tiny_model(tokenizer, seed=0)
+    with torch.no_grad():
+        out = model(**inputs)
+    assert out.visual_keep_mask.sum() == n_visual and torch.isfinite(out.logits).all()
