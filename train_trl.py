@@ -1,0 +1,1031 @@
+"""Staged fine-tuning of OmniV-Med with TRL's SFTTrainer: 2D alignment -> 2D instructions -> mixed 2D/3D/video.
+
+    python train_trl.py                                   # the embedded default: tiny model, data built from pip wheels
+    python train_trl.py --model DIR_OR_ID --stages 1,2,3 --data_root DATA \\
+        --stage1_data captions.jsonl --stage2_data instruct2d.jsonl --stage3_data mixed.jsonl
+    torchrun --nproc_per_node 2 train_trl.py ...          # DDP (gloo on CPU, NCCL on GPUs)
+    accelerate launch --config_file configs/zero2.yaml train_trl.py ...
+
+Stages (presets; each runs alone or chained, each starting from the previous stage's saved model):
+    1 alignment   2D image-caption data; vision tower and LLM frozen, projector trained (lr 1e-3)
+    2 instruct2d  2D instruction data; projector + LLM (1e-5) and tower (2e-6) trained
+    3 mixed       2D + 3D + video instruction data, token pruning on (the model's prune_threshold)
+Each stage writes `OUTPUT_DIR/stage{N}-{name}/` (Trainer checkpoints) and `.../model/` (a complete Hub folder); the
+last stage's model is also written to `OUTPUT_DIR/final/`.
+
+Data: JSONL rows in the LLaVA / VideoLLaMA3 style
+    {"image" | "video" | "volume": path or [paths], "conversations": [{"from": "human", "value": "<image>\\n..."},
+                                                                      {"from": "gpt", "value": "..."}]}
+or TRL's conversational style
+    {"messages": [{"role": "user", "content": [{"type": "volume", "path": "ct/scan.nii.gz", "window": "lung"},
+                                               {"type": "text", "text": "..."}]},
+                  {"role": "assistant", "content": [{"type": "text", "text": "..."}]}]}
+Media paths are relative to --data_root (default: the JSONL file's folder) and may not escape it. See `load_rows`.
+
+The loss is taken on assistant replies only (their closing <|im_end|> included): labels are -100 on the prompt,
+on every visual / frame-separator token and on padding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:  # `omnivmed` (see omnivmed.py) and build_omnivmed live next to this script
+    sys.path.insert(0, str(ROOT))
+
+from omnivmed.media_omnivmed import (  # noqa: E402
+    DICOM_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    VOLUME_EXTENSIONS,
+    MediaError,
+)
+from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration  # noqa: E402
+from omnivmed.processing_omnivmed import LOAD_OPTIONS, LOAD_SETTINGS, SETTINGS, OmniVMedProcessor  # noqa: E402
+
+
+logger = logging.getLogger("train_trl")
+
+MODULES = ("tower", "projector", "llm")
+MEDIA_KINDS = ("image", "video", "volume")
+
+
+# ------------------------------------------------------------------------------------------------------------ stages
+@dataclass(frozen=True)
+class Stage:
+    number: int
+    name: str
+    train: tuple[str, ...]  # modules trained (the others are frozen)
+    lr: dict  # module -> learning rate (paper-like values for real models)
+    tiny_lr: dict  # module -> learning rate for the tiny embedded default (learns in minutes)
+    prune: bool  # token pruning on (the model's prune_threshold) or off (threshold 0)
+    description: str
+
+
+STAGES = {
+    1: Stage(
+        1,
+        "alignment",
+        train=("projector",),
+        lr={"projector": 1e-3},
+        tiny_lr={"projector": 2e-3},
+        prune=False,
+        description="2D image-caption alignment: projector only",
+    ),
+    2: Stage(
+        2,
+        "instruct2d",
+        train=("tower", "projector", "llm"),
+        lr={"tower": 2e-6, "projector": 1e-5, "llm": 1e-5},
+        tiny_lr={"tower": 2e-4, "projector": 1e-3, "llm": 1e-3},
+        prune=False,
+        description="2D instruction tuning: projector + LLM, tower at a lower rate",
+    ),
+    3: Stage(
+        3,
+        "mixed",
+        train=("tower", "projector", "llm"),
+        lr={"tower": 2e-6, "projector": 1e-5, "llm": 1e-5},
+        tiny_lr={"tower": 2e-4, "projector": 1e-3, "llm": 1e-3},
+        prune=True,
+        description="mixed 2D + 3D + video instruction tuning with token pruning",
+    ),
+}
+
+
+def module_of(parameter_name: str) -> str:
+    """Which trainable group a parameter belongs to: 'tower', 'projector' or 'llm' (also under PEFT/DDP/FSDP
+    wrappers, whose prefixes only add to the name)."""
+    if "vision_tower." in parameter_name:
+        return "tower"
+    if "projector." in parameter_name:
+        return "projector"
+    if "language_model." in parameter_name or "lm_head" in parameter_name:
+        return "llm"
+    raise ValueError(f"parameter {parameter_name!r} belongs to none of the vision tower, projector or LLM")
+
+
+def set_trainable(model: torch.nn.Module, modules) -> dict[str, int]:
+    """Freeze every parameter outside `modules`; returns trainable parameter counts per module."""
+    counts = dict.fromkeys(MODULES, 0)
+    for name, param in model.named_parameters():
+        module = module_of(name)
+        param.requires_grad_(module in modules)
+        if param.requires_grad:
+            counts[module] += param.numel()
+    return counts
+
+
+# -------------------------------------------------------------------------------------------------------------- data
+class RowError(ValueError):
+    """One dataset row cannot be used; the message says why."""
+
+
+@dataclass
+class BadRow:
+    source: str  # "file.jsonl:LINE"
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.reason}"
+
+
+class BadRowsError(ValueError):
+    def __init__(self, bad: list[BadRow], total: int):
+        self.bad = bad
+        listing = "\n".join(f"  {b}" for b in bad)
+        super().__init__(
+            f"{len(bad)} of {total} dataset rows are unusable:\n{listing}\n"
+            "Fix them, or pass --skip_bad_rows to train on the others."
+        )
+
+
+ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+MEDIA_KEYS = {"image": "image", "images": "image", "video": "video", "videos": "video", "volume": "volume",
+              "volumes": "volume"}  # fmt: skip
+UNSUPPORTED_MEDIA_KEYS = ("audio", "audios", "speech")
+MEDIA_TAG = re.compile(r"<(image|video|volume)>")
+# what a file's extension says it holds; "dicom" files are images or volumes (multi-frame)
+_EXTENSION_KINDS = (
+    [(ext, "volume") for ext in VOLUME_EXTENSIONS]
+    + [(ext, "image") for ext in IMAGE_EXTENSIONS]
+    + [(ext, "video") for ext in VIDEO_EXTENSIONS]
+    + [(ext, "dicom") for ext in DICOM_EXTENSIONS]
+)
+_BLOCK_OPTIONS = set(LOAD_SETTINGS) | set(LOAD_OPTIONS) - {"data_root"}
+
+
+def _file_kind(path: Path) -> str | None:
+    name = path.name.lower()
+    for ext, kind in _EXTENSION_KINDS:
+        if name.endswith(ext):
+            return kind
+    return "dicom" if "." not in name else None  # DICOM files often have no extension
+
+
+def _media_block(kind: str, source) -> dict:
+    """A media entry of a LLaVA-style row (a path, a nested list of DICOM files, or a dict with 'path' and load
+    options) -> a content block."""
+    if isinstance(source, dict):
+        block = dict(source)
+        block.setdefault("type", kind)
+        return block
+    return {"type": kind, "path": source}
+
+
+def _check_media(block: dict, root: Path, where: str) -> None:
+    kind = block.get("type")
+    if kind not in MEDIA_KINDS:
+        raise RowError(f"{where}: unknown media type {kind!r} (supported: {', '.join(MEDIA_KINDS)})")
+    keys = [k for k in (kind, "path") if k in block]
+    if len(keys) != 1:
+        raise RowError(f"{where}: a {kind} block needs exactly one of '{kind}' or 'path'")
+    unknown = set(block) - {"type", keys[0]} - _BLOCK_OPTIONS
+    if unknown:
+        raise RowError(f"{where}: unknown option(s) {sorted(unknown)} in a {kind} block")
+    source = block[keys[0]]
+    paths = source if isinstance(source, list) else [source]
+    if isinstance(source, list) and kind != "volume":
+        raise RowError(f"{where}: a list of files is one DICOM series, so only a volume; got a {kind}")
+    if not paths:
+        raise RowError(f"{where}: empty list of files")
+    for path in paths:
+        if not isinstance(path, str) or not path:
+            raise RowError(f"{where}: a {kind} source must be a file path, got {path!r}")
+        p = Path(path).expanduser()
+        resolved = (p if p.is_absolute() else root / p).resolve()
+        if not resolved.is_relative_to(root):
+            raise RowError(f"{where}: {path} escapes the data root {root}")
+        if not resolved.exists():
+            raise RowError(f"{where}: {path} does not exist (under {root})")
+        if resolved.is_dir():
+            if kind != "volume" or isinstance(source, list):
+                raise RowError(f"{where}: {path} is a folder (a DICOM series), which can only be a volume")
+            continue
+        file_kind = _file_kind(resolved)
+        if file_kind is None:
+            suffix = "".join(resolved.suffixes[-2:]) or resolved.name
+            raise RowError(f"{where}: unknown media type {suffix!r} ({path})")
+        if file_kind == "dicom" and kind == "video":
+            raise RowError(f"{where}: {path} is a DICOM file, which is an image or a volume, not a video")
+        if file_kind not in ("dicom", kind):
+            raise RowError(f"{where}: {path} is a {file_kind} file but the row uses it as a {kind}")
+
+
+def _text_blocks(text: str, media: dict[str, list], where: str) -> list[dict]:
+    """Split a LLaVA turn at its <image>/<video>/<volume> tags into text and media blocks."""
+    blocks, pos = [], 0
+    for match in MEDIA_TAG.finditer(text):
+        if match.start() > pos:
+            blocks.append({"type": "text", "text": text[pos : match.start()]})
+        kind = match.group(1)
+        if not media[kind]:
+            raise RowError(f"{where}: more <{kind}> tags than {kind} entries")
+        blocks.append(media[kind].pop(0))
+        pos = match.end()
+    rest = text[pos:]
+    if blocks and rest.startswith("\n"):  # "<image>\nQuestion" -> the media block, then "Question"
+        rest = rest[1:]
+    if rest:
+        blocks.append({"type": "text", "text": rest})
+    return blocks
+
+
+def normalize_row(raw, root: Path) -> list[dict]:
+    """One JSONL row (LLaVA/VideoLLaMA3 or messages style) -> a validated list of messages whose content is a list
+    of blocks. Raises RowError naming what is wrong."""
+    if not isinstance(raw, dict):
+        raise RowError(f"a row must be a JSON object, got {type(raw).__name__}")
+    for key in UNSUPPORTED_MEDIA_KEYS:
+        if key in raw:
+            raise RowError(f"unknown media type {key!r} (supported: {', '.join(MEDIA_KINDS)})")
+    media: dict[str, list] = {kind: [] for kind in MEDIA_KINDS}
+    for key, kind in MEDIA_KEYS.items():
+        if raw.get(key) is not None:
+            value = raw[key]
+            entries = value if isinstance(value, list) else [value]
+            media[kind] += [_media_block(kind, entry) for entry in entries]
+
+    messages = []
+    if "messages" in raw:
+        if not isinstance(raw["messages"], list):
+            raise RowError("'messages' must be a list")
+        for i, message in enumerate(raw["messages"]):
+            if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+                raise RowError(f"message {i}: needs a role of system / user / assistant")
+            content = message.get("content")
+            if isinstance(content, str):
+                content = [{"type": "text", "text": content}]
+            if not isinstance(content, list):
+                raise RowError(f"message {i}: content must be a string or a list of blocks")
+            blocks = []
+            for block in content:
+                if not isinstance(block, dict) or "type" not in block:
+                    raise RowError(f"message {i}: every content block needs a 'type'")
+                if block["type"] == "text":
+                    blocks.append({"type": "text", "text": str(block.get("text", ""))})
+                    continue
+                if block["type"] in MEDIA_KINDS and block["type"] not in block and "path" not in block:
+                    # TRL style: {"type": "image"} blocks take their files from the row's "images" list in order
+                    if not media[block["type"]]:
+                        raise RowError(f"message {i}: a {block['type']} block without a source and no entry left")
+                    block = {**media[block["type"]].pop(0), **{k: v for k, v in block.items() if k != "type"}}
+                blocks.append(dict(block))
+            messages.append({"role": message["role"], "content": blocks})
+    elif "conversations" in raw:
+        if not isinstance(raw["conversations"], list):
+            raise RowError("'conversations' must be a list")
+        tags = sum(len(MEDIA_TAG.findall(str(t.get("value", "")))) for t in raw["conversations"] if isinstance(t, dict))
+        n_media = sum(len(v) for v in media.values())
+        for i, turn in enumerate(raw["conversations"]):
+            if not isinstance(turn, dict) or ROLE_ALIASES.get(turn.get("from")) is None:
+                raise RowError(f"turn {i}: 'from' must be human / gpt / system (got {turn!r:.60})")
+            role = ROLE_ALIASES[turn["from"]]
+            value = turn.get("value")
+            if not isinstance(value, str):
+                raise RowError(f"turn {i}: 'value' must be a string")
+            blocks = _text_blocks(value, media, f"turn {i}") if role == "user" else [{"type": "text", "text": value}]
+            if role != "user" and MEDIA_TAG.search(value):
+                raise RowError(f"turn {i}: media tags are only allowed in human turns")
+            messages.append({"role": role, "content": blocks})
+        if tags == 0 and n_media:  # LLaVA convention: no tag means the media come first in the first human turn
+            first = next((m for m in messages if m["role"] == "user"), None)
+            if first is None:
+                raise RowError("media given but no human turn to attach them to")
+            first["content"] = [b for kind in MEDIA_KINDS for b in media[kind]] + first["content"]
+            media = {kind: [] for kind in MEDIA_KINDS}
+    else:
+        raise RowError("no 'messages' or 'conversations'")
+
+    leftover = {kind: len(v) for kind, v in media.items() if v}
+    if leftover:
+        raise RowError(f"media entries not placed in the conversation (no matching tag / block): {leftover}")
+    if not any(m["role"] == "assistant" and any(b.get("text", "").strip() for b in m["content"]) for m in messages):
+        raise RowError("no assistant turn (nothing to learn from)")
+    for i, message in enumerate(messages):
+        for block in message["content"]:
+            if block["type"] != "text":
+                _check_media(block, root, f"message {i}")
+    return messages
+
+
+def load_rows(paths, data_root=None, skip_bad_rows: bool = False, validate_with=None) -> list[dict]:
+    """Read JSONL files -> rows {"messages": JSON string, "data_root": str, "source": "file:line", "meta": JSON string}.
+
+    Every row is checked (JSON, format, roles, an assistant turn, known media types, paths inside the data root and
+    existing, extension vs. kind). `validate_with` (a processor) additionally loads every medium once. Bad rows are
+    collected; `skip_bad_rows=False` raises BadRowsError listing all of them, True logs them and drops them.
+    Top-level keys other than the media and conversation keys (e.g. "id", "task", "answer") travel in "meta".
+    """
+    rows, bad, total = [], [], 0
+    known = set(MEDIA_KEYS) | {"messages", "conversations"}
+    for path in [Path(p) for p in paths]:
+        root = Path(data_root if data_root is not None else path.parent).expanduser().resolve()
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                total += 1
+                source = f"{path}:{lineno}"
+                try:
+                    try:
+                        raw = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise RowError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+                    messages = normalize_row(raw, root)
+                    if validate_with is not None:
+                        for message in messages:
+                            for block in message["content"]:
+                                if block["type"] != "text":
+                                    try:
+                                        validate_with.image_processor.to_media({**block, "data_root": root})
+                                    except (MediaError, ValueError, ImportError) as e:
+                                        raise RowError(str(e)) from None
+                except RowError as e:
+                    bad.append(BadRow(source, str(e)))
+                    continue
+                meta = {k: v for k, v in raw.items() if k not in known}
+                rows.append(
+                    {
+                        "messages": json.dumps(messages),
+                        "data_root": str(root),
+                        "source": source,
+                        "meta": json.dumps(meta),
+                    }
+                )
+    if bad:
+        if not skip_bad_rows:
+            raise BadRowsError(bad, total)
+        logger.warning(
+            "skipping %d bad row(s) of %d:\n%s", len(bad), total, "\n".join(f"  {b}" for b in bad)
+        )
+    if not rows:
+        raise ValueError(f"no usable rows in {[str(p) for p in paths]}")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------- collator
+class OmniVMedCollator:
+    """Batches conversations through the processor (media loaded, resized, patched, pruned; placeholders expanded).
+
+    Returns input_ids / attention_mask / labels (B, L) padded on the right, mm_token_type_ids, and the packed visual
+    tensors of the whole batch concatenated (pixel_values (N, C*p*p), patch_positions, grid_thw, merge_sizes,
+    visual_keep_mask), which is what the model expects. labels = input_ids where the processor's assistant mask is 1
+    (assistant replies and their <|im_end|>), else -100. media_metadata is dropped.
+
+    prune_threshold: per-batch override of the processor's threshold (0 = no pruning); the processor's keep mask
+    travels with the batch, so the model uses exactly the tokens the text was expanded for.
+    cache_size: keep up to this many loaded media in memory (small datasets read many times; 0 = off).
+    """
+
+    def __init__(self, processor, prune_threshold: float | None = None, cache_size: int = 0):
+        self.processor = processor
+        self.prune_threshold = prune_threshold
+        self.cache_size = cache_size
+        self._cache: OrderedDict = OrderedDict()
+
+    def _media(self, block: dict, data_root: str | None) -> dict:
+        if data_root is not None:
+            block = {**block, "data_root": data_root}
+        if not self.cache_size:
+            return block
+        key = json.dumps(block, sort_keys=True)
+        media = self._cache.get(key)
+        if media is None:
+            media = self.processor.image_processor.to_media(block)
+            self._cache[key] = media
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return {"type": block["type"], block["type"]: media}
+
+    def conversation(self, example: dict, drop_last_assistant: bool = False) -> list[dict]:
+        messages = example["messages"]
+        messages = json.loads(messages) if isinstance(messages, str) else messages
+        if drop_last_assistant and messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        root = example.get("data_root")
+        return [
+            {
+                "role": m["role"],
+                "content": [b if b["type"] == "text" else self._media(b, root) for b in m["content"]],
+            }
+            for m in messages
+        ]
+
+    def __call__(self, examples: list[dict]) -> dict:
+        kwargs = {} if self.prune_threshold is None else {"prune_threshold": self.prune_threshold}
+        try:
+            batch = self.processor.apply_chat_template(
+                [self.conversation(ex) for ex in examples],
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+                return_assistant_tokens_mask=True,
+                padding=True,
+                padding_side="right",
+                **kwargs,
+            )
+        except (MediaError, ValueError) as e:
+            sources = ", ".join(ex.get("source", "?") for ex in examples)
+            raise RuntimeError(f"could not build a batch from rows [{sources}]: {e}") from e
+        batch.pop("media_metadata", None)
+        assistant = torch.as_tensor(batch.pop("assistant_masks"))
+        batch["labels"] = batch["input_ids"].masked_fill((assistant == 0) | (batch["attention_mask"] == 0), -100)
+        return dict(batch)
+
+
+# ----------------------------------------------------------------------------------------------------------- trainer
+def _sft_trainer_class():
+    from trl import SFTTrainer
+
+    class OmniVMedSFTTrainer(SFTTrainer):
+        """SFTTrainer whose optimizer has one learning rate per module (vision tower, projector, LLM).
+
+        Param groups: one per (module, weight decay or not), each carrying `lr` and a `module` key; frozen parameters
+        are left out. The LR scheduler scales every group from its own initial lr."""
+
+        def __init__(self, *args, module_lrs: dict, **kwargs):
+            self.module_lrs = dict(module_lrs)
+            super().__init__(*args, **kwargs)
+
+        def create_optimizer(self, model=None):
+            if self.optimizer is not None:
+                return self.optimizer
+            opt_model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(opt_model))
+            groups: dict = {}
+            for name, param in opt_model.named_parameters():
+                if not param.requires_grad:
+                    continue
+                module = module_of(name)
+                if module not in self.module_lrs:
+                    raise ValueError(f"{name} is trainable but no learning rate was given for the {module}")
+                wd = self.args.weight_decay if name in decay else 0.0
+                group = groups.setdefault(
+                    (module, wd), {"params": [], "lr": self.module_lrs[module], "weight_decay": wd, "module": module}
+                )
+                group["params"].append(param)
+            if not groups:
+                raise ValueError("nothing to train: every parameter is frozen")
+            if self.optimizer_cls_and_kwargs is not None:
+                optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+            else:
+                optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = optimizer_cls(list(groups.values()), **optimizer_kwargs)
+            for group in self.optimizer.param_groups:
+                logger.info(
+                    "optimizer group %-9s lr %.2e weight_decay %.3g: %d tensors, %d parameters",
+                    group["module"], group["lr"], group["weight_decay"], len(group["params"]),
+                    sum(p.numel() for p in group["params"]),
+                )  # fmt: skip
+            return self.optimizer
+
+    return OmniVMedSFTTrainer
+
+
+# -------------------------------------------------------------------------------------------------------- arguments
+def _per_stage(value, stages: list[int], cast, name: str) -> dict:
+    """'5' -> the same for every stage; '5,10,20' -> one per stage of --stages; '2:1e-4,3:5e-5' -> by stage number;
+    None -> {}."""
+    if value is None:
+        return {}
+    parts = [p.strip() for p in str(value).split(",")]
+    if any(":" in p for p in parts):
+        out = {}
+        for p in parts:
+            stage, sep, v = p.partition(":")
+            if not sep or not stage.strip().isdigit():
+                raise SystemExit(f"--{name}: expected STAGE:VALUE pairs, got {p!r}")
+            out[int(stage)] = cast(v)
+        return {s: v for s, v in out.items() if s in stages}
+    if len(parts) == 1:
+        return {s: cast(parts[0]) for s in stages}
+    if len(parts) != len(stages):
+        raise SystemExit(f"--{name} gives {len(parts)} values for {len(stages)} stages ({stages})")
+    return {s: cast(p) for s, p in zip(stages, parts)}
+
+
+def _json_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Staged OmniV-Med fine-tuning with TRL (no arguments: the embedded default demo).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model and stages")
+    g.add_argument("--model", help="Hub folder or repo id to start from (default: a fresh tiny model)")
+    g.add_argument("--stages", default="1,2,3", help="stages to run in order, e.g. 1,2,3 or 3")
+    g.add_argument("--output_dir", default="runs/omnivmed-default", type=Path)
+    g.add_argument("--train", help="override the stages' trained modules, e.g. projector,llm")
+    g.add_argument("--lr_preset", choices=["paper", "tiny"], help="stage learning rates (default: paper; tiny for the "
+                   "embedded default)")  # fmt: skip
+    for module in MODULES:
+        g.add_argument(f"--lr_{module}", help=f"learning rate of the {module}: one value, one per stage, or "
+                       "STAGE:LR pairs (e.g. 2:1e-5,3:5e-6)")  # fmt: skip
+    g.add_argument("--processor", action="append", default=[], metavar="KEY=VALUE",
+                   help="processor setting for training and the saved model, e.g. max_slices=32 (repeatable)")
+    g.add_argument("--prune_threshold", type=float, help="pruning threshold in stages with pruning on "
+                   "(default: the model's)")  # fmt: skip
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="weights dtype (float32 + --bf16 = mixed precision)")
+    g.add_argument("--attn_implementation", help="eager / sdpa / flash_attention_2")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="JSONL file(s), comma-separated, used by every stage without its own")
+    for stage in STAGES:
+        g.add_argument(f"--stage{stage}_data", help=f"JSONL file(s) for stage {stage}")
+    g.add_argument("--data_root", help="folder media paths are relative to (default: each JSONL file's folder)")
+    g.add_argument("--skip_bad_rows", action="store_true", help="drop unusable rows (listed) instead of failing")
+    g.add_argument("--validate_media", choices=["exists", "load"], default="exists",
+                   help="check media paths only, or load every medium once before training")
+    g.add_argument("--cache_media", type=int, default=0, help="keep this many loaded media in memory")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--max_steps", help="optimizer steps per stage (one value or one per stage; -1: use epochs)")
+    g.add_argument("--num_train_epochs", default="1", help="epochs per stage (one value or one per stage)")
+    g.add_argument("--per_device_train_batch_size", type=int, default=4)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--lr_scheduler_type", default="cosine")
+    g.add_argument("--warmup_ratio", type=float, default=0.03)
+    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--bf16", choices=["auto", "true", "false"], default="auto",
+                   help="bf16 mixed precision (auto: on where the GPU supports it, never on CPU)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--logging_steps", type=int, default=10)
+    g.add_argument("--save_steps", type=int, default=0, help="checkpoint every N steps (0: only the final model)")
+    g.add_argument("--save_total_limit", type=int, default=2)
+    g.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'last': finished stages are kept and "
+                   "the first unfinished one resumes from its latest checkpoint")  # fmt: skip
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--num_threads", type=int, help="torch intra-op threads per process (default: torch's; 1 for the "
+                   "embedded default, whose tiny matrices run fastest on one thread and do not stall when other "
+                   "processes share the cores)")  # fmt: skip
+    g.add_argument("--deepspeed", help="DeepSpeed JSON config (e.g. configs/ds_zero2.json)")
+    g.add_argument("--check_replicas", action="store_true",
+                   help="after each stage, check that all processes hold the same weights")
+
+    g = p.add_argument_group("LoRA (PEFT) on the language model")
+    g.add_argument("--lora", action="store_true", help="train LoRA adapters instead of the LLM weights")
+    g.add_argument("--lora_r", type=int, default=16)
+    g.add_argument("--lora_alpha", type=int, default=32)
+    g.add_argument("--lora_dropout", type=float, default=0.05)
+    g.add_argument("--lora_target_modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+
+    g = p.add_argument_group("Hub")
+    g.add_argument("--push_to_hub", action="store_true", help="upload OUTPUT_DIR/final (a complete Hub folder)")
+    g.add_argument("--hub_model_id", help="user/name of the repo to push to")
+    g.add_argument("--hub_private_repo", action="store_true")
+    g.add_argument("--hub_token", help="token (default: the logged-in one / HF_TOKEN)")
+
+    g = p.add_argument_group("embedded default")
+    g.add_argument("--eval", choices=["auto", "yes", "no"], default="auto",
+                   help="answer the held-out questions of the embedded default at the end")
+    g.add_argument("--default_size", choices=["full", "small"], default="full",
+                   help="size of the embedded default dataset (small: for smoke tests)")
+    return p
+
+
+@dataclass
+class StagePlan:
+    stage: Stage
+    data: list
+    train: tuple
+    lrs: dict
+    max_steps: int
+    epochs: float
+    dir: Path = field(default=None)
+
+
+def _processor_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in SETTINGS:
+            raise SystemExit(f"--processor {item!r}: expected KEY=VALUE with KEY one of {list(SETTINGS)}")
+        out[key] = _json_value(value)
+    return out
+
+
+def load_processor(path, overrides: list[str] = ()) -> OmniVMedProcessor:
+    """The processor of a Hub folder / repo, with --processor KEY=VALUE overrides. (trust_remote_code: the tokenizer
+    loader reads config.json, whose auto_map points at this repo's own code.)"""
+    return OmniVMedProcessor.from_pretrained(path, trust_remote_code=True, **_processor_overrides(list(overrides)))
+
+
+def _accelerator_available() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None:
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
+
+
+def _bf16(choice: str) -> bool:
+    if choice == "true":
+        return True
+    if choice == "false":
+        return False
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+# ---------------------------------------------------------------------------------------------------------- running
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _barrier():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _lora_config(args, train: tuple):
+    from peft import LoraConfig
+
+    targets = "|".join(re.escape(t) for t in args.lora_target_modules.split(","))
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        # only the LLM's linear layers: the tower has q/k/v projections of the same names
+        target_modules=rf".*language_model\..*\.({targets})",
+        modules_to_save=[name for module, name in (("tower", "vision_tower"), ("projector", "projector")) if module in train],
+        task_type="CAUSAL_LM",
+    )
+
+
+def _card(plans: list[StagePlan], plan: StagePlan, start: str, lora: bool) -> dict:
+    done = [p for p in plans if p.stage.number <= plan.stage.number]
+    lines = [
+        f"Fine-tuned from `{start}` with `train_trl.py` (TRL SFTTrainer), stage(s) "
+        + ", ".join(f"{p.stage.number} ({p.stage.name})" for p in done) + ".",
+        "",
+        "| stage | trained | learning rates | steps | rows |",
+        "|---|---|---|---|---|",
+    ]
+    for p in done:
+        lrs = ", ".join(f"{m} {lr:g}" for m, lr in p.lrs.items() if m in p.train)
+        trained = ", ".join(p.train) + (" (LLM via LoRA, merged)" if lora and "llm" in p.train else "")
+        lines.append(f"| {p.stage.number} {p.stage.name} | {trained} | {lrs} | "
+                     f"{p.max_steps if p.max_steps > 0 else f'{p.epochs:g} epoch(s)'} | {len(p.data)} |")  # fmt: skip
+    return dict(title=f"OmniV-Med fine-tuned (stage {plan.stage.number}: {plan.stage.name})", description="\n".join(lines))
+
+
+def _replica_fingerprint(model) -> torch.Tensor:
+    with torch.no_grad():
+        total = torch.zeros(2, dtype=torch.float64)
+        for i, param in enumerate(p for p in model.parameters()):
+            t = param.detach().to("cpu", torch.float64)
+            total[0] += t.sum()
+            total[1] += (t * (1 + (i % 7))).abs().sum()
+    return total
+
+
+def check_replicas(model) -> None:
+    """All ranks hold the same weights (DDP); raises otherwise. Logs the fingerprint either way."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    local = _replica_fingerprint(model)
+    gathered = [torch.zeros_like(local) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, local)  # gloo: CPU tensors
+    same = all(torch.equal(g, gathered[0]) for g in gathered)
+    logger.info("replica check over %d processes: %s (fingerprint %s)", len(gathered),
+                "weights agree" if same else "WEIGHTS DIFFER", gathered[0].tolist())  # fmt: skip
+    if not same:
+        raise RuntimeError(f"the processes hold different weights: {[g.tolist() for g in gathered]}")
+
+
+def save_model_folder(trainer, processor, out: Path, start_model: str, lora: bool, card: dict) -> Path:
+    """Write the trained model as a complete Hub folder (build_omnivmed.save_hub_folder) on the main process.
+
+    DeepSpeed / FSDP: the full weights are gathered by `trainer.save_model` first. LoRA: the adapter is saved to
+    `out/adapter` (with the processor), then merged into a fresh copy of the start model."""
+    from build_omnivmed import save_hub_folder
+
+    out = Path(out)
+    sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
+    if lora:
+        adapter = out.parent / "adapter"
+        trainer.save_model(str(adapter))  # PEFT: adapter weights (+ modules_to_save) only; gathered under DS/FSDP
+        if trainer.accelerator.is_main_process:
+            from peft import PeftModel
+
+            processor.save_pretrained(adapter)
+            base = OmniVMedForConditionalGeneration.from_pretrained(start_model)
+            model = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+            save_hub_folder(model, processor, out, repo=out.name, **card)
+    elif sharded:
+        gathered = out.parent / "gathered"
+        trainer.save_model(str(gathered))
+        if trainer.accelerator.is_main_process:
+            model = OmniVMedForConditionalGeneration.from_pretrained(gathered)
+            save_hub_folder(model, processor, out, repo=out.name, **card)
+            shutil.rmtree(gathered, ignore_errors=True)
+    elif trainer.accelerator.is_main_process:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        save_hub_folder(model, processor, out, repo=out.name, **card)
+    trainer.accelerator.wait_for_everyone()
+    return out
+
+
+def run_stage(plan: StagePlan, start_model: str, args, plans: list, callbacks=(), resume=None) -> Path:
+    """Train one stage from `start_model`; returns the stage's saved Hub folder."""
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    stage = plan.stage
+    # the training arguments come first: under DeepSpeed ZeRO-3 they make from_pretrained load the weights sharded
+    config = SFTConfig(
+        output_dir=str(plan.dir),
+        max_steps=plan.max_steps,
+        num_train_epochs=plan.epochs,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=max(plan.lrs[m] for m in plan.train),  # logged; the param groups carry their own
+        lr_scheduler_type=args.lr_scheduler_type,
+        warmup_steps=args.warmup_ratio,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        bf16=_bf16(args.bf16),
+        fp16=False,
+        activation_checkpointing=args.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        logging_steps=args.logging_steps,
+        save_strategy="steps" if args.save_steps > 0 else "no",
+        save_steps=args.save_steps if args.save_steps > 0 else 500,
+        save_total_limit=args.save_total_limit,
+        seed=args.seed,
+        data_seed=args.seed,
+        remove_unused_columns=False,  # the collator reads the rows' "messages"
+        dataset_kwargs={"skip_prepare_dataset": True},  # media are loaded on the fly by the collator
+        max_length=None,  # no truncation: it would cut visual tokens away from their pixels
+        report_to="none",
+        dataloader_num_workers=args.dataloader_num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        deepspeed=args.deepspeed,
+        # without an accelerator, Accelerate only sets up multi-process (gloo) training when told it runs on CPU
+        use_cpu=not _accelerator_available(),
+        disable_tqdm=False,
+    )
+    processor = load_processor(start_model, args.processor)
+    load_kwargs = {"dtype": getattr(torch, args.dtype)}
+    if args.attn_implementation:
+        load_kwargs["attn_implementation"] = args.attn_implementation
+    model = OmniVMedForConditionalGeneration.from_pretrained(start_model, **load_kwargs)
+    lora = args.lora and "llm" in plan.train
+    counts = set_trainable(model, [m for m in plan.train if not (lora and m == "llm")])
+    logger.info(
+        "stage %d (%s) from %s: trains %s%s; %d rows; lrs %s",
+        stage.number, stage.name, start_model, ", ".join(plan.train), " (LLM via LoRA)" if lora else "",
+        len(plan.data), {m: plan.lrs[m] for m in plan.train},
+    )  # fmt: skip
+    logger.info("trainable parameters before LoRA: %s", counts)
+    if stage.prune:
+        threshold = args.prune_threshold if args.prune_threshold is not None else model.config.prune_threshold
+    else:
+        threshold = 0.0
+    collator = OmniVMedCollator(processor, prune_threshold=threshold, cache_size=args.cache_media)
+    dataset = Dataset.from_list(plan.data)
+    trainer = _sft_trainer_class()(
+        model=model,
+        args=config,
+        data_collator=collator,
+        train_dataset=dataset,
+        processing_class=processor,
+        peft_config=_lora_config(args, plan.train) if lora else None,
+        callbacks=list(callbacks),
+        module_lrs={m: plan.lrs[m] for m in plan.train},
+    )
+    if lora:
+        trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+        logger.info("LoRA: %d trainable tensors, e.g. %s", len(trainable), trainable[:2])
+    logger.info(
+        "stage %d: %s, world size %d, device %s, bf16 %s, gradient checkpointing %s",
+        stage.number, trainer.args.parallel_mode.value, trainer.args.world_size, trainer.args.device,
+        trainer.args.bf16, trainer.args.gradient_checkpointing,
+    )  # fmt: skip
+    started = time.time()
+    trainer.train(resume_from_checkpoint=resume)
+    logger.info("stage %d trained in %.1f s", stage.number, time.time() - started)
+    if args.check_replicas:
+        check_replicas(trainer.accelerator.unwrap_model(trainer.model))
+    out = save_model_folder(trainer, processor, plan.dir / "model", start_model, lora, _card(plans, plan, args.model_label, lora))
+    if _is_main():
+        (out / "omnivmed_stage.json").write_text(
+            json.dumps(
+                {
+                    "stage": stage.number,
+                    "name": stage.name,
+                    "start_model": start_model,
+                    "train": list(plan.train),
+                    "lrs": plan.lrs,
+                    "lora": lora,
+                    "max_steps": plan.max_steps,
+                    "epochs": plan.epochs,
+                    "rows": len(plan.data),
+                    "prune_threshold": threshold,
+                    "global_step": trainer.state.global_step,
+                },
+                indent=2,
+            )
+        )
+    _barrier()
+    return out
+
+
+def _stage_done(plan: StagePlan) -> bool:
+    return (plan.dir / "model" / "omnivmed_stage.json").exists() and (plan.dir / "model" / "config.json").exists()
+
+
+def _resume_point(plan: StagePlan, resume: str | None):
+    """What to pass to trainer.train(resume_from_checkpoint=...) for this stage."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if resume is None:
+        return None
+    if resume == "last":
+        return get_last_checkpoint(str(plan.dir)) if plan.dir.is_dir() else None
+    path = Path(resume).resolve()
+    return str(path) if path.parent == plan.dir.resolve() else None
+
+
+def push_folder(folder: Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Create the repo (if needed) and upload the folder in one commit; honours HF_ENDPOINT at call time."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
+    url = api.create_repo(repo_id, exist_ok=True, private=private)
+    info = api.upload_folder(
+        repo_id=repo_id, folder_path=str(folder), commit_message="Upload OmniV-Med fine-tuned with train_trl.py"
+    )
+    logger.info("pushed %s to %s (%s)", folder, url, getattr(info, "commit_url", info))
+    return str(url)
+
+
+def main(argv=None, callbacks=()) -> Path:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if _is_main() else logging.WARNING,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return _main(args, callbacks)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # ranks abort at exit without it
+
+
+def _main(args, callbacks) -> Path:
+    started = time.time()
+    stages = [int(s) for s in args.stages.split(",") if s.strip()]
+    for s in stages:
+        if s not in STAGES:
+            raise SystemExit(f"--stages: unknown stage {s} (known: {sorted(STAGES)})")
+    if args.push_to_hub:
+        from huggingface_hub import constants
+
+        if not args.hub_model_id:
+            raise SystemExit("--push_to_hub needs --hub_model_id user/name")
+        if constants.HF_HUB_OFFLINE:
+            raise SystemExit("--push_to_hub needs the network: unset HF_HUB_OFFLINE")
+
+    stage_data = {s: getattr(args, f"stage{s}_data") or args.data for s in stages}
+    embedded = all(v is None for v in stage_data.values())
+    if embedded and args.model is not None:
+        raise SystemExit("--model was given without data: pass --data or --stage{N}_data (JSONL)")
+    output_dir = args.output_dir.resolve()
+    default_items = None
+    if args.model is None:
+        args.model_label = "a fresh tiny OmniV-Med (build_omnivmed.build_tiny)"
+        start = output_dir / "base"
+        if _is_main() and not (start / "config.json").exists():
+            _build_base(start, args.seed, embedded)
+        _barrier()
+        if embedded:
+            import data_omnivmed
+
+            if _is_main():
+                data_omnivmed.build_default_dataset(output_dir / "data", seed=args.seed, size=args.default_size)
+            _barrier()
+            default_items = data_omnivmed.default_paths(output_dir / "data")
+            stage_data = {s: str(default_items[f"stage{s}"]) for s in stages}
+            args.data_root = args.data_root or str(output_dir / "data")
+            _apply_embedded_defaults(args, stages)
+        start_model = str(start)
+    else:
+        args.model_label = args.model
+        start_model = args.model
+
+    if args.num_threads is None and args.model is None:
+        args.num_threads = 1
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    preset = args.lr_preset or ("tiny" if embedded else "paper")
+    overrides = {m: _per_stage(getattr(args, f"lr_{m}"), stages, float, f"lr_{m}") for m in MODULES}
+    max_steps = _per_stage(args.max_steps, stages, int, "max_steps") or {s: -1 for s in stages}
+    epochs = _per_stage(args.num_train_epochs, stages, float, "num_train_epochs")
+    train_override = tuple(m.strip() for m in args.train.split(",")) if args.train else None
+    if train_override and set(train_override) - set(MODULES):
+        raise SystemExit(f"--train: modules are {MODULES}")
+
+    validator = None
+    if args.validate_media == "load":
+        validator = load_processor(start_model, args.processor)
+    plans = []
+    for s in stages:
+        stage = STAGES[s]
+        lrs = dict(stage.tiny_lr if preset == "tiny" else stage.lr)
+        for m in MODULES:
+            if s in overrides[m]:
+                lrs[m] = overrides[m][s]
+        train = train_override or stage.train
+        for m in train:
+            lrs.setdefault(m, STAGES[2].tiny_lr[m] if preset == "tiny" else STAGES[2].lr[m])
+        paths = [p for p in str(stage_data[s]).split(",") if p]
+        rows = load_rows(paths, args.data_root, args.skip_bad_rows, validate_with=validator)
+        plans.append(StagePlan(stage, rows, train, lrs, max_steps[s], epochs[s], output_dir / f"stage{s}-{stage.name}"))
+
+    for plan in plans:
+        if args.resume_from_checkpoint is not None and _stage_done(plan):
+            logger.info("stage %d already finished in %s: reusing it", plan.stage.number, plan.dir / "model")
+            start_model = str(plan.dir / "model")
+            continue
+        resume = _resume_point(plan, args.resume_from_checkpoint)
+        if resume:
+            logger.info("stage %d resumes from %s", plan.stage.number, resume)
+        start_model = str(run_stage(plan, start_model, args, plans, callbacks, resume))
+
+    final = output_dir / "final"
+    if _is_main():
+        if final.exists():
+            shutil.rmtree(final)
+        shutil.copytree(start_model, final, ignore=shutil.ignore_patterns("omnivmed_stage.json"))
+        logger.info("final model: %s", final)
+    _barrier()
+
+    if embedded and _is_main() and args.eval != "no":
+        import data_omnivmed
+
+        report = data_omnivmed.evaluate_default(final, default_items["eval"], output_dir / "data")
+        data_omnivmed.append_results_to_card(final, report)
+        print(report["text"])
+    if args.push_to_hub and _is_main():
+        push_folder(final, args.hub_model_id, args.hub_private_repo, args.hub_token)
+    _barrier()
+    logger.info("done in %.1f s", time.time() - started)
+    return final
+
+
+def _build_base(out: Path, seed: int, embedded: bool):
+    from build_omnivmed import build_tiny
+
+    build_tiny(out, seed)
+    if embedded:  # the embedded default trains at a small pixel budget; the saved processor keeps it
+        import data_omnivmed
+
+        processor = OmniVMedProcessor.from_pretrained(out, trust_remote_code=True, **data_omnivmed.DEFAULT_PROCESSOR)
+        processor.save_pretrained(out)
+
+
+def _apply_embedded_defaults(args, stages: list[int]):
+    """Training settings of the embedded default, where the command line did not set them."""
+    import data_omnivmed
+
+    defaults = data_omnivmed.DEFAULT_TRAINING
+    if args.max_steps is None:
+        args.max_steps = ",".join(str(defaults["max_steps"][s]) for s in stages)
+    parser_defaults = build_parser().parse_args([])
+    for key in ("per_device_train_batch_size", "cache_media", "warmup_ratio", "logging_steps", "lr_scheduler_type"):
+        if getattr(args, key) == getattr(parser_defaults, key):
+            setattr(args, key, defaults[key])
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BadRowsError as e:
+        logging.getLogger("train_trl").error("%s", e)
+        raise SystemExit(2) from None
