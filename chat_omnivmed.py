@@ -21,17 +21,7 @@ import sys
 import threading
 from pathlib import Path
 
-
-def load(model_path: str, device: str = "auto", dtype: str = "auto"):
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True, dtype=torch_dtype)
-    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
-    return model.to(device).eval(), processor
+from evaluate_omnivmed import load_model as load  # the same Auto-class loading for both scripts
 
 
 def media_blocks(processor, files: list[str]) -> list[dict]:
