@@ -48,10 +48,10 @@ logger = logging.getLogger("data_omnivmed")
 
 # The tiny model trains at a small pixel budget: 2D images up to 112x112 (<= 8x8 patches -> 16 tokens), slices and
 # frames up to 84x84 (<= 6x6 patches -> 9 tokens each), 12 slices per volume, 8 frames per video.
-IMAGE_SIZE = 112  # 2D images: 112x112 = 8x8 patches of 14 = 4x4 visual tokens
-DEFAULT_PROCESSOR = dict(max_pixels=112 * 112, video_max_pixels=84 * 84, max_slices=8, max_frames=8, fps=2.0)
+IMAGE_SIZE = 56  # 2D images: 56x56 = 4x4 patches of 14 = 2x2 visual tokens
+DEFAULT_PROCESSOR = dict(max_pixels=56 * 56, video_max_pixels=56 * 56, max_slices=8, max_frames=8, fps=2.0)
 DEFAULT_TRAINING = dict(
-    max_steps={1: 60, 2: 400, 3: 700},
+    max_steps={1: 40, 2: 400, 3: 600},
     per_device_train_batch_size=8,
     cache_media=4096,
     warmup_ratio=0.05,
@@ -61,9 +61,9 @@ DEFAULT_TRAINING = dict(
 SIZES = {
     # items per source (train / held-out); each item gives one or more question rows
     "full": {
-        "train": dict(mni2d=420, ct_head=180, other2d=36, us=30, vol=300, vol_extra=40, dicom=60, video=260),
+        "train": dict(mni2d=700, ct_head=240, other2d=36, us=30, vol=360, vol_extra=40, dicom=60, video=260),
         "eval": dict(mni2d=90, ct_head=40, other2d=8, us=8, vol=75, vol_extra=12, dicom=36, video=60),
-        "replay2d": 500,
+        "replay2d": 400,
     },
     "small": {
         "train": dict(mni2d=24, ct_head=12, other2d=3, us=3, vol=12, vol_extra=4, dicom=6, video=8),
@@ -205,7 +205,7 @@ class Brain:
             vol = vol + rng.normal(0, 3.0, self.shape)
         info = {"lesion": "yes" if lesion else "no"}
         if lesion:
-            radius = radius_mm if radius_mm is not None else rng.uniform(14.0, 20.0)
+            radius = radius_mm if radius_mm is not None else rng.uniform(16.0, 22.0)
             # the whole ring in one hemisphere: its centre at least a radius from the midline
             center = self.lesion_center(rng, side, level, margin_x_mm=max(16.0, radius))
             distance = _distance_mm(self.shape, center, self.spacing)
@@ -445,7 +445,8 @@ def _volume_items(rng, brain: Brain, n: int, n_extra: int, root: Path, prefix: s
         las = bool(rng.integers(2))
         _save_nifti(path, vol, brain.affine, las=las)
         info.update(path=path, modality="MR", source="MNI152 T1", stored="LAS" if las else "RAS")
-        info["plane"] = ("axial", "coronal", "sagittal")[rng.integers(3)]  # for the plane question only
+        if i % 3 == 0:  # a plane question on a third of them (learned fast)
+            info["plane"] = ("axial", "coronal", "sagittal")[rng.integers(3)]
         items.append(info)
     for i in range(n_extra):
         name = ("anatomical.nii", "example4d.nii.gz")[i % 2]
@@ -619,18 +620,21 @@ def _messages(kind: str, block: dict, question: str, answer: str, task: str, **m
     }
 
 
+def _questions(rng, item: dict, tasks) -> list[tuple[str, str, str]]:
+    return [(t, QUESTIONS[t][rng.integers(2)], item[t]) for t in tasks if t in item]
+
+
 def _rows_2d(rng, items: list[dict], root: Path) -> list[dict]:
+    """One row per question (single-turn, as evaluated)."""
     rows = []
     for item in items:
         path = _rel(item["path"], root)
-        for task in ("modality", "plane", "lesion", "side"):
-            if task == "plane" and item["source"] not in PLANE_SOURCES:
-                continue  # the other slices are all axial
-            if task == "modality" and item["source"] in ("MNI152 T1",) + CT_HEADS and rng.random() > 0.25:
-                continue  # modality is learned fast; keep these images for the harder questions
-            if task in item:
-                q = QUESTIONS[task][rng.integers(2)]
-                rows.append(_llava("image", path, q, item[task], task, source=item["source"]))
+        tasks = [t for t in ("modality", "plane", "lesion", "side") if t in item]
+        if item["source"] not in PLANE_SOURCES:
+            tasks = [t for t in tasks if t != "plane"]  # the other slices are all axial
+        if item["source"] in ("MNI152 T1",) + CT_HEADS and rng.random() < 0.85:
+            tasks = [t for t in tasks if t != "modality"]  # learned fast: spend the steps on the lesion questions
+        rows += [_llava("image", path, q, a, t, source=item["source"]) for t, q, a in _questions(rng, item, tasks)]
     return rows
 
 
@@ -639,11 +643,8 @@ def _rows_3d(rng, items: list[dict], root: Path) -> list[dict]:
     for item in items:
         path = _rel(item["path"], root)
         meta = {"source": item["source"]}
-        if "lesion" in item:
-            for task in ("lesion", "side", "level"):
-                if task in item:
-                    q = QUESTIONS[task][rng.integers(2)]
-                    rows.append(_messages("volume", {"path": path}, q, item[task], task, **meta))
+        for task, q, a in _questions(rng, item, ("lesion", "side", "level")):  # on the default (axial) slicing
+            rows.append(_messages("volume", {"path": path}, q, a, task, **meta))
         if "plane" in item:
             block = {"path": path, "slice_axis": item["plane"]}
             if item["source"] == "example4d.nii.gz":

@@ -4,7 +4,7 @@
     python train_trl.py --model DIR_OR_ID --stages 1,2,3 --data_root DATA \\
         --stage1_data captions.jsonl --stage2_data instruct2d.jsonl --stage3_data mixed.jsonl
     torchrun --nproc_per_node 2 train_trl.py ...          # DDP (gloo on CPU, NCCL on GPUs)
-    accelerate launch --config_file configs/zero2.yaml train_trl.py ...
+    accelerate launch --config_file configs/accelerate_zero2.yaml train_trl.py ...   # e.g. DeepSpeed ZeRO-2 on GPUs
 
 Stages (presets; each runs alone or chained, each starting from the previous stage's saved model):
     1 alignment   2D image-caption data; vision tower and LLM frozen, projector trained (lr 1e-3)
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -83,7 +82,7 @@ STAGES = {
         "alignment",
         train=("projector",),
         lr={"projector": 1e-3},
-        tiny_lr={"projector": 2e-3},
+        tiny_lr={"projector": 1e-3},
         prune=False,
         description="2D image-caption alignment: projector only",
     ),
@@ -656,6 +655,14 @@ def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _init_distributed():
+    """Under torchrun / accelerate launch, join the process group before the Trainer does (Accelerate reuses it)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        from accelerate import PartialState
+
+        PartialState(cpu=not _accelerator_available())
+
+
 def _barrier():
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -920,6 +927,7 @@ def _main(args, callbacks) -> Path:
     default_items = None
     if args.model is None:
         args.model_label = "a fresh tiny OmniV-Med (build_omnivmed.build_tiny)"
+        _init_distributed()  # the other ranks wait for rank 0 to build the tiny model and the dataset
         start = output_dir / "base"
         if _is_main() and not (start / "config.json").exists():
             _build_base(start, args.seed, embedded)
