@@ -546,14 +546,15 @@ def _grid(size: int):
 
 
 def _write_video(path: Path, frames: np.ndarray, fps: int):
+    """Motion-JPEG in AVI: every frame coded on its own, so the same frames always give the same bytes (x264's
+    encoder made one video in ~300 differ between runs)."""
     import av
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps, options={"crf": "16", "threads": "1"})
+        stream = container.add_stream("mjpeg", rate=fps, options={"q:v": "2"})
         stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.thread_count = 1
+        stream.pix_fmt = "yuvj420p"
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
@@ -583,7 +584,7 @@ def _video_items(rng, n: int, root: Path, prefix: str, size=112, fps=8, seconds=
             cx = size / 2 + dx * along + (across if dy else 0)
             frame = _draw_instrument(background.copy(), cy, cx, angle, length, width, shade)
             frames[t] = (np.clip(frame, 0, 1) * 255).astype(np.uint8)
-        path = root / "videos" / f"{prefix}endo_{i:04d}.mp4"
+        path = root / "videos" / f"{prefix}endo_{i:04d}.avi"
         _write_video(path, frames, fps)
         items.append({"path": path, "direction": direction, "modality": "endoscopy", "source": "synthetic (PyAV)"})
     return items
@@ -688,7 +689,7 @@ def build_default_dataset(root: Path, seed: int = 0, size: str = "full") -> dict
     previous build with the same seed and size is there). Returns `default_paths(root)`."""
     root = Path(root).resolve()
     manifest = root / "manifest.json"
-    wanted = {"seed": seed, "size": size, "version": 1, "processor": DEFAULT_PROCESSOR}
+    wanted = {"seed": seed, "size": size, "version": 2, "processor": DEFAULT_PROCESSOR}
     if manifest.exists() and json.loads(manifest.read_text()).get("build") == wanted:
         logger.info("embedded default dataset already built in %s", root)
         return default_paths(root)

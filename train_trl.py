@@ -534,19 +534,19 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model and stages")
-    g.add_argument("--model", help="Hub folder or repo id to start from (default: a fresh tiny model)")
+    g.add_argument("--model", help="Hub folder or repo id to start from (None: a fresh tiny model)")
     g.add_argument("--stages", default="1,2,3", help="stages to run in order, e.g. 1,2,3 or 3")
     g.add_argument("--output_dir", default="runs/omnivmed-default", type=Path)
     g.add_argument("--train", help="override the stages' trained modules, e.g. projector,llm")
-    g.add_argument("--lr_preset", choices=["paper", "tiny"], help="stage learning rates (default: paper; tiny for the "
-                   "embedded default)")  # fmt: skip
+    g.add_argument("--lr_preset", choices=["paper", "tiny"], help="stage learning rates: the paper's, or larger ones "
+                   "that make the tiny model learn in minutes (None: paper, tiny for the embedded default)")  # fmt: skip
     for module in MODULES:
         g.add_argument(f"--lr_{module}", help=f"learning rate of the {module}: one value, one per stage, or "
                        "STAGE:LR pairs (e.g. 2:1e-5,3:5e-6)")  # fmt: skip
     g.add_argument("--processor", action="append", default=[], metavar="KEY=VALUE",
                    help="processor setting for training and the saved model, e.g. max_slices=32 (repeatable)")
     g.add_argument("--prune_threshold", type=float, help="pruning threshold in stages with pruning on "
-                   "(default: the model's)")  # fmt: skip
+                   "(None: the model's)")  # fmt: skip
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="weights dtype (float32 + --bf16 = mixed precision)")
     g.add_argument("--attn_implementation", help="eager / sdpa / flash_attention_2")
@@ -555,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", help="JSONL file(s), comma-separated, used by every stage without its own")
     for stage in STAGES:
         g.add_argument(f"--stage{stage}_data", help=f"JSONL file(s) for stage {stage}")
-    g.add_argument("--data_root", help="folder media paths are relative to (default: each JSONL file's folder)")
+    g.add_argument("--data_root", help="folder media paths are relative to (None: each JSONL file's folder)")
     g.add_argument("--skip_bad_rows", action="store_true", help="drop unusable rows (listed) instead of failing")
     g.add_argument("--validate_media", choices=["exists", "load"], default="exists",
                    help="check media paths only, or load every medium once before training")
@@ -580,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'last': finished stages are kept and "
                    "the first unfinished one resumes from its latest checkpoint")  # fmt: skip
     g.add_argument("--dataloader_num_workers", type=int, default=0)
-    g.add_argument("--num_threads", type=int, help="torch intra-op threads per process (default: torch's; 1 for the "
+    g.add_argument("--num_threads", type=int, help="torch intra-op threads per process (None: torch's; 1 for the "
                    "embedded default, whose tiny matrices run fastest on one thread and do not stall when other "
                    "processes share the cores)")  # fmt: skip
     g.add_argument("--deepspeed", help="DeepSpeed JSON config (e.g. configs/ds_zero2.json)")
@@ -598,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--push_to_hub", action="store_true", help="upload OUTPUT_DIR/final (a complete Hub folder)")
     g.add_argument("--hub_model_id", help="user/name of the repo to push to")
     g.add_argument("--hub_private_repo", action="store_true")
-    g.add_argument("--hub_token", help="token (default: the logged-in one / HF_TOKEN)")
+    g.add_argument("--hub_token", help="token (None: the logged-in one / HF_TOKEN)")
 
     g = p.add_argument_group("embedded default")
     g.add_argument("--eval", choices=["auto", "yes", "no"], default="auto",
