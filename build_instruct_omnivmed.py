@@ -120,9 +120,9 @@ MODALITY_PATTERNS = [
     ("mri", r"\bmri?\b|magnetic resonance|\bt1\b|\bt2\b|\bflair\b|\bdwi\b|diffusion weighted"),
     ("x-ray", r"x[- ]?ray|radiograph\w*|\bcxr\b|\bfilm\b|\bplain film"),
     ("ultrasound", r"ultrasound|ultrasonograph\w*|sonograph\w*|\bus\b|doppler"),
-    ("pathology", r"patholog\w*|histolog\w*|histopatholog\w*|\bh ?& ?e\b|cytolog\w*|biopsy"),
+    ("pathology", r"patholog\w*|histolog\w*|histopatholog\w*|\bh ?& ?e\b|cytolog\w*"),
     ("microscopy", r"microscop\w*"),
-    ("dermoscopy", r"dermoscop\w*|dermatoscop\w*|\bskin\b"),
+    ("dermoscopy", r"dermoscop\w*|dermatoscop\w*|dermatolog\w*"),
     ("fundus", r"fundus|retinal photo\w*"),
     ("surgery", r"surg\w*|laparoscop\w*|robotic"),
     ("endoscopy", r"endoscop\w*|colonoscop\w*|gastroscop\w*|bronchoscop\w*"),
@@ -133,8 +133,8 @@ MODALITY_PATTERNS = [
 QUESTION_TASK_RULES = [
     ("plane", r"\bplane\b|\bview\b|\baxial\b|\bcoronal\b|\bsagittal\b|\bprojection\b|\bpa\b|\bap\b"),
     ("modality", r"modality|what (kind|type) of (image|scan|imaging)|how (was|is) (this|the) image (taken|acquired)|"
-                 r"\bcontrast\b|\bweighted\b|imaging (technique|method)|" + MODALITY_PATTERNS[4][1] + "|"
-                 + MODALITY_PATTERNS[5][1] + "|x[- ]?ray|ultrasound"),  # fmt: skip
+                 r"\bcontrast\b|\bweighted\b|imaging (technique|method)|^(is|was) (this|it|the (image|scan|film)) "
+                 r"(an? )?(ct|mri?|x[- ]?ray|radiograph|ultrasound|pet|mammogram)\b"),  # fmt: skip
     ("location", r"^where\b|\bwhere is\b|located|location|which side|left or right|which (lobe|quadrant|part of the)|"
                  r"\bposition\b|\bside\b"),  # fmt: skip
     ("organ", r"\borgan\b|\bstructure\b|what part of the body|anatom\w*|which (bone|vessel|lobe)"),
@@ -256,7 +256,9 @@ def _vqa_rad_modalities(samples: list[ev.Sample]) -> dict[str, tuple[str, str]]:
     out = {}
     for key, group in by_image.items():
         found = None
-        for s in group:  # answers first: they are the dataset's ground truth
+        for s in group:  # answers to modality questions first: they are the dataset's ground truth
+            if vqa_task("vqa-rad", s) != "modality":
+                continue
             yes = ev.yes_no(s.answer)
             found = modality_from_text(s.question) if yes == "yes" else (None if yes else modality_from_text(s.answer))
             if found:

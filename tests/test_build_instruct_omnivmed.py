@@ -278,6 +278,11 @@ def test_taxonomy_is_fixed_and_documented():
     assert bi.task_from_question("Where is the tumor located?") == "location"
     assert bi.task_from_question("is this necrosis?") == "abnormality"
     assert bi.task_from_question("what color is the stain?") == "general-vqa"
+    assert bi.task_from_question("Is this an MRI?") == "modality"
+    assert bi.task_from_question("Was IV contrast given?") == "modality"
+    assert bi.task_from_question("Where is the lesion on this MRI?") == "location"
+    assert bi.task_from_question("Is there a fracture on this CT?") == "abnormality"
+    assert bi.task_from_question("Is this a PA view?") == "plane"
     assert bi.modality_from_text("X-Ray") == "x-ray" and bi.modality_from_text("MRI") == "mri"
     assert bi.modality_from_text("laparoscopy") == "surgery" and bi.modality_from_text("liver") is None
 
