@@ -161,8 +161,8 @@ TEMPLATES = {
                "You are a radiologist. Report on this radiograph: findings, then impression.",
                "Generate the findings and impression sections for this image.",
                "What are the findings on this chest film? Conclude with an impression."],
-    "positioning": ["{question} Answer with the bounding box [slice start, row start, column start, slice end, row end, "
-                    "column end] as fractions of the volume.",
+    "positioning": ["{question} Answer with the bounding box [slice start, row start, column start, slice end, row "
+                    "end, column end] as fractions of the volume.",
                     "{question} Give the 3D box as fractions of the volume: [z1, y1, x1, z2, y2, x2] (slice, row, "
                     "column).",
                     "{question} Locate it with a bounding box [slice, row, column start; slice, row, column end], "
@@ -367,7 +367,8 @@ def read_mimic_cxr(data: Path) -> tuple[list[Candidate], list[dict]]:
     if not files.is_dir():
         raise BuildError(f"mimic-cxr: {data} has no files/ folder (expected MIMIC-CXR-JPG's "
                          "files/pXX/p<subject>/s<study>/*.jpg and the reports s<study>.txt)")  # fmt: skip
-    report_roots = [files] + [p for p in (data / "mimic-cxr-reports" / "files", data / "reports" / "files") if p.is_dir()]
+    extra_roots = (data / "mimic-cxr-reports" / "files", data / "reports" / "files")
+    report_roots = [files] + [p for p in extra_roots if p.is_dir()]
     split_csv = ev._first_existing(data / "mimic-cxr-2.0.0-split.csv.gz", data / "mimic-cxr-2.0.0-split.csv")
     meta_csv = ev._first_existing(data / "mimic-cxr-2.0.0-metadata.csv.gz", data / "mimic-cxr-2.0.0-metadata.csv")
     split = {r["dicom_id"]: r["split"] for r in _read_csv(split_csv)} if split_csv else None
@@ -432,9 +433,9 @@ def read_m3d_cap(data: Path, split: str = "train") -> tuple[list[Candidate], lis
             continue
         media = {"npy": str(volume)} if volume.suffix == ".npy" else {"path": str(volume)}
         rel = _rel_under(volume, data)
+        modality = modality_from_text(Path(entry["image"]).parent.as_posix().replace("/", " ")) or "ct"
         candidates.append(Candidate("m3d-cap", entry["image"], "volume", media, rel, None, caption, "caption",
-                                    modality_from_text(Path(entry["image"]).parent.as_posix().replace("/", " ")) or "ct",
-                                    {"modality_source": "path", "where": str(volume)}))  # fmt: skip
+                                    modality, {"modality_source": "path", "where": str(volume)}))  # fmt: skip
     return candidates, errors
 
 
@@ -624,7 +625,8 @@ def place(c: Candidate, out: Path, link: bool = True) -> str:
     if "npy" in c.media:
         rel = rel.with_name(rel.name.removesuffix(".npy") + ".nii.gz")
     dest = out / rel
-    if dest.exists() and ("npy" in c.media or "bytes" in c.media or dest.stat().st_size == Path(c.media["path"]).stat().st_size):
+    derived = "npy" in c.media or "bytes" in c.media
+    if dest.exists() and (derived or dest.stat().st_size == Path(c.media["path"]).stat().st_size):
         return rel.as_posix()
     dest.parent.mkdir(parents=True, exist_ok=True)
     if "npy" in c.media:
@@ -1096,22 +1098,31 @@ def markdown_report(report: dict) -> str:
     if tokens and tokens.get("all"):
         a = tokens["all"]
         lines += [f"Processor {tokens['processor']}, {a['n']} rows: min {a['min']}, median {a['median']:.0f}, "
-                  f"p95 {a['p95']:.0f}, max {a['max']}.", "", "| kind | n | median | p95 | max |", "|---|---|---|---|---|"]
+                  f"p95 {a['p95']:.0f}, max {a['max']}.", "", "| kind | n | median | p95 | max |",
+                  "|---|---|---|---|---|"]  # fmt: skip
         lines += [f"| {k} | {v['n']} | {v['median']:.0f} | {v['p95']:.0f} | {v['max']} |"
                   for k, v in tokens["by_kind"].items()]  # fmt: skip
-        lines += ["", "| tokens | rows |", "|---|---|"] + [f"| {k} | {v} |" for k, v in tokens["histogram"].items() if v]
+        lines += ["", "| tokens | rows |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in tokens["histogram"].items() if v]
     else:
         lines.append("Not computed (pass --processor MODEL_DIR).")
     if report["error_examples"]:
         lines += ["", "## Errors (first 10; all in errors.jsonl)", ""]
-        lines += [f"- {e['source']}: " + (e["reason"] if e["reason"].startswith(str(e["where"])) else
-                                          f"{e['where']}: {e['reason']}") for e in report["error_examples"]]  # fmt: skip
+        for e in report["error_examples"]:
+            same = e["reason"].startswith(str(e["where"]))
+            lines.append(f"- {e['source']}: " + (e["reason"] if same else f"{e['where']}: {e['reason']}"))
     lines += ["", "![statistics](report.png)"]
     return "\n".join(lines) + "\n"
 
 
+# 11 distinguishable colours (one per task) for the stacked modality x task panel
+PALETTE = ["#3b7dd8", "#e4572e", "#29a35a", "#f2a541", "#8e5bd3", "#17becf", "#d62790", "#7f7f7f", "#bcbd22",
+           "#8c564b", "#1f3f77"]  # fmt: skip
+
+
 def bar_chart(panels: list[tuple[str, dict]], path: Path) -> None:
-    """Horizontal bar charts, one panel per (title, {label: count}); matplotlib when installed, else Pillow."""
+    """Horizontal bar charts, one panel per (title, {label: count}) or, stacked, (title, {label: {part: count}});
+    matplotlib when installed, else Pillow."""
     try:
         import matplotlib
 
@@ -1119,36 +1130,53 @@ def bar_chart(panels: list[tuple[str, dict]], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         plt = None
+    stacked = [{k: (v if isinstance(v, dict) else {"": v}) for k, v in counts.items()} for _, counts in panels]
+    parts = [list(dict.fromkeys(p for bars in s.values() for p in bars)) for s in stacked]
+    colour = [{p: PALETTE[i % len(PALETTE)] for i, p in enumerate(ps)} for ps in parts]
     if plt is not None:
-        fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2 + 0.28 * sum(len(p[1]) for p in panels)))
-        for ax, (title, counts) in zip(np.atleast_1d(axes), panels):
-            labels = list(counts)
-            ax.barh(labels[::-1], [counts[k] for k in labels][::-1], color="#3b7dd8")
+        fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2 + 0.3 * sum(len(s) for s in stacked)))
+        for ax, (title, _), bars, ps, cs in zip(np.atleast_1d(axes), panels, stacked, parts, colour):
+            labels = list(bars)[::-1]
+            left = np.zeros(len(labels))
+            for p in ps:
+                values = np.array([bars[k].get(p, 0) for k in labels], dtype=float)
+                ax.barh(labels, values, left=left, color=cs[p], label=p or None)
+                left += values
             ax.set_title(title, fontsize=10)
             ax.tick_params(labelsize=8)
+            if len(ps) > 1:
+                ax.legend(fontsize=7, ncol=4, loc="lower right")
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageColor, ImageDraw
 
     row_h, label_w, bar_w, pad = 18, 190, 420, 10
-    height = sum(28 + row_h * len(c) + pad for _, c in panels) + pad
+    legend_rows = [(len(ps) + 2) // 3 if len(ps) > 1 else 0 for ps in parts]
+    height = sum(28 + row_h * (len(s) + n) + pad for s, n in zip(stacked, legend_rows)) + pad
     image = Image.new("RGB", (label_w + bar_w + 80, height), "white")
     draw = ImageDraw.Draw(image)
     y = pad
-    for title, counts in panels:
+    for (title, _), bars, ps, cs, n_legend in zip(panels, stacked, parts, colour, legend_rows):
         draw.text((pad, y), title, fill="black")
         y += 24
-        top = max(counts.values(), default=0) or 1
-        for label, value in counts.items():
+        top = max((sum(b.values()) for b in bars.values()), default=0) or 1
+        for label, counts in bars.items():
             draw.text((pad, y + 3), str(label)[:30], fill="black")
-            width = int(bar_w * value / top)
-            if width:
-                draw.rectangle([label_w, y + 2, label_w + width, y + row_h - 3], fill=(59, 125, 216))
-            draw.text((label_w + width + 6, y + 3), str(value), fill="black")
+            x = label_w
+            for p in ps:
+                width = round(bar_w * counts.get(p, 0) / top)
+                if width:
+                    draw.rectangle([x, y + 2, x + width - 1, y + row_h - 3], fill=ImageColor.getrgb(cs[p]))
+                x += width
+            draw.text((x + 6, y + 3), str(sum(counts.values())), fill="black")
             y += row_h
-        y += pad
+        for i, p in enumerate(ps if n_legend else []):  # legend: three entries a line
+            lx, ly = label_w + (i % 3) * 150, y + (i // 3) * row_h
+            draw.rectangle([lx, ly + 4, lx + 10, ly + 14], fill=ImageColor.getrgb(cs[p]))
+            draw.text((lx + 14, ly + 3), p, fill="black")
+        y += n_legend * row_h + pad
     image.save(path)
 
 
@@ -1156,7 +1184,8 @@ def write_report(report: dict, out: Path) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     (out / "report.md").write_text(markdown_report(report))
     panels = [("rows per source", {k: v.get("rows", 0) for k, v in report["per_source"].items()}),
-              ("rows per modality", report["per_modality"]), ("rows per task", report["per_task"]),
+              ("rows per modality, by task", report["modality_x_task"]),  # every task: fixed colours
+              ("rows per task", report["per_task"]),
               ("rows per media kind", report["per_kind"])]  # fmt: skip
     if report.get("tokens", {}).get("histogram"):
         panels.append(("rows per token length", report["tokens"]["histogram"]))

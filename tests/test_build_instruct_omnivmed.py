@@ -83,8 +83,8 @@ def make_slake(root: Path) -> Path:
     train = [
         dict(img_name="xmlab10/source.jpg", question="Which organ is enlarged?", answer="Liver", q_lang="en",
              answer_type="OPEN", modality="CT", content_type="Organ", qid=100),
-        dict(img_name="xmlab10/source.jpg", question="肝脏正常吗?", answer="不", q_lang="zh", answer_type="CLOSED",
-             modality="CT", content_type="Abnormality", qid=101),
+        dict(img_name="xmlab10/source.jpg", question="肝脏正常吗?", answer="不", q_lang="zh",
+             answer_type="CLOSED", modality="CT", content_type="Abnormality", qid=101),
         dict(img_name="xmlab11/source.jpg", question="Where is the lesion?", answer="Left lung", q_lang="en",
              answer_type="OPEN", modality="X-Ray", content_type="Position", qid=102),
         dict(img_name="xmlab12/source.jpg", question="How many kidneys are there?", answer="2", q_lang="en",
@@ -185,6 +185,11 @@ def make_m3d(root: Path) -> Path:
         w.writerow(list(ev.M3D_COLUMNS))
         w.writerow(["M3D_Cap_npy/ct_case/000002/Axial.npy", "Which organ has the cyst?", "Liver", "Kidney", "Spleen",
                     "Lung", "Liver", "A", "3"])  # fmt: skip
+        w.writerow(["M3D_Cap_npy/ct_case/000004/Axial.npy", "In which plane?", "Axial", "Coronal", "Sagittal",
+                    "Oblique", "Axial", "A", "1"])  # fmt: skip
+    broken = caps / "ct_case" / "000004" / "Axial.npy"
+    volume(broken, 4)
+    broken.write_bytes(broken.read_bytes()[:200])  # truncated download
     return root
 
 
@@ -258,6 +263,8 @@ def make_uncaptioned(root: Path) -> Path:
     volume(root / "mri" / "case1.npy", 9, (1, 4, 28, 28))
     (root / "notes.txt").parent.mkdir(parents=True, exist_ok=True)
     (root / "mri" / "notes.txt").write_text("not a medium")
+    (root / "endoscopy").mkdir()
+    (root / "endoscopy" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 truncated")
     return root
 
 
@@ -327,7 +334,8 @@ def test_each_converter_writes_the_expected_rows(full_build):
 
     pvqa = sorted(by["pathvqa"], key=lambda r: r["source_id"])
     assert [(convo(r)[1], r["task"], r["modality"]) for r in pvqa] == [
-        ("granuloma", "abnormality", "pathology"), ("yes", "abnormality", "pathology"), ("cortex", "location", "pathology")]
+        ("granuloma", "abnormality", "pathology"), ("yes", "abnormality", "pathology"),
+        ("cortex", "location", "pathology")]
     assert pvqa[0]["image"] == "media/pathvqa/train/0.jpg" and Image.open(out / pvqa[0]["image"]).format == "JPEG"
 
     (mimic,) = by["mimic-cxr"]  # lateral view, test split and a report without sections left out
@@ -338,7 +346,8 @@ def test_each_converter_writes_the_expected_rows(full_build):
     assert convo(mimic)[0].removeprefix("<image>\n") in bi.TEMPLATES["report"]
 
     caps = {r["source_id"]: r for r in by["m3d-cap"]}
-    assert sorted(caps) == ["ct_case/000002/Axial.npy", "mri_case/000003/T2.npy"]  # 000001 is M3D-VQA test; 000009 missing
+    # 000001 is the M3D-VQA test volume, 000009's caption is missing
+    assert sorted(caps) == ["ct_case/000002/Axial.npy", "mri_case/000003/T2.npy"]
     assert convo(caps["mri_case/000003/T2.npy"])[1] == "Normal brain MRI."
     assert caps["mri_case/000003/T2.npy"]["modality"] == "mri" and caps["ct_case/000002/Axial.npy"]["modality"] == "ct"
     assert caps["ct_case/000002/Axial.npy"]["volume"] == "media/m3d-cap/M3D_Cap_npy/ct_case/000002/Axial.nii.gz"
@@ -426,6 +435,7 @@ def test_bad_rows_are_reported_not_fatal(full_build):
     assert "s53189527.txt: no FINDINGS or IMPRESSION section" in text
     assert "caption file" in text and "000009" in text
     assert "region 3 is empty" in text
+    assert "000004/Axial.npy: not a readable .npy array" in text and report["per_source"]["m3d-vqa"]["errors"] == 2
     assert report["per_source"]["vqa-rad"]["errors"] == 2 and report["rows"] > 20
 
 
@@ -474,7 +484,8 @@ def test_npy_volumes_become_nifti_that_displays_like_the_array(tmp_path):
 
 
 def test_accept_caption_rule():
-    ok, why = bi.accept_caption("Axial CT of the abdomen with a liver cyst", "Axial CT showing a liver cyst", "CT", "ct")
+    ok, why = bi.accept_caption("Axial CT of the abdomen with a liver cyst", "Axial CT showing a liver cyst", "CT",
+                                "ct")
     assert ok, why
     assert bi.accept_caption("CT", "CT", "CT", "ct") == (False, "too short (1 words < 3)")
     assert bi.accept_caption("cyst cyst cyst cyst cyst cyst cyst cyst cyst cyst", "x", "ct", "ct")[1].startswith(
@@ -509,7 +520,9 @@ def test_captioner_end_to_end_with_the_tiny_model(tiny_model_dir, tmp_path):
             assert (a["kept"], a["reason"]) == bi.accept_caption(a["draft"], a["second"], r["check"], modality)
         assert (r["caption"] is not None) == any(a["kept"] for a in r["attempts"])
     s = report["per_source"]["uncaptioned"]
-    assert s["rows"] == sum(r["caption"] is not None for r in records) and s["errors"] == 1  # notes.txt
+    assert s["rows"] == sum(r["caption"] is not None for r in records) and s["errors"] == 2  # notes, broken.mp4
+    errors = "\n".join(f"{e['where']}: {e['reason']}" for e in rows_of(tmp_path / "out", "errors.jsonl"))
+    assert "notes.txt" in errors and "not a video / volume / image" in errors and "broken.mp4" in errors
     assert s["captioned_now"] == 2
     assert report["tokens"]["lengths"] == [] or len(report["tokens"]["lengths"]) == report["rows"]
 
