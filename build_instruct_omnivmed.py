@@ -266,8 +266,9 @@ def _vqa_rad_modalities(samples: list[ev.Sample]) -> dict[str, tuple[str, str]]:
         if found:
             out[key] = (found, "answer")
             continue
-        named = next((m for s in group if ev.yes_no(s.answer) is None for m in [modality_from_text(s.question)] if m),
-                     None)  # fmt: skip
+        # "Is there a fracture on this CT?": a modality named in another question (not "Is this an MRI?" -> no)
+        named = next((m for s in group if vqa_task("vqa-rad", s) != "modality"
+                      for m in [modality_from_text(s.question)] if m), None)  # fmt: skip
         out[key] = (named, "question") if named else ("x-ray", "default")
     return out
 
@@ -329,7 +330,7 @@ def _image_ext(data: bytes) -> str:
 
     try:
         fmt = Image.open(io.BytesIO(data)).format or "PNG"
-    except Exception:  # a corrupt image still gets a name; it is reported when it is inspected
+    except (OSError, ValueError):  # a corrupt image still gets a name; it is reported when it is inspected
         return ".png"
     return {"JPEG": ".jpg", "TIFF": ".tif"}.get(fmt, "." + fmt.lower())
 
@@ -771,7 +772,9 @@ def accept_caption(draft: str, second: str, check_answer: str, modality: str, ag
 class Captioner:
     """Drafts captions with any image-text-to-text model through transformers (evaluate_omnivmed.load_model: Auto
     classes, trust_remote_code) and filters them with `accept_caption`: up to `tries` rounds of (draft, second draft,
-    check question) per medium, the first kept draft wins; a medium none passes gets no row."""
+    check question) per medium, the first kept draft wins; a medium none passes gets no row. Media reach the model
+    as chat content blocks ({"type": "image" | "video", "path"}; volumes as {"type": "volume", ...}, which only
+    OmniV-Med's processor reads), so a captioner for volumes must be an OmniV-Med checkpoint."""
 
     def __init__(self, model_dir: str, seed: int = 0, tries: int = 3, agreement: float = 0.5,
                  max_new_tokens: int = 48, temperature: float = 0.7, device: str = "auto"):  # fmt: skip
