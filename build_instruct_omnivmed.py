@@ -341,7 +341,7 @@ def _read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-REPORT_SECTION = re.compile(r"^\s*(FINDINGS|IMPRESSION)\s*:", re.IGNORECASE | re.MULTILINE)
+REPORT_SECTION = re.compile(r"^\s*(FINDINGS AND IMPRESSION|FINDINGS|IMPRESSION)\s*:", re.IGNORECASE | re.MULTILINE)
 ANY_SECTION = re.compile(r"^\s*[A-Z][A-Z /&-]{2,}:", re.MULTILINE)
 
 
@@ -354,7 +354,7 @@ def report_sections(text: str) -> dict[str, str]:
         end = ANY_SECTION.search(rest)
         body = " ".join(rest[: end.start() if end else len(rest)].split())
         if body:
-            out[match.group(1).lower()] = body
+            out[match.group(1).lower().removesuffix(" and impression")] = body
     return out
 
 
@@ -955,7 +955,7 @@ def build(sources: list[tuple[str, Path]], out: Path, max_per_source: int | None
         guard.add(name, data)
 
     store = CaptionStore(out / "captions.jsonl")
-    rows, errors, removed, per_source = [], [], [], {}
+    rows, errors, removed, per_source, inspected = [], [], [], {}, {}
     for name, data, candidates, read_errors in read:
         stats = collections.Counter(read=len(candidates), errors=len(read_errors))
         errors += read_errors
@@ -965,13 +965,19 @@ def build(sources: list[tuple[str, Path]], out: Path, max_per_source: int | None
                 stats["duplicates"] += 1
                 continue
             seen.add(c.id)
-            try:
-                sha, dh = inspect(c)
-            except (MediaError, ValueError, OSError) as error:
+            key = _media_key(c.media)
+            if key not in inspected:  # many questions share an image: read each medium once
+                try:
+                    inspected[key] = inspect(c)
+                except (MediaError, ValueError, OSError) as error:
+                    inspected[key] = error
+            if isinstance(inspected[key], Exception):
+                error = inspected[key]
                 errors.append({"source": name, "where": c.meta.get("where", c.source_id), "id": c.id,
                                "reason": str(error)})  # fmt: skip
                 stats["errors"] += 1
                 continue
+            sha, dh = inspected[key]
             hit = guard.check(c, sha, dh)
             if hit:
                 removed.append({"source": name, "id": c.id, "source_id": c.source_id, "reason": hit[0],

@@ -472,6 +472,15 @@ def test_stage_views_and_report(full_build):
     assert Image.open(out / "report.png").size[1] > 200
 
 
+def test_report_sections():
+    assert bi.report_sections(REPORT) == {"findings": "The lungs are clear without focal consolidation. No pleural "
+                                          "effusion or pneumothorax is seen.",
+                                          "impression": "No acute cardiopulmonary process."}  # fmt: skip
+    combined = "INDICATION: cough\nFINDINGS AND IMPRESSION:\n Heart size normal.\n Lungs clear.\nNOTIFICATION: none"
+    assert bi.report_sections(combined) == {"findings": "Heart size normal. Lungs clear."}
+    assert bi.report_sections("WET READ: no sections") == {}
+
+
 def test_npy_volumes_become_nifti_that_displays_like_the_array(tmp_path):
     from omnivmed.media_omnivmed import load_media
 
