@@ -64,6 +64,10 @@ def make_vqa_rad(root: Path) -> Path:
              phrase_type="freeform", question_type="ORGAN"),
         dict(qid=10, image_name="synpic7.jpg", question="Is the spleen normal in size?", answer="yes",
              answer_type="CLOSED", phrase_type="freeform", question_type="SIZE"),
+        dict(qid=11, image_name="synpic8.jpg", question="Is the spleen normal in size?", answer="no",
+             answer_type="CLOSED", phrase_type="test_freeform", question_type="SIZE"),
+        dict(qid=12, image_name="synpic9.jpg", question="Is the liver normal in size?", answer="no",
+             answer_type="CLOSED", phrase_type="freeform", question_type="SIZE"),
     ]  # fmt: skip
     root.mkdir(parents=True)
     (root / "VQA_RAD Dataset Public.json").write_text(json.dumps(records))
@@ -76,6 +80,8 @@ def make_vqa_rad(root: Path) -> Path:
     png(folder / "synpic4.jpg", 4)
     (folder / "synpic6.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")  # synpic5 is missing
     png(folder / "synpic7.jpg", 7)
+    png(folder / "synpic8.jpg", 100)  # test image
+    png(folder / "synpic9.jpg", 273)  # a different picture whose dHash is 1 bit from synpic8's
     return root
 
 
@@ -320,7 +326,7 @@ def test_each_converter_writes_the_expected_rows(full_build):
         assert r["conversations"][0]["value"].startswith(f"<{r['kind']}>\n") and r["answer"] == convo(r)[1]
 
     rad = {r["source_id"]: r for r in by["vqa-rad"]}
-    assert sorted(rad) == ["10", "3", "4"]  # 5, 6, 7 guarded; 8 missing, 9 corrupt
+    assert sorted(rad) == ["10", "12", "3", "4"]  # 5, 6, 7 guarded; 8 missing, 9 corrupt
     assert (rad["3"]["task"], rad["3"]["modality"], rad["3"]["modality_source"]) == ("modality", "ct", "answer")
     assert convo(rad["4"]) == ("<image>\nWhere is the mass?", "Right upper lobe") and rad["4"]["task"] == "location"
     assert rad["4"]["modality"] == "ct"  # established by the image's other question ("Is this a CT?" yes)
@@ -389,7 +395,7 @@ def test_output_loads_in_train_trl_and_the_evaluation_harness(full_build):
 
 
 def test_guard_removes_benchmark_test_rows_and_reports_them(full_build):
-    _, _, out, report = full_build
+    tmp, _, out, report = full_build
     removed = rows_of(out, "removed.jsonl")
     got = {(r["source"], r["source_id"]): (r["reason"], r["benchmark"]) for r in removed}
     assert got[("vqa-rad", "5")] == ("image-hash", "vqa-rad")  # same file as the test image
@@ -401,9 +407,14 @@ def test_guard_removes_benchmark_test_rows_and_reports_them(full_build):
             s["vqa-rad"]["removed_question-answer"]) == (1, 1, 1)  # fmt: skip
     assert s["m3d-cap"]["removed_image-hash"] == 1
     md = (out / "report.md").read_text()
-    assert "| vqa-rad | 8 | 3 | 2 | 1 / 1 / 1 |" in md  # read 8 (2 test), 3 rows, 2 errors, removed per reason
+    assert "| vqa-rad | 9 | 4 | 2 | 1 / 1 / 1 |" in md  # read 9 (3 test), 4 rows, 2 errors, removed per reason
+    # synpic9 is within the dHash radius of the test image synpic8 but another picture: the thumbnails tell
+    gray = [np.asarray(Image.open(tmp / "rad" / "VQA_RAD Image Folder" / f"synpic{i}.jpg").convert("L"),
+                       dtype=np.float32) / 255 for i in (8, 9)]  # fmt: skip
+    (d8, t8), (d9, t9) = (bi.fingerprint(g) for g in gray)
+    assert bi._POPCOUNT[d8 ^ d9].sum() <= 8 and float(t8 @ t9) < 0.99
     assert "not checked (no test split given" not in md  # every benchmark was given here
-    assert report["guard"]["benchmarks"]["vqa-rad"]["questions"] == 2
+    assert report["guard"]["benchmarks"]["vqa-rad"]["questions"] == 3
 
 
 def test_guard_on_the_evaluation_fixtures(tmp_path):
@@ -448,7 +459,7 @@ def test_deterministic_resumable_and_max_per_source(full_build, tmp_path):
     again = bi.build(sources[:3], tmp_path / "b", max_per_source=2, seed=1, progress=False)
     assert (tmp_path / "a" / "all.jsonl").read_bytes() == (tmp_path / "b" / "all.jsonl").read_bytes()
     assert all(s["rows"] <= 2 for s in small["per_source"].values()) and small["per_source"]["vqa-rad"]["rows"] == 2
-    assert small["per_source"]["vqa-rad"]["over_max_per_source"] == 1
+    assert small["per_source"]["vqa-rad"]["over_max_per_source"] == 2  # 4 clean rows
     # prompts are drawn per row from the templates, seeded
     caps = [r for r in rows_of(out) if r["task"] in ("caption", "report", "positioning")]
     assert caps and all(convo(r)[0].split("\n", 1)[1] for r in caps)
