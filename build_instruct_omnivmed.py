@@ -30,7 +30,8 @@ their training splits; the others have readers here. Output (under --out):
                          "source", "answer", ...}; media paths relative to --out (train_trl.py --data_root OUT)
     stage1.jsonl ...     the --stage views (default all three): 1 = 2D captions and reports; 2 = 2D instructions;
                          3 = every 3D and video row plus as many 2D instruction rows (seeded replay), as train_trl
-    media/<source>/...   the media, hard-linked (copied across file systems); M3D .npy volumes become NIfTI
+    media/<source>/...   the media, hard-linked (copied across file systems), one copy per content (the first source
+                         naming a file holds it); M3D .npy volumes become NIfTI
     errors.jsonl         one line per unusable source row (missing / corrupt file, malformed record): the build goes on
     removed.jsonl        rows dropped by the contamination guard, with the benchmark and the reason
     captions.jsonl       the captioner's state (every draft and verdict); a rerun resumes from it
@@ -978,7 +979,7 @@ def build(sources: list[tuple[str, Path]], out: Path, max_per_source: int | None
         guard.add(name, data)
 
     store = CaptionStore(out / "captions.jsonl")
-    rows, errors, removed, per_source, inspected = [], [], [], {}, {}
+    rows, errors, removed, per_source, inspected, placed = [], [], [], {}, {}, {}
     for name, data, candidates, read_errors in read:
         stats = collections.Counter(read=len(candidates), errors=len(read_errors))
         errors += read_errors
@@ -1017,13 +1018,16 @@ def build(sources: list[tuple[str, Path]], out: Path, max_per_source: int | None
         kept, caption_counts = run_captioner(kept, captioner, store, hashes, progress)
         stats.update(caption_counts)
         for c in tqdm(kept, desc=f"{name}: writing", unit="row", disable=not progress):
-            try:
-                path = place(c, out, link)
+            digest = hashes.get(c.id)
+            try:  # one copy per content: M3D-VQA's volumes are M3D-Cap's, SLAKE / VQA-RAD copies, ...
+                path = placed[digest] if digest in placed else place(c, out, link)
             except (MediaError, ValueError, OSError) as error:
                 errors.append({"source": name, "where": c.meta.get("where", c.source_id), "id": c.id,
                                "reason": f"could not write the medium: {error}"})  # fmt: skip
                 stats["errors"] += 1
                 continue
+            if digest:
+                placed[digest] = path
             rows.append(make_row(c, path, seed))
         stats["rows"] = sum(r["source"] == name for r in rows)
         per_source[name] = dict(stats)

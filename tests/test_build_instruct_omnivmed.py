@@ -357,6 +357,9 @@ def test_each_converter_writes_the_expected_rows(full_build):
     assert convo(caps["mri_case/000003/T2.npy"])[1] == "Normal brain MRI."
     assert caps["mri_case/000003/T2.npy"]["modality"] == "mri" and caps["ct_case/000002/Axial.npy"]["modality"] == "ct"
     assert caps["ct_case/000002/Axial.npy"]["volume"] == "media/m3d-cap/M3D_Cap_npy/ct_case/000002/Axial.nii.gz"
+    # M3D-VQA asks about the same volume: stored once, under the source that named it first
+    assert {r["volume"] for r in by["m3d-vqa"]} == {caps["ct_case/000002/Axial.npy"]["volume"]}
+    assert not (out / "media" / "m3d-vqa").exists()
 
     vqa3d = sorted(by["m3d-vqa"], key=lambda r: r["source_id"])
     assert [(r["source_id"], r["task"], r["kind"]) for r in vqa3d] == [("0-closed", "organ", "volume"),
