@@ -29,7 +29,8 @@ their training splits; the others have readers here. Output (under --out):
                          "conversations": [human "<kind>\\nprompt", gpt answer], "task", "modality", "kind",
                          "source", "answer", ...}; media paths relative to --out (train_trl.py --data_root OUT)
     stage1.jsonl ...     the --stage views (default all three): 1 = 2D captions and reports; 2 = 2D instructions;
-                         3 = every 3D and video row plus as many 2D instruction rows (seeded replay), as train_trl
+                         3 = every 3D and video row plus as many 2D instruction rows (seeded replay), as
+                         train_trl's embedded default mixes them
     media/<source>/...   the media, hard-linked (copied across file systems), one copy per content (the first source
                          naming a file holds it); M3D .npy volumes become NIfTI
     errors.jsonl         one line per unusable source row (missing / corrupt file, malformed record): the build goes on

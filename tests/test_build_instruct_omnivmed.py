@@ -527,13 +527,31 @@ def tiny_model_dir(tmp_path_factory):
     return build_tiny(tmp_path_factory.mktemp("captiontiny") / "omnivmed-tiny", seed=0)
 
 
-def test_captioner_end_to_end_with_the_tiny_model(tiny_model_dir, tmp_path):
+def test_captioner_end_to_end_with_the_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
     data = make_uncaptioned(tmp_path / "raw")
     without = bi.build([("uncaptioned", data)], tmp_path / "none", progress=False)
     assert without["rows"] == 0 and without["per_source"]["uncaptioned"]["needs_captioner"] == 2
     captioner = bi.Captioner(str(tiny_model_dir), tries=2, max_new_tokens=6, device="cpu")
+    generated = []
+    real_generate = bi.Captioner.generate
+
+    def counting(self, block, prompt, seed, sample=True):
+        generated.append(block.get("path") or block.get("npy"))
+        if len(generated) > 3 and "case1.npy" in generated[-1]:
+            raise KeyboardInterrupt  # killed in the middle of the second medium, on the first run only
+        return real_generate(self, block, prompt, seed, sample)
+
+    monkeypatch.setattr(bi.Captioner, "generate", counting)
+    with pytest.raises(KeyboardInterrupt):
+        bi.build([("uncaptioned", data)], tmp_path / "out", captioner=captioner, progress=False)
+    assert [r["media"] for r in rows_of(tmp_path / "out", "captions.jsonl")] == ["laparoscopy/clip1.avi"]
+    monkeypatch.setattr(bi.Captioner, "generate", real_generate)
+    generated.clear()
+    monkeypatch.setattr(bi.Captioner, "generate", lambda self, block, *a, **k: (
+        generated.append(block.get("path") or block.get("npy")) or real_generate(self, block, *a, **k)))
     report = bi.build([("uncaptioned", data)], tmp_path / "out", captioner=captioner, processor=str(tiny_model_dir),
                       progress=False)  # fmt: skip
+    assert generated and all("case1.npy" in g for g in generated)  # the video was not captioned again
     records = rows_of(tmp_path / "out", "captions.jsonl")
     assert len(records) == 2 and {r["media"] for r in records} == {"laparoscopy/clip1.avi", "mri/case1.npy"}
     for r in records:  # the tiny model's words are noise: every attempt is judged, and judged by the rule
@@ -546,8 +564,9 @@ def test_captioner_end_to_end_with_the_tiny_model(tiny_model_dir, tmp_path):
     assert s["rows"] == sum(r["caption"] is not None for r in records) and s["errors"] == 2  # notes, broken.mp4
     errors = "\n".join(f"{e['where']}: {e['reason']}" for e in rows_of(tmp_path / "out", "errors.jsonl"))
     assert "notes.txt" in errors and "not a video / volume / image" in errors and "broken.mp4" in errors
-    assert s["captioned_now"] == 2
+    assert (s["captioned_before"], s["captioned_now"]) == (1, 1)
     assert report["tokens"]["lengths"] == [] or len(report["tokens"]["lengths"]) == report["rows"]
+    assert len(rows_of(tmp_path / "out")) == len({r["id"] for r in rows_of(tmp_path / "out")}) == report["rows"]
 
 
 def test_token_lengths_with_the_models_processor(full_build, tiny_model_dir):
