@@ -495,6 +495,24 @@ def test_report_sections():
     assert bi.report_sections("WET READ: no sections") == {}
 
 
+def test_image_fingerprints_across_formats(tmp_path):
+    """16-bit and 8-bit encodings, JPEG and a resize of one picture get the same fingerprint; --full-decode checks
+    with the training reader and keeps the fingerprint."""
+    picture = smooth(3, (60, 50)).astype(np.float32) / 255
+    Image.fromarray((picture * 4000).astype(np.uint16)).save(tmp_path / "a16.png")
+    Image.fromarray((picture * 255).astype(np.uint8)).save(tmp_path / "a8.jpg", quality=70)
+    Image.fromarray((picture * 255).astype(np.uint8)).resize((100, 120)).save(tmp_path / "big.png")
+    prints = []
+    for name in ("a16.png", "a8.jpg", "big.png"):
+        c = bi.Candidate("x", name, "image", {"path": str(tmp_path / name)}, name, "q", "a", "organ", "ct")
+        hashes, fp = bi.inspect(c)
+        _, full = bi.inspect(c, full=True)
+        assert np.array_equal(fp[0], full[0]) and len(hashes) == 1
+        prints.append(fp)
+    for d, t in prints[1:]:
+        assert bi._POPCOUNT[prints[0][0] ^ d].sum() <= 8 and float(prints[0][1] @ t) > 0.999
+
+
 def test_npy_volumes_become_nifti_that_displays_like_the_array(tmp_path):
     from omnivmed.media_omnivmed import load_media
 
