@@ -461,6 +461,10 @@ def test_deterministic_resumable_and_max_per_source(full_build, tmp_path):
     small = bi.build(sources[:3], tmp_path / "a", max_per_source=2, seed=1, progress=False)
     again = bi.build(sources[:3], tmp_path / "b", max_per_source=2, seed=1, progress=False)
     assert (tmp_path / "a" / "all.jsonl").read_bytes() == (tmp_path / "b" / "all.jsonl").read_bytes()
+    assert again["per_source"] == small["per_source"]
+    picked = {r["id"] for r in rows_of(tmp_path / "a") if r["source"] == "vqa-rad"}
+    others = [bi.build(sources[:1], tmp_path / f"s{k}", max_per_source=2, seed=k, progress=False) for k in (2, 3, 4)]
+    assert any({r["id"] for r in rows_of(tmp_path / f"s{k}")} != picked for k in (2, 3, 4)) and others
     assert all(s["rows"] <= 2 for s in small["per_source"].values()) and small["per_source"]["vqa-rad"]["rows"] == 2
     assert small["per_source"]["vqa-rad"]["over_max_per_source"] == 2  # 4 clean rows
     # prompts are drawn per row from the templates, seeded
