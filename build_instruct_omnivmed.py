@@ -675,8 +675,9 @@ def place(c: Candidate, out: Path, link: bool = True) -> str:
     dest.parent.mkdir(parents=True, exist_ok=True)
     if "npy" in c.media:
         npy_to_nifti(npy_volume(Path(c.media["npy"])), dest)
-    elif "bytes" in c.media:
-        dest.write_bytes(c.media["bytes"])
+    elif "bytes" in c.media:  # written aside and renamed: a killed run never leaves a half file that looks done
+        dest.with_name(dest.name + ".part").write_bytes(c.media["bytes"])
+        os.replace(dest.with_name(dest.name + ".part"), dest)
     else:
         source = Path(c.media["path"])
         if source.is_dir():
