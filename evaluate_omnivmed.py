@@ -386,6 +386,15 @@ def _check_files(samples: list[Sample], what: str):
         raise DataError(f"{len(missing)} {what} file(s) missing, e.g. {shown}")
 
 
+def _record_error(errors: list | None, error: DataError) -> None:
+    """Evaluation stops at the first bad record (a score over part of a split would mislead); the instruction builder
+    (build_instruct_omnivmed.py) reads the same files through these loaders and passes a list instead, so one bad
+    record is reported and skipped."""
+    if errors is None:
+        raise error
+    errors.append(str(error))
+
+
 def _first_existing(*candidates: Path) -> Path | None:
     return next((c for c in candidates if c.exists()), None)
 
@@ -418,17 +427,21 @@ def _strip_media_tags(text: str) -> str:
     return re.sub(r"<(image|video|volume)>\s*", "", str(text)).strip()
 
 
-def _llava_conversation_samples(path: Path, image_root: Path, name: str) -> list[Sample]:
+def _llava_conversation_samples(path: Path, image_root: Path, name: str, errors: list | None = None) -> list[Sample]:
     """LLaVA-Med's evaluation JSON: [{"id", "image", "conversations": [{"from": "human", "value": "<image>\\nQ"},
     {"from": "gpt", "value": "A"}], "answer_type": "CLOSED" | "OPEN"}, ...]."""
     samples = []
     for i, rec in enumerate(_read_json_list(path)):
-        _require_keys(path, rec, ("image", "conversations"), i)
-        turns = rec["conversations"]
-        question = next((t["value"] for t in turns if t.get("from") == "human"), None)
-        answer = next((t["value"] for t in turns if t.get("from") == "gpt"), None)
-        if question is None or answer is None:
-            raise DataError(f"{path}: record {i} needs a human and a gpt turn in 'conversations'")
+        try:
+            _require_keys(path, rec, ("image", "conversations"), i)
+            turns = rec["conversations"]
+            question = next((t["value"] for t in turns if t.get("from") == "human"), None)
+            answer = next((t["value"] for t in turns if t.get("from") == "gpt"), None)
+            if question is None or answer is None:
+                raise DataError(f"{path}: record {i} needs a human and a gpt turn in 'conversations'")
+        except DataError as error:
+            _record_error(errors, error)
+            continue
         samples.append(Sample(
             id=str(rec.get("id", rec.get("question_id", i))),
             media=[{"type": "image", "path": str(image_root / rec["image"])}],
@@ -448,7 +461,7 @@ def _is_llava_json(path: Path) -> bool:
 
 
 # ================================================================================================= the loaders
-def load_vqa_rad(data: Path, split: str, **_) -> list[Sample]:
+def load_vqa_rad(data: Path, split: str, errors: list | None = None, **_) -> list[Sample]:
     """VQA-RAD, any of:
     1. the OSF release: `VQA_RAD Dataset Public.json` (records with image_name, question, answer, answer_type
        CLOSED / OPEN, phrase_type; test = phrase_type test_freeform / test_para) + images in `VQA_RAD Image Folder/`
@@ -463,7 +476,11 @@ def load_vqa_rad(data: Path, split: str, **_) -> list[Sample]:
         images = _first_existing(data / "VQA_RAD Image Folder", data / "VQA_RAD_Image_Folder", data / "images") or data
         samples = []
         for i, rec in enumerate(_read_json_list(osf)):
-            _require_keys(osf, rec, ("image_name", "question", "answer", "answer_type"), i)
+            try:
+                _require_keys(osf, rec, ("image_name", "question", "answer", "answer_type"), i)
+            except DataError as error:
+                _record_error(errors, error)
+                continue
             is_test = str(rec.get("phrase_type", "")).startswith("test")
             if (split == "test") != is_test:
                 continue
@@ -477,9 +494,10 @@ def load_vqa_rad(data: Path, split: str, **_) -> list[Sample]:
             ))  # fmt: skip
         return samples
     if llava.is_file() and _is_llava_json(llava):
-        return _llava_conversation_samples(llava, data / "images" if (data / "images").is_dir() else data, "vqa-rad")
+        return _llava_conversation_samples(llava, data / "images" if (data / "images").is_dir() else data, "vqa-rad",
+                                           errors)  # fmt: skip
     if parquet:
-        return _hf_parquet_samples(parquet)
+        return _hf_parquet_samples(parquet, errors)
     raise DataError(
         f"{data}: no VQA-RAD data found. Expected one of: 'VQA_RAD Dataset Public.json' with 'VQA_RAD Image Folder/' "
         f"(OSF release); {split}.json in LLaVA-Med's conversation format with images/; data/{split}-*.parquet "
@@ -487,15 +505,20 @@ def load_vqa_rad(data: Path, split: str, **_) -> list[Sample]:
     )
 
 
-def _hf_parquet_samples(files: list[Path]) -> list[Sample]:
+def _hf_parquet_samples(files: list[Path], errors: list | None = None) -> list[Sample]:
     samples = []
     for i, row in enumerate(_parquet_rows(files)):
         for key in ("image", "question", "answer"):
             if key not in row:
                 raise DataError(f"{files[0]}: column {key!r} missing; expected image, question, answer")
+        try:
+            block = _image_block_from_parquet(row["image"], f"{files[0]} row {i}")
+        except DataError as error:
+            _record_error(errors, error)
+            continue
         samples.append(Sample(
             id=str(i),
-            media=[_image_block_from_parquet(row["image"], f"{files[0]} row {i}")],
+            media=[block],
             question=str(row["question"]),
             answer=str(row["answer"]),
             meta={"answer_type": _answer_type_from_answer(row["answer"])},
@@ -503,7 +526,7 @@ def _hf_parquet_samples(files: list[Path]) -> list[Sample]:
     return samples
 
 
-def load_slake(data: Path, split: str, all_languages: bool = False, **_) -> list[Sample]:
+def load_slake(data: Path, split: str, all_languages: bool = False, errors: list | None = None, **_) -> list[Sample]:
     """SLAKE 1.0: `{split}.json` (records with img_name, question, answer, answer_type CLOSED / OPEN, q_lang
     en / zh, content_type, modality) + images in `imgs/<img_name>`. English questions only unless all_languages.
     LLaVA-Med's conversation JSON (`{split}.json` with conversations) + `imgs/` or `images/` also works."""
@@ -513,10 +536,14 @@ def load_slake(data: Path, split: str, all_languages: bool = False, **_) -> list
                         "and the imgs/ folder")  # fmt: skip
     images = _first_existing(data / "imgs", data / "images") or data
     if _is_llava_json(path):
-        return _llava_conversation_samples(path, images, "slake")
+        return _llava_conversation_samples(path, images, "slake", errors)
     samples = []
     for i, rec in enumerate(_read_json_list(path)):
-        _require_keys(path, rec, ("img_name", "question", "answer", "answer_type"), i)
+        try:
+            _require_keys(path, rec, ("img_name", "question", "answer", "answer_type"), i)
+        except DataError as error:
+            _record_error(errors, error)
+            continue
         if not all_languages and rec.get("q_lang", "en") != "en":
             continue
         samples.append(Sample(
@@ -530,7 +557,7 @@ def load_slake(data: Path, split: str, all_languages: bool = False, **_) -> list
     return samples
 
 
-def load_pathvqa(data: Path, split: str, **_) -> list[Sample]:
+def load_pathvqa(data: Path, split: str, errors: list | None = None, **_) -> list[Sample]:
     """PathVQA without pickle: the HF parquet copy (flaviagiammarino/path-vqa: `data/{split}-*.parquet` with image
     bytes, question, answer), `{split}.json` (LLaVA-Med's conversation format, or records with image, question,
     answer), or `{split}.csv` (columns image, question, answer); images in `images/{split}/`, `images/` or the data
@@ -538,7 +565,7 @@ def load_pathvqa(data: Path, split: str, **_) -> list[Sample]:
     `qas/{split}/{split}_qa.pkl` is a pickle and is refused (loading a pickle runs arbitrary code)."""
     parquet = _parquet_files(data, split)
     if parquet:
-        return _hf_parquet_samples(parquet)
+        return _hf_parquet_samples(parquet, errors)
     images = _first_existing(data / "images" / split, data / "images") or data
 
     def image_path(name: str) -> str:
@@ -548,7 +575,7 @@ def load_pathvqa(data: Path, split: str, **_) -> list[Sample]:
     json_path, csv_path = data / f"{split}.json", data / f"{split}.csv"
     if json_path.is_file():
         if _is_llava_json(json_path):
-            return _llava_conversation_samples(json_path, images, "pathvqa")
+            return _llava_conversation_samples(json_path, images, "pathvqa", errors)
         records = _read_json_list(json_path)
         where = json_path
     elif csv_path.is_file():
@@ -565,7 +592,11 @@ def load_pathvqa(data: Path, split: str, **_) -> list[Sample]:
         )
     samples = []
     for i, rec in enumerate(records):
-        _require_keys(where, rec, ("image", "question", "answer"), i)
+        try:
+            _require_keys(where, rec, ("image", "question", "answer"), i)
+        except DataError as error:
+            _record_error(errors, error)
+            continue
         samples.append(Sample(
             id=str(rec.get("id", i)),
             media=[{"type": "image", "path": image_path(str(rec["image"]))}],
@@ -581,7 +612,7 @@ M3D_COLUMNS = ("Image Path", "Question", "Choice A", "Choice B", "Choice C", "Ch
 M3D_QUESTION_TYPES = {"1": "plane", "2": "phase", "3": "organ", "4": "abnormality", "5": "location"}
 
 
-def load_m3d_vqa(data: Path, split: str, m3d_mode: str = "both", **_) -> list[Sample]:
+def load_m3d_vqa(data: Path, split: str, m3d_mode: str = "both", errors: list | None = None, **_) -> list[Sample]:
     """M3D-VQA: `M3D_VQA_{split}.csv` (in the data folder or its M3D-VQA/ subfolder; columns Image Path, Question,
     Choice A-D, Answer, Answer Choice, Question Type) with the volumes at `<data>/<Image Path>`: M3D's preprocessed
     `.npy` arrays ((1, D, H, W) in [0, 1], read with numpy, allow_pickle=False) or NIfTI / DICOM. Every row is asked
@@ -614,7 +645,7 @@ def load_m3d_vqa(data: Path, split: str, m3d_mode: str = "both", **_) -> list[Sa
         if m3d_mode in ("both", "open"):
             samples.append(Sample(id=f"{i}-open", media=[block], question=row["Question"], answer=row["Answer"],
                                   meta={"answer_type": "OPEN", "question_type": qtype}))  # fmt: skip
-    for s in samples:
+    for s in samples if errors is None else []:  # the builder checks every medium per row itself
         if "npy" in s.media[0] and not Path(s.media[0]["npy"]).exists():
             raise DataError(f"{path}: volume {s.media[0]['npy']} (row {s.id.split('-')[0]}) is missing")
     return samples
@@ -625,14 +656,15 @@ CHOLEC80_TEST = ("5", "11", "12", "17", "19", "26", "27", "31")
 ENDOVIS18_TEST = ("1", "5", "16")
 
 
-def _qa_lines(path: Path) -> list[tuple[str, str]]:
+def _qa_lines(path: Path, errors: list | None = None) -> list[tuple[str, str]]:
     out = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split("|")
         if len(parts) != 2:
-            raise DataError(f"{path}:{n}: expected 'question|answer', got {line!r}")
+            _record_error(errors, DataError(f"{path}:{n}: expected 'question|answer', got {line!r}"))
+            continue
         out.append((parts[0].strip(), parts[1].strip()))
     return out
 
@@ -642,11 +674,11 @@ def _frame_number(name: str) -> int | None:
     return int(digits[-1]) if digits else None
 
 
-def _surgical_samples(entries, frame_stride: int | None) -> tuple[list[Sample], list[str]]:
+def _surgical_samples(entries, frame_stride: int | None, errors: list | None = None) -> tuple[list[Sample], list[str]]:
     """entries: (seq, qa_file, image_path, in_split). Returns the split's samples and the answer set (all files)."""
     samples, answers = [], set()
     for seq, qa_file, image, in_split in entries:
-        qas = _qa_lines(qa_file)
+        qas = _qa_lines(qa_file, errors)
         answers.update(a for _, a in qas)
         if not in_split:
             continue
@@ -666,7 +698,8 @@ def _sequences(split: str, test: tuple, found: list[str], override: str | None) 
     return set(test) if split == "test" else set(found) - set(test)
 
 
-def load_endovis18_vqa(data: Path, split: str, sequences: str | None = None, frame_stride: int | None = None, **_):
+def load_endovis18_vqa(data: Path, split: str, sequences: str | None = None, frame_stride: int | None = None,
+                       errors: list | None = None, **_):  # fmt: skip
     """EndoVis18-VQA (Surgical-VQA / SurgicalGPT layout): `seq_<N>/vqa/Classification/<frame>_QA.txt` (lines
     `question|answer`) with frames `seq_<N>/left_frames/<frame>.png`; test = sequences 1, 5, 16, train = the rest."""
     seq_dirs = sorted(p for p in data.glob("seq_*") if p.is_dir())
@@ -682,10 +715,11 @@ def load_endovis18_vqa(data: Path, split: str, sequences: str | None = None, fra
             entries.append((seq, qa, seq_dir / "left_frames" / f"{frame}.png", seq in wanted))
     if not entries:
         raise DataError(f"{data}: no seq_<N>/vqa/Classification/*_QA.txt files")
-    return _surgical_samples(entries, frame_stride)
+    return _surgical_samples(entries, frame_stride, errors)
 
 
-def load_cholec80_vqa(data: Path, split: str, sequences: str | None = None, frame_stride: int | None = None, **_):
+def load_cholec80_vqa(data: Path, split: str, sequences: str | None = None, frame_stride: int | None = None,
+                      errors: list | None = None, **_):  # fmt: skip
     """Cholec80-VQA (Surgical-VQA / SurgicalGPT layout): `Classification/<seq>/<frame>_QA.txt` (lines
     `question|answer`) with frames `cropped_image/<seq>/<frame>.png`; test = sequences 5, 11, 12, 17, 19, 26, 27, 31,
     train = the rest. (SurgicalGPT keeps only frames whose number is a multiple of 100: --frame-stride 100.)"""
@@ -702,10 +736,10 @@ def load_cholec80_vqa(data: Path, split: str, sequences: str | None = None, fram
             frame = qa.stem.split("_")[0]
             entries.append((seq_dir.name, qa, data / "cropped_image" / seq_dir.name / f"{frame}.png",
                             seq_dir.name in wanted))  # fmt: skip
-    return _surgical_samples(entries, frame_stride)
+    return _surgical_samples(entries, frame_stride, errors)
 
 
-def load_psi_ava_vqa(data: Path, split: str, **_):
+def load_psi_ava_vqa(data: Path, split: str, errors: list | None = None, **_):
     """PSI-AVA-VQA (SurgicalGPT layout): `Train/` and `Val/` with C1_location.txt, C2_action.txt, C3_phase.txt,
     C4_step.txt (lines `image|question|answer`, image relative to `keyframes/`); `--split test` reads Val (the
     published evaluation split), `--split train` reads Train."""
@@ -722,7 +756,8 @@ def load_psi_ava_vqa(data: Path, split: str, **_):
                     continue
                 fields = line.split("|")
                 if len(fields) != 3:
-                    raise DataError(f"{path}:{n}: expected 'image|question|answer', got {line!r}")
+                    _record_error(errors, DataError(f"{path}:{n}: expected 'image|question|answer', got {line!r}"))
+                    continue
                 image, question, answer = (f.strip() for f in fields)
                 answers.add(answer)
                 if part == folder:

@@ -347,6 +347,29 @@ def test_wrong_or_missing_files_name_what_was_expected(tmp_path):
         ev.load_benchmark("omnivmed-mini", mini)
 
 
+def test_loaders_collect_record_errors_when_given_a_list(tmp_path):
+    """build_instruct_omnivmed.py reads the training splits through these loaders and passes a list: a bad record
+    is reported there and skipped, the rest is read; without the list evaluation still stops at it."""
+    endo = make_endovis18(tmp_path / "endo")
+    qa = endo / "seq_1" / "vqa" / "Classification" / "frame000_QA.txt"
+    qa.write_text(qa.read_text() + "no separator here\n")
+    errors = []
+    samples, _ = ev.load_endovis18_vqa(endo, "test", errors=errors)
+    assert len(samples) == 3 and len(errors) == 1 and "frame000_QA.txt:4: expected 'question|answer'" in errors[0]
+    with pytest.raises(ev.DataError, match="expected 'question|answer'"):
+        ev.load_endovis18_vqa(endo, "test")
+    slake = make_slake(tmp_path / "slake")
+    records = json.loads((slake / "test.json").read_text()) + [{"img_name": "x.jpg", "question": "q"}]
+    (slake / "test.json").write_text(json.dumps(records))
+    errors = []
+    assert len(ev.load_slake(slake, "test", errors=errors)) == 2 and "lacks ['answer', 'answer_type']" in errors[0]
+    m3d = make_m3d(tmp_path / "m3d")
+    (m3d / "M3D_Cap_npy" / "ct_case" / "000001" / "Axial.npy").unlink()
+    assert len(ev.load_m3d_vqa(m3d, "test", errors=[])) == 4  # the builder checks each medium itself
+    with pytest.raises(ev.DataError, match="is missing"):
+        ev.load_m3d_vqa(m3d, "test")
+
+
 # ------------------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
