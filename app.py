@@ -1,6 +1,6 @@
 """OmniV-Med demo (Gradio): upload a scan or a video, see what the model sees, ask a question.
 
-    python app.py                          # the embedded default (runs/omnivmed-default/final; trained first if missing)
+    python app.py                          # the embedded default, runs/omnivmed-default/final (trained if missing)
     python app.py --model DIR_OR_HUB_ID    # any OmniV-Med folder or Hub repo
     python app.py --model DIR --host 0.0.0.0 --port 7860 --max-new-tokens 64
 
@@ -105,9 +105,13 @@ def media_source(path: str | Path, workdir: Path) -> Path:
     return path
 
 
-def readable_error(error: Exception, upload: Path, shown_as: str) -> str:
-    """The loader's message with the server-side temporary path replaced by the name the user uploaded."""
+def readable_error(error: Exception, upload: Path, shown_as: str, unpacked: Path | None = None) -> str:
+    """The loader's message with the server-side paths replaced by the name the user uploaded (a file inside an
+    unpacked zip becomes `name.zip/inner/path`)."""
     text = str(error)
+    if unpacked is not None and unpacked != upload:
+        for long in {str(unpacked), str(unpacked.resolve())}:
+            text = text.replace(long, shown_as)
     for long in sorted({str(upload), str(upload.resolve()), str(upload.parent), str(upload.parent.resolve())},
                        key=len, reverse=True):  # fmt: skip
         text = text.replace(long + os.sep, "").replace(long, shown_as)
@@ -143,13 +147,18 @@ def build_view(upload, image_processor, plane: str = "axial", window: str = "aut
     options = {"slice_axis": plane}
     if window != "auto":
         options["window"] = window
+    source = upload
     try:
         if media is None:
-            media = image_processor.to_media(str(media_source(upload, workdir)), **options)
+            source = media_source(upload, workdir)
+            media = image_processor.to_media(str(source), **options)
         overrides = {} if threshold is None else {"prune_threshold": float(threshold)}
         batch = image_processor([media], return_tensors="pt", **overrides)
     except (ValueError, OSError, RuntimeError) as error:  # MediaError is a ValueError naming the file
-        raise ValueError(readable_error(error, upload, name)) from None
+        raise ValueError(readable_error(error, upload, name, source)) from None
+    finally:
+        if source != upload:  # an unpacked zip: the slices are in memory now
+            shutil.rmtree(source, ignore_errors=True)
     meta = batch["media_metadata"][0]
     merge, patch = int(batch["merge_sizes"][0]), image_processor.patch_size
     frames = patches_to_frames(batch["pixel_values"], batch["grid_thw"][0], merge, patch,
@@ -432,8 +441,9 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
             logger.info("unreadable upload %s: %s", name, error)
             return empty_outputs(f"**Could not read `{name}`**: {error}")
         index = new.frames.shape[0] // 2
+        label = "slice" if new.media.kind == "volume" else "frame"
         slider = gr.Slider(minimum=0, maximum=max(1, new.frames.shape[0] - 1), value=index, step=1,
-                           visible=new.frames.shape[0] > 1, label="slice" if new.media.kind == "volume" else "frame")  # fmt: skip
+                           visible=new.frames.shape[0] > 1, label=label)  # fmt: skip
         chat_reset = ([], []) if not same_file else (gr.skip(), gr.skip())
         return (new, describe_view(new, index), scan_image(new, index), model_image(new, index), strip_image(new),
                 slider, *chat_reset)  # fmt: skip
@@ -486,7 +496,8 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
                                      info="auto: the DICOM file's own window, else abdomen for CT; rgb: "
                                           "abdomen / lung / bone as three channels", elem_id="window")  # fmt: skip
                 threshold = gr.Slider(0.0, 1.0, value=default_threshold, step=0.01, label="pruning threshold",
-                                      info="0 keeps every token; 2D images are never pruned", elem_id="threshold")  # fmt: skip
+                                      info="0 keeps every token; 2D images are never pruned",
+                                      elem_id="threshold")  # fmt: skip
                 info = gr.Markdown("Upload a scan or a video, or pick an example below.", elem_id="view-info")
             with gr.Column(scale=2):
                 index = gr.Slider(0, 1, value=0, step=1, label="slice", visible=False, elem_id="slice")

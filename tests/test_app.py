@@ -94,6 +94,7 @@ def test_zip_of_a_dicom_series_is_one_volume_and_the_window_applies(holder, tmp_
     assert "lung (C -600 / W 1500)" in app.describe_view(view, 0)
     soft = app.build_view(upload, processor, "axial", "auto", None, tmp_path)
     assert not np.allclose(soft.media.frames, view.media.frames)
+    assert not list(tmp_path.glob("series-*"))  # unpacked slices are deleted once loaded
 
 
 @pytest.mark.parametrize(
@@ -101,6 +102,7 @@ def test_zip_of_a_dicom_series_is_one_volume_and_the_window_applies(holder, tmp_
     [
         ({"../escape.dcm": b"x"}, "outside the archive's folder"),
         ({}, "holds no files"),
+        ({"scans/notes.txt": b"hello"}, "no DICOM image files found"),
         (None, "not a readable zip archive"),
     ],
 )
@@ -169,20 +171,18 @@ def test_while_training_the_viewer_uses_the_processor_training_will_save(tmp_pat
 
 
 FAKE_TRAINER = """
-import sys, time
-sys.path.insert(0, sys.argv[2])
-from build_omnivmed import build_tiny
+import shutil, sys, time
 print("12:00:00 train_trl: stage 1 (alignment) from base: trains projector; 8 rows", flush=True)
 for i in range(1, 4):
     sys.stderr.write(f"\\r {i * 33}%|###| {i}/3 [00:0{i}<00:00, 1.00it/s]")
     sys.stderr.flush()
     time.sleep(0.3)
 print(flush=True)
-build_tiny(__import__("pathlib").Path(sys.argv[1]) / "final", 0)
+shutil.copytree(sys.argv[2], sys.argv[1] + "/final")  # a tiny model stands for the trained one
 """
 
 
-def test_a_missing_default_is_trained_in_the_background_with_progress_then_served(tmp_path):
+def test_a_missing_default_is_trained_in_the_background_with_progress_then_served(tiny_dir, tmp_path):
     """The training path with a stand-in for train_trl.py (the real one takes minutes): the page's status follows
     the trainer's stage and progress bar, the viewer works meanwhile, and the model is served once written."""
     import app
@@ -190,7 +190,7 @@ def test_a_missing_default_is_trained_in_the_background_with_progress_then_serve
     script = tmp_path / "fake_trainer.py"
     script.write_text(FAKE_TRAINER)
     out = tmp_path / "omnivmed-default"
-    holder = app.ModelHolder(None, output_dir=out, train_command=[sys.executable, str(script), str(out), str(ROOT)])
+    holder = app.ModelHolder(None, output_dir=out, train_command=[sys.executable, str(script), str(out), str(tiny_dir)])
     assert not holder.ready and "Training the embedded default" in holder.status()
     assert holder.image_processor() is not None  # the viewer does not wait for the model
     seen = set()
@@ -251,7 +251,8 @@ def _wait(condition, timeout: float, what: str, log=None):
             print(f"[{time.strftime('%H:%M:%S')}] {what}: ok")
             return value
         time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}" + (f"\n--- app log ---\n{log()}" if log else ""))
+    shown = f"\n--- app log ---\n{log()}" if log else ""
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{shown}")
 
 
 def test_the_app_in_headless_chromium(tiny_dir, tmp_path):
