@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import queue
 import re
@@ -211,7 +212,10 @@ def strip_image(view: View) -> Image.Image:
     r = view.report
     title = (f"{view.name}: {r['tokens_after']}/{r['tokens_before']} visual tokens kept "
              f"({100 * r['kept_fraction']:.0f} %) at threshold {view.threshold:g}")  # fmt: skip
-    return montage(view.frames, view.keep, view.block, view.labels, title)
+    t, h, w = view.frames.shape[:3]
+    tile = w * max(1, 160 // max(h, w))  # montage's own tile width
+    columns = min(t, max(math.ceil(math.sqrt(t * h / w)), math.ceil(7 * len(title) / tile)))  # room for the title
+    return montage(view.frames, view.keep, view.block, view.labels, title, columns)
 
 
 def describe_view(view: View, index: int) -> str:
@@ -445,7 +449,8 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
         slider = gr.Slider(minimum=0, maximum=max(1, new.frames.shape[0] - 1), value=index, step=1,
                            visible=new.frames.shape[0] > 1, label=label)  # fmt: skip
         chat_reset = ([], []) if not same_file else (gr.skip(), gr.skip())
-        return (new, describe_view(new, index), scan_image(new, index), model_image(new, index), strip_image(new),
+        strip = gr.Image(strip_image(new), visible=new.frames.shape[0] > 1)
+        return (new, describe_view(new, index), scan_image(new, index), model_image(new, index), strip,
                 slider, *chat_reset)  # fmt: skip
 
     def show(index, view):

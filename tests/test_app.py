@@ -350,6 +350,9 @@ def test_the_app_in_headless_chromium(tiny_dir, tmp_path):
         # the plane is still coronal: the 5 axial 16x16 slices are resliced into 16 coronal ones
         _wait(lambda: "ct5n.zip: volume, 16 coronal slices" in text_of("view-info"), 60, "the CT series", log)
         assert "CT window: dicom" in text_of("view-info")
+        browser.find_element(By.XPATH, "//button[contains(., 'ct_small.dcm')]").click()  # an example
+        _wait(lambda: "ct_small.dcm: image" in text_of("view-info"), 30, "the CT example", log)
+        assert not any(e.is_displayed() for e in browser.find_elements(By.ID, "strip"))  # one frame: no strip
         assert app_proc.poll() is None
     except BaseException:
         if browser is not None:
