@@ -8,12 +8,13 @@ On a Hugging Face Space (sdk: gradio) the Space runs `python app.py`; set the Sp
 id to serve a trained model instead of training the embedded default at start-up (~8-10 min on 2 CPU cores).
 
 Inputs: PNG / JPEG (and the other pictures Pillow reads), a single DICOM file, NIfTI (.nii, .nii.gz), a .zip of a
-DICOM series (one folder or flat; the largest series is used), or a video (MP4, AVI, MOV, WebM, MKV). Everything is
-read by the processor's own loader (`media_omnivmed.load_media`), so the demo shows what the model gets: volumes in
-RAS with the radiological display convention, sliced along the chosen plane; CT through the chosen Hounsfield window;
-videos sampled by the model's fps / frame limit. The "model view" panels are the resized frames the tower patches,
-with the token pruning of the chosen threshold drawn on them (`visualize_pruning`): pruned blocks dimmed, kept blocks
-outlined. The answer streams as it is generated (`chat_omnivmed.answer`) with that same threshold.
+DICOM series (nested folders are fine; one series per zip: the loader lists the series of a zip holding more), or a
+video (MP4, AVI, MOV, WebM, MKV). Everything is read by the processor's own loader (`media_omnivmed.load_media`), so
+the demo shows what the model gets: volumes in RAS with the radiological display convention, sliced along the chosen
+plane; CT through the chosen Hounsfield window; videos sampled by the model's fps / frame limit. The "model view"
+panels are the resized frames the tower patches, with the token pruning of the chosen threshold drawn on them
+(`visualize_pruning`): pruned blocks dimmed, kept blocks outlined. The answer streams as it is generated
+(`chat_omnivmed.answer`) with that same threshold.
 """
 
 from __future__ import annotations
@@ -431,8 +432,9 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
     def empty_outputs(message: str):
         return (None, message, None, None, None, gr.Slider(minimum=0, maximum=1, value=0, visible=False), [], [])
 
-    def load(upload, plane, window, threshold, view):
-        """(Re)load on a new upload, plane or window; recompute pruning only on a threshold change."""
+    def load(upload, plane, window, threshold, view, index):
+        """(Re)load on a new upload, plane or window; recompute pruning only on a threshold change (and stay on
+        the same slice)."""
         if upload is None:
             return empty_outputs("Upload a scan or a video, or pick an example below.")
         processor = holder.image_processor()
@@ -444,7 +446,7 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
         except ValueError as error:
             logger.info("unreadable upload %s: %s", name, error)
             return empty_outputs(f"**Could not read `{name}`**: {error}")
-        index = new.frames.shape[0] // 2
+        index = int(min(index or 0, new.frames.shape[0] - 1)) if same_file else new.frames.shape[0] // 2
         label = "slice" if new.media.kind == "volume" else "frame"
         slider = gr.Slider(minimum=0, maximum=max(1, new.frames.shape[0] - 1), value=index, step=1,
                            visible=new.frames.shape[0] > 1, label=label)  # fmt: skip
@@ -459,7 +461,7 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
         index = int(min(max(0, index or 0), view.frames.shape[0] - 1))
         return describe_view(view, index), scan_image(view, index), model_image(view, index)
 
-    def ask(question, history, messages, view, threshold, max_tokens):
+    def ask(question, history, messages, view, max_tokens):
         question = (question or "").strip()
         if not question:
             yield history, messages, gr.skip()
@@ -473,7 +475,7 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
         if view is not None and not any(m["role"] == "user" for m in messages):
             content = [{"type": view.media.kind, view.media.kind: view.media}, *content]  # media go with turn one
         turn = [*messages, {"role": "user", "content": content}]
-        threshold = None if view is None else view.threshold
+        threshold = None if view is None else view.threshold  # the one the overlay shows
         text = ""
         try:
             for text in holder.stream(turn, int(max_tokens), threshold):
@@ -524,14 +526,14 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
         if examples:
             gr.Examples([[str(p)] for p in examples], inputs=[upload], label="examples (bundled real data)")
 
-        load_inputs = [upload, plane, window, threshold, view_state]
+        load_inputs = [upload, plane, window, threshold, view_state, index]
         load_outputs = [view_state, info, scan, seen, strip, index, chatbot, messages_state]
         upload.change(load, load_inputs, load_outputs)
         plane.change(load, load_inputs, load_outputs)
         window.change(load, load_inputs, load_outputs)
-        threshold.release(load, load_inputs, load_outputs)
+        threshold.change(load, load_inputs, load_outputs, trigger_mode="always_last")  # drag, keys or typing
         index.change(show, [index, view_state], [info, scan, seen], show_progress="hidden")
-        ask_inputs = [question, chatbot, messages_state, view_state, threshold, max_tokens]
+        ask_inputs = [question, chatbot, messages_state, view_state, max_tokens]
         ask_outputs = [chatbot, messages_state, question]
         question.submit(ask, ask_inputs, ask_outputs, concurrency_limit=1)
         ask_button.click(ask, ask_inputs, ask_outputs, concurrency_limit=1)
@@ -562,6 +564,7 @@ def main(argv=None):
     parser.add_argument("--share", action="store_true", help="a public gradio.live link (needs the network)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up checks of its local URL
     if args.model is not None and not Path(args.model).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
         parser.error(f"--model {args.model}: no such folder (and HF_HUB_OFFLINE=1, so no Hub download)")
 

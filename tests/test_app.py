@@ -331,6 +331,18 @@ def test_the_app_in_headless_chromium(tiny_dir, tmp_path):
         browser.save_screenshot(str(shot))
         print(f"\nscreenshot: {shot}\nanswer: {answer!r}")
 
+        # a higher pruning threshold: fewer tokens kept, same slice shown
+        kept_before = text_of("view-info").split("visual tokens kept: ")[1].split(" ")[0]
+        threshold = browser.find_element(By.CSS_SELECTOR, "#threshold input[type=range]")
+        browser.execute_script("arguments[0].focus()", threshold)
+        for _ in range(10):
+            threshold.send_keys(Keys.ARROW_RIGHT)
+        _wait(lambda: "at threshold 0.2" in text_of("view-info"), 30, "threshold 0.2", log)
+        info = text_of("view-info")
+        assert f"slice {start + 3} of 32" in info
+        kept_after = info.split("visual tokens kept: ")[1].split(" ")[0]
+        assert int(kept_after.split("/")[0]) < int(kept_before.split("/")[0]), (kept_before, kept_after)
+
         # a bad upload shows the loader's message; the next upload is served as usual
         bad = tmp_path / "broken.nii.gz"
         bad.write_bytes(b"not a nifti" * 20)
