@@ -60,7 +60,8 @@ WINDOWS = ["auto", *WINDOW_PRESETS, "rgb"]
 # a zip of a DICOM series is unpacked on the server: bound what one upload may unpack to
 ZIP_MAX_FILES = 5000
 ZIP_MAX_BYTES = 2 * 1024**3
-VIEW_SIDE = 384  # shortest side, in screen pixels, of the slice panels
+VIEW_SIDE = 448  # longest side, in screen pixels, of the slice panels
+STRIP_TILE = 150  # least width, in pixels, of a slice / frame in the strip (room for its label)
 # radiological display (media_omnivmed): the letters at the top / bottom / left / right edges of a slice
 ORIENTATION_LETTERS = {
     "axial": ("A", "P", "R", "L"),
@@ -183,7 +184,7 @@ def scan_image(view: View, index: int) -> Image.Image:
     """Slice / frame `index` at the loaded resolution, scaled for the screen, with orientation letters for volumes."""
     frame = view.media.frames[index]
     image = Image.fromarray((np.clip(frame, 0, 1) * 255).round().astype(np.uint8))
-    scale = VIEW_SIDE / min(image.size)
+    scale = VIEW_SIDE / max(image.size)
     if scale > 1:
         image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
     metadata = view.media.metadata or {}
@@ -200,7 +201,7 @@ def scan_image(view: View, index: int) -> Image.Image:
 def model_image(view: View, index: int) -> Image.Image:
     """Frame `index` as the tower sees it, pruned blocks dimmed and kept blocks outlined, scaled for the screen."""
     h, w = view.frames.shape[1:3]
-    scale = max(1, VIEW_SIDE // min(h, w))
+    scale = max(1, VIEW_SIDE // max(h, w))
     frames = np.repeat(np.repeat(view.frames[index : index + 1], scale, 1), scale, 2)  # crisp blocks when enlarged
     kept, total = int(view.keep[index].sum()), view.keep[index].size
     title = f"model view: {kept}/{total} tokens kept here"
@@ -214,9 +215,10 @@ def strip_image(view: View) -> Image.Image:
     title = (f"{view.name}: {r['tokens_after']}/{r['tokens_before']} visual tokens kept "
              f"({100 * r['kept_fraction']:.0f} %) at threshold {view.threshold:g}")  # fmt: skip
     t, h, w = view.frames.shape[:3]
-    tile = w * max(1, 160 // max(h, w))  # montage's own tile width
-    columns = min(t, max(math.ceil(math.sqrt(t * h / w)), math.ceil(7 * len(title) / tile)))  # room for the title
-    return montage(view.frames, view.keep, view.block, view.labels, title, columns)
+    scale = max(1, math.ceil(STRIP_TILE / w))
+    frames = np.repeat(np.repeat(view.frames, scale, 1), scale, 2)  # montage then leaves them as they are
+    columns = min(t, max(math.ceil(math.sqrt(t * h / w)), math.ceil(7 * len(title) / (w * scale))))  # title fits
+    return montage(frames, view.keep, view.block * scale, view.labels, title, columns)
 
 
 def describe_view(view: View, index: int) -> str:
