@@ -204,7 +204,7 @@ def model_image(view: View, index: int) -> Image.Image:
     scale = max(1, VIEW_SIDE // max(h, w))
     frames = np.repeat(np.repeat(view.frames[index : index + 1], scale, 1), scale, 2)  # crisp blocks when enlarged
     kept, total = int(view.keep[index].sum()), view.keep[index].size
-    title = f"model view: {kept}/{total} tokens kept here"
+    title = f"the model sees {kept}/{total} tokens"
     return montage(frames, view.keep[index : index + 1], view.block * scale, [view.labels[index]], title, columns=1)
 
 
@@ -513,10 +513,10 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
                 with gr.Row():
                     scan = gr.Image(label="scan (display orientation)", type="pil", interactive=False,
                                     format="png", elem_id="scan")  # fmt: skip
-                    seen = gr.Image(label="what the model sees (kept blocks outlined)", type="pil",
-                                    interactive=False, format="png", elem_id="model-view")  # fmt: skip
+                    seen = gr.Image(label="what the model sees (kept blocks outlined)", type="pil", show_label=False,
+                                    interactive=False, format="png", elem_id="model-view")  # its title is drawn
                 strip = gr.Image(label="all slices / frames given to the model", type="pil", interactive=False,
-                                 format="png", elem_id="strip")  # fmt: skip
+                                 show_label=False, format="png", elem_id="strip")  # its title is drawn
         with gr.Row():
             with gr.Column():
                 chatbot = gr.Chatbot(label="answer", height=260, elem_id="chat")

@@ -285,7 +285,7 @@ def test_the_app_in_headless_chromium(tiny_dir, tmp_path):
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1400,1900", f"--user-data-dir={tmp_path / 'chromium-profile'}"):  # fmt: skip
+                "--window-size=1400,2400", f"--user-data-dir={tmp_path / 'chromium-profile'}"):  # fmt: skip
         options.add_argument(arg)
     browser = None
     try:
