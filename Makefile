@@ -1,11 +1,12 @@
-# `make test` and `make demo` each set up their own venv from requirements.txt on a fresh machine.
+# `make test` and `make demo` each set up their own venv from requirements.txt on a fresh machine; `make test` and
+# `make app` add requirements-demo.txt (Gradio + Selenium, installed with --no-deps: see that file).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: test demo venv clean
+.PHONY: test demo app venv demo-venv clean
 
 venv: $(VENV)/.installed
 
@@ -15,11 +16,20 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-test: venv
+demo-venv: $(VENV)/.installed-demo
+
+$(VENV)/.installed-demo: requirements-demo.txt $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps -r requirements-demo.txt
+	touch $@
+
+test: venv demo-venv
 	$(PY) -m pytest -q tests
 
 demo: venv
 	$(PY) train_trl.py
+
+app: demo-venv
+	$(PY) app.py
 
 clean:
 	rm -rf $(VENV) runs
