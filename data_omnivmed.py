@@ -46,8 +46,11 @@ import numpy as np
 
 logger = logging.getLogger("data_omnivmed")
 
-# The tiny model trains at a small pixel budget: 2D images up to 112x112 (<= 8x8 patches -> 16 tokens), slices and
-# frames up to 84x84 (<= 6x6 patches -> 9 tokens each), 12 slices per volume, 8 frames per video.
+# The tiny model trains at a small pixel budget: 2D images at 56x56 (4x4 patches -> 2x2 visual tokens), slices and
+# frames within 56x56 (<= 2x2 tokens each, fewer after pruning), 8 slices per volume, 8 frames per video. With 2x2
+# tokens each token's own pixels show which side of the brain it holds (the brain's edge); with a 4x4 grid the inner
+# columns look alike and the tiny model, whose positions are all relative (RoPE in the tower and in the LLM), could not
+# tell left from right within the budget.
 IMAGE_SIZE = 56  # 2D images: 56x56 = 4x4 patches of 14 = 2x2 visual tokens
 DEFAULT_PROCESSOR = dict(max_pixels=56 * 56, video_max_pixels=56 * 56, max_slices=8, max_frames=8, fps=2.0)
 DEFAULT_TRAINING = dict(
@@ -673,6 +676,43 @@ def _video_rows(rng, items, root: Path) -> list[dict]:
     ]
 
 
+def _media_key(row: dict) -> str:
+    if "messages" in row:
+        return json.dumps(row["messages"][0]["content"][0], sort_keys=True)  # the media block, load options included
+    return json.dumps({k: row[k] for k in ("image", "volume", "video") if k in row}, sort_keys=True)
+
+
+def multi_turn(rng, rows: list[dict]) -> list[dict]:
+    """Training rows: every question about one media item (same file, same load options) in one conversation, in a
+    random order, the media attached to the first turn. One encoding of the pixels then supervises several answers,
+    which is what lets the tiny model learn the questions that need the pixels' details within the CPU budget.
+    Held-out rows stay single-turn, as they are scored."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(_media_key(row), []).append(row)
+    merged = []
+    for group in groups.values():
+        group = [group[i] for i in rng.permutation(len(group))]
+        first = group[0]
+        if "messages" in first:
+            messages = []
+            for i, row in enumerate(group):
+                user, assistant = row["messages"]
+                content = user["content"] if i == 0 else [b for b in user["content"] if b["type"] == "text"]
+                messages += [{"role": "user", "content": content}, assistant]
+            out = {**first, "messages": messages}
+        else:
+            turns = []
+            for i, row in enumerate(group):
+                human, gpt = row["conversations"]
+                value = human["value"] if i == 0 else human["value"].split("\n", 1)[1]  # the <image> tag once
+                turns += [{"from": "human", "value": value}, gpt]
+            out = {**first, "conversations": turns}
+        out.update(task="+".join(r["task"] for r in group), answer=" / ".join(r["answer"] for r in group))
+        merged.append(out)
+    return merged
+
+
 def _write_jsonl(path: Path, rows: list[dict]):
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
@@ -689,7 +729,7 @@ def build_default_dataset(root: Path, seed: int = 0, size: str = "full") -> dict
     previous build with the same seed and size is there). Returns `default_paths(root)`."""
     root = Path(root).resolve()
     manifest = root / "manifest.json"
-    wanted = {"seed": seed, "size": size, "version": 2, "processor": DEFAULT_PROCESSOR}
+    wanted = {"seed": seed, "size": size, "version": 3, "processor": DEFAULT_PROCESSOR}
     if manifest.exists() and json.loads(manifest.read_text()).get("build") == wanted:
         logger.info("embedded default dataset already built in %s", root)
         return default_paths(root)
@@ -735,14 +775,15 @@ def build_default_dataset(root: Path, seed: int = 0, size: str = "full") -> dict
 
     train = splits["train"]
     rng = np.random.default_rng([seed, 2])
-    replay = [train["rows2d"][i] for i in rng.permutation(len(train["rows2d"]))[: n["replay2d"]]]
-    stage3 = train["rows3d"] + train["video"] + replay
-    for rows in (train["captions"], train["rows2d"], stage3):
+    rows2d = multi_turn(rng, train["rows2d"])
+    replay = [rows2d[i] for i in rng.permutation(len(rows2d))[: n["replay2d"]]]
+    stage3 = multi_turn(rng, train["rows3d"]) + train["video"] + replay
+    for rows in (train["captions"], rows2d, stage3):
         rng.shuffle(rows)
     evaluation = splits["eval"]["rows2d"] + splits["eval"]["rows3d"] + splits["eval"]["video"]
     paths = default_paths(root)
     _write_jsonl(paths["stage1"], train["captions"])
-    _write_jsonl(paths["stage2"], train["rows2d"])
+    _write_jsonl(paths["stage2"], rows2d)
     _write_jsonl(paths["stage3"], stage3)
     _write_jsonl(paths["eval"], evaluation)
     counts = {name: sum(1 for _ in open(p)) for name, p in paths.items()}

@@ -457,6 +457,8 @@ def test_embedded_default_labels_match_the_pixels(tmp_path):
     root = tmp_path / "data"
     paths = d.build_default_dataset(root, seed=0, size="small")
     rows = [json.loads(line) for p in (paths["stage2"], paths["stage3"], paths["eval"]) for line in open(p)]
+    # training rows are multi-turn (every question about one item in one conversation): check each turn
+    rows = [{**r, "task": t, "answer": a} for r in rows for t, a in zip(r["task"].split("+"), r["answer"].split(" / "))]
     tasks = {(r["task"], r["kind"]) for r in rows}
     assert {("lesion", "image"), ("side", "image"), ("modality", "image"), ("plane", "image"), ("lesion", "volume"),
             ("side", "volume"), ("level", "volume"), ("plane", "volume"), ("modality", "volume"),
@@ -495,6 +497,39 @@ def test_embedded_default_labels_match_the_pixels(tmp_path):
             dy, dx = centres[-1] - centres[0]
             expected = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
             assert expected == row["answer"], (row["video"], dy, dx)
+
+
+def test_embedded_default_training_rows_are_multi_turn(tmp_path):
+    """Every training question of an item sits in one conversation, media attached once, each answer supervised;
+    held-out rows stay single-turn."""
+    import data_omnivmed as d
+
+    single = [
+        d._llava("image", "a.png", "Is there a lesion?", "yes", "lesion", source="s"),
+        d._llava("image", "b.png", "Is there a lesion?", "no", "lesion", source="s"),
+        d._llava("image", "a.png", "Which side?", "left", "side", source="s"),
+        d._messages("volume", {"path": "v.nii.gz"}, "Which level?", "upper", "level", source="s"),
+        d._messages("volume", {"path": "v.nii.gz", "slice_axis": "coronal"}, "Plane?", "coronal", "plane", source="s"),
+        d._messages("volume", {"path": "v.nii.gz"}, "Is there a lesion?", "yes", "lesion", source="s"),
+    ]
+    merged = d.multi_turn(np.random.default_rng(0), single)
+    assert len(merged) == 4  # a.png, b.png, v.nii.gz axial, v.nii.gz coronal
+    a = next(r for r in merged if r.get("image") == "a.png")
+    humans = [t["value"] for t in a["conversations"] if t["from"] == "human"]
+    assert len(humans) == 2 and humans[0].startswith("<image>\n") and "<image>" not in humans[1]
+    assert sorted(t["value"] for t in a["conversations"] if t["from"] == "gpt") == ["left", "yes"]
+    v = next(r for r in merged if "messages" in r and r["task"].count("+") == 1)
+    media = [b for m in v["messages"] for b in m["content"] if b["type"] != "text"]
+    assert media == [{"type": "volume", "path": "v.nii.gz"}] and len(v["messages"]) == 4
+    assert sorted(v["answer"].split(" / ")) == ["upper", "yes"]
+
+    root = tmp_path / "data"
+    paths = d.build_default_dataset(root, seed=0, size="small")
+    train = [json.loads(line) for p in (paths["stage2"], paths["stage3"]) for line in open(p)]
+    held_out = [json.loads(line) for line in open(paths["eval"])]
+    assert any("+" in r["task"] for r in train) and not any("+" in r["task"] for r in held_out)
+    keys = [d._media_key(r) for r in train if r["kind"] != "image"]
+    assert len(keys) == len(set(keys))  # one conversation per volume / video (and its load options)
 
 
 def test_config_files_parse():
