@@ -119,6 +119,38 @@ def test_packed_batch_equals_each_alone():
         offset += n
 
 
+@pytest.mark.parametrize("scope", ["frame", "clip"])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_chunked_tower_equals_whole(scope, impl):
+    """Encoding in runs of whole segments (a long video's memory bound) gives the whole sequence's features, for a
+    mixed batch whose segments come in several lengths, interleaved, with and without a patch keep mask."""
+    grids = [[1, 4, 6], [5, 4, 4], [1, 2, 2], [3, 4, 4], [1, 8, 2]]
+    pv, grid = visual_inputs(grids)
+    merge = torch.full((len(grids),), 2)
+    keep = torch.rand(pv.shape[0], generator=torch.Generator().manual_seed(2)) > 0.3
+    results = {}
+    for max_patches in (0, 16, 40, 1):  # 1: every segment alone; 40 never divides the segments evenly
+        model = make_model(vision_config={"attention_scope": scope, "max_patches_per_chunk": max_patches})
+        model.set_attn_implementation(impl)
+        results[max_patches] = [
+            tower(model)(pv, grid, merge_sizes=merge, patch_keep_mask=mask).last_hidden_state for mask in (None, keep)
+        ]
+    for max_patches in (16, 40, 1):
+        for whole, chunked in zip(results[0], results[max_patches]):
+            torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_chunk_segments_cuts_at_segment_boundaries():
+    from omnivmed.modeling_omnivmed import chunk_segments
+
+    lengths = torch.tensor([4, 4, 0, 10, 3, 3, 3])
+    runs = chunk_segments(lengths, 8)
+    assert [(a, b, c.tolist()) for a, b, c in runs] == [(0, 8, [4, 4]), (8, 18, [10]), (18, 24, [3, 3]), (24, 27, [3])]
+    assert [(a, b) for a, b, _ in chunk_segments(lengths, 0)] == [(0, 27)]
+    with pytest.raises(ValueError, match="max_patches_per_chunk"):
+        OmniVMedConfig(**tiny_config_dict(vision_config={"max_patches_per_chunk": -1}))
+
+
 def test_eager_and_sdpa_agree():
     model = make_model()
     pv, grid = visual_inputs([[1, 4, 6], [3, 4, 4]])
