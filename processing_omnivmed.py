@@ -444,13 +444,17 @@ class OmniVMedImageProcessor(BaseImageProcessor):
                     x = torch.from_numpy(np.ascontiguousarray(frames[f0 : f0 + chunk], dtype=np.float32))
                 x = x.permute(0, 3, 1, 2)  # (n, 3, H, W)
                 if x.shape[-2:] != (h, w):
-                    x = F.interpolate(x, size=(h, w), **resize).clamp_(0.0, 1.0)
-                x = (x - mean) / std
+                    # the resampling kernel runs ~1.5x faster on planar (n, 3, H, W) memory than on this strided view
+                    x = F.interpolate(x.contiguous(), size=(h, w), **resize).clamp_(0.0, 1.0)
+                    x = x.sub_(mean).div_(std)  # a fresh tensor: normalise in place
+                else:
+                    x = (x - mean) / std  # x may share memory with the caller's frames
                 n = x.shape[0]
-                # (n, C, gh/m, m, p, gw/m, m, p) -> (n, gh/m, gw/m, m, m, C, p, p): merge-block order, (C, p, p) flat
+                # (n, C, gh/m, m, p, gw/m, m, p) -> (n, gh/m, gw/m, m, m, C, p, p): merge-block order, (C, p, p) flat,
+                # copied once, straight into the output rows
                 x = x.reshape(n, 3, gh // merge, merge, p, gw // merge, merge, p).permute(0, 2, 5, 3, 6, 1, 4, 7)
                 rows = slice(offset + f0 * per_frame, offset + (f0 + n) * per_frame)
-                pixel_values[rows] = x.reshape(n * per_frame, patch_dim)
+                pixel_values[rows].view(x.shape).copy_(x)
             patch_positions[offset : offset + t * per_frame] = patch_grid_positions(t, gh, gw, merge)
             offset += t * per_frame
             grids.append([t, gh, gw])
