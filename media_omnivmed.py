@@ -485,6 +485,8 @@ def _window_info(windows) -> list[dict]:
 def _check_finite(data: np.ndarray, label: str, policy: str, warnings: list[str]) -> np.ndarray:
     if not np.issubdtype(data.dtype, np.floating):
         return data
+    if np.isfinite(data.sum(dtype=np.float64)):  # one reduction, no mask: any NaN/inf would make the sum non-finite
+        return data
     bad = ~np.isfinite(data)
     n_bad = int(bad.sum())
     if n_bad == 0:
@@ -513,7 +515,8 @@ def _normalise(
         out = np.stack(chans if len(chans) == 3 else chans * 3, axis=-1)
         return out, {"method": "window", "windows": _window_info(windows)}
     if bit_scale is not None:
-        out, info = np.clip(data / bit_scale, 0.0, 1.0), {"method": "scale", "divisor": float(bit_scale)}
+        out, info = data / np.float32(bit_scale), {"method": "scale", "divisor": float(bit_scale)}
+        np.clip(out, 0.0, 1.0, out=out)
     else:
         out, info = _percentile_normalise(data, percentiles, warnings)
     if not color:
