@@ -23,6 +23,10 @@ class OmniVMedVisionConfig(PreTrainedConfig):
     attention_scope (`str`, defaults to `"frame"`):
         `"frame"`: attention limited to each image / slice / frame; `"clip"`: to each whole volume or video, which
         is where the t axis matters inside the tower.
+    max_patches_per_chunk (`int`, defaults to 8192):
+        The tower encodes the packed sequence in runs of whole attention segments of at most this many patches
+        (a longer segment runs alone; 0 = all at once). Same result, bounded activation memory and time linear in
+        the length of a long video.
     """
 
     model_type = "omnivmed_vision"
@@ -40,6 +44,7 @@ class OmniVMedVisionConfig(PreTrainedConfig):
     rope_theta: float = 10000.0
     rope_axes_dims: list[int] | None = None
     attention_scope: str = "frame"
+    max_patches_per_chunk: int = 8192
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
@@ -63,6 +68,8 @@ class OmniVMedVisionConfig(PreTrainedConfig):
             )
         if self.attention_scope not in ("frame", "clip"):
             raise ValueError(f"attention_scope must be 'frame' or 'clip', got {self.attention_scope!r}")
+        if self.max_patches_per_chunk < 0:
+            raise ValueError(f"max_patches_per_chunk must be >= 0 (0 = no chunking), got {self.max_patches_per_chunk}")
         super().__post_init__(**kwargs)
 
     @property

@@ -60,6 +60,9 @@ class PackedSegments:
     cu_seqlens: torch.Tensor  # (S + 1,) int32, for flash-attention varlen
     max_seqlen: int
     groups: list[torch.Tensor]  # for eager/sdpa: (G, L) token indices of G segments of equal length L
+    # per group: the first row when its G segments lie back to back (rows start .. start + G*L), else None; such a
+    # group is read as a view instead of gathered and scattered (a video's frames are one such group)
+    group_starts: list[int | None]
 
     @classmethod
     def from_lengths(cls, lengths: torch.Tensor) -> "PackedSegments":
@@ -67,12 +70,15 @@ class PackedSegments:
         cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=lengths.device)
         cu[1:] = torch.cumsum(lengths, 0)
         starts = cu[:-1].long()
-        groups = []
+        groups, group_starts = [], []
         # segments of one length run as one batch, so a video's frames cost one attention call, not one each
         for length in torch.unique(lengths).tolist():
             seg_starts = starts[lengths == length]
             groups.append(seg_starts[:, None] + torch.arange(length, device=lengths.device)[None, :])
-        return cls(cu_seqlens=cu, max_seqlen=int(lengths.max()) if lengths.numel() else 0, groups=groups)
+            back_to_back = bool((torch.diff(seg_starts) == length).all())
+            group_starts.append(int(seg_starts[0]) if back_to_back else None)
+        max_seqlen = int(lengths.max()) if lengths.numel() else 0
+        return cls(cu_seqlens=cu, max_seqlen=max_seqlen, groups=groups, group_starts=group_starts)
 
 
 class OmniVMedVisionRotaryEmbedding(nn.Module):
@@ -185,10 +191,11 @@ class OmniVMedVisionAttention(nn.Module):
             )
             out = out.reshape(n, -1)
         else:
-            out = q.new_empty(n, self.num_heads, self.head_dim)
-            for index in segments.groups:  # (G, L): G segments of length L batched together, no N x N mask
+            out = None
+            for index, start in zip(segments.groups, segments.group_starts):
+                # (G, L): G segments of length L batched together, no N x N mask
                 g, length = index.shape
-                flat = index.reshape(-1)
+                flat = index.reshape(-1) if start is None else slice(start, start + g * length)
 
                 def gather(x):
                     return x[flat].view(g, length, self.num_heads, self.head_dim).transpose(1, 2)
@@ -204,8 +211,14 @@ class OmniVMedVisionAttention(nn.Module):
                     is_causal=False,
                     **kwargs,
                 )
-                out[flat] = group_out.reshape(g * length, self.num_heads, self.head_dim)
-            out = out.reshape(n, -1)
+                group_out = group_out.reshape(g * length, self.num_heads, self.head_dim)
+                if g * length == n:  # one group holds every row (e.g. frames of one size): no scatter
+                    out = group_out
+                    break
+                if out is None:
+                    out = q.new_empty(n, self.num_heads, self.head_dim)
+                out[flat] = group_out
+            out = (q.new_empty(n, self.num_heads, self.head_dim) if out is None else out).reshape(n, -1)
         return self.out_proj(out)
 
 
@@ -294,14 +307,35 @@ class OmniVMedVisionModel(OmniVMedPreTrainedModel):
             patch_keep_mask = patch_keep_mask.to(pixel_values.device).bool()
             pixel_values = pixel_values[patch_keep_mask]
             patch_positions = patch_positions[patch_keep_mask]
-        segments = PackedSegments.from_lengths(
-            segment_lengths(grid_thw, self.config.attention_scope, patch_keep_mask)
-        )
-        hidden_states = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
-        position_embeddings = self.rotary_emb(patch_positions)
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, position_embeddings, segments, **kwargs)
-        return BaseModelOutput(last_hidden_state=self.post_layernorm(hidden_states))
+        lengths = segment_lengths(grid_thw, self.config.attention_scope, patch_keep_mask)
+        chunks = []
+        for start, end, chunk_lengths in chunk_segments(lengths, self.config.max_patches_per_chunk):
+            segments = PackedSegments.from_lengths(chunk_lengths)
+            hidden_states = self.patch_embedding(pixel_values[start:end].to(self.patch_embedding.weight.dtype))
+            position_embeddings = self.rotary_emb(patch_positions[start:end])
+            for layer in self.layers:
+                hidden_states = layer(hidden_states, position_embeddings, segments, **kwargs)
+            chunks.append(self.post_layernorm(hidden_states))
+        return BaseModelOutput(last_hidden_state=chunks[0] if len(chunks) == 1 else torch.cat(chunks))
+
+
+def chunk_segments(lengths: torch.Tensor, max_patches: int) -> list[tuple[int, int, torch.Tensor]]:
+    """Cut a packed sequence into runs of whole segments of at most `max_patches` rows (a longer segment runs
+    alone; 0 = one run): (start row, end row, segment lengths) per run. Every op of the tower is per row or per
+    segment, so the runs give the same result as the whole sequence while its activations (e.g. a 1-hour video's
+    230k patches) never exist all at once, and the tensors stay small enough to be reused from the allocator."""
+    lengths = lengths[lengths > 0]
+    total = int(lengths.sum())
+    if max_patches <= 0 or total <= max_patches:
+        return [(0, total, lengths)]
+    runs, start, first = [], 0, 0
+    ends = torch.cumsum(lengths, 0).tolist()
+    for i, end in enumerate(ends):
+        # close the run before segment i + 1 if adding it would overflow
+        if i + 1 == len(ends) or ends[i + 1] - start > max_patches:
+            runs.append((start, end, lengths[first : i + 1]))
+            start, first = end, i + 1
+    return runs
 
 
 def validate_visual_inputs(pixel_values, grid_thw, patch_dim, patch_positions=None, patch_keep_mask=None):

@@ -120,6 +120,53 @@ def time_arms(model, arms: dict, repeats: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def run(configs=("tiny",), repeats: int = 3, quick: bool = False) -> list:
+    """The measurements of `main` as rows of BENCHMARKS.md (bench/run_all.py)."""
+    import nilearn
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import Row
+
+    slices, seconds = (6, 4) if quick else (256, 64)
+    tokenizer = build_omnivmed.build_tiny_tokenizer()
+    processor = OmniVMedProcessor(
+        OmniVMedImageProcessor(video_max_pixels=224 * 224, max_slices=slices, max_frames=seconds), tokenizer
+    )
+    workdir = Path(tempfile.mkdtemp())
+    media = {
+        ("MNI152 T1, axial, every 1 mm slice (189)" if not quick else f"MNI152 T1, axial, {slices} slices"): {
+            "type": "volume", "path": str(Path(nilearn.__file__).parent / "datasets/data" / MNI)
+        },
+        f"static-camera video, {seconds} s at 1 fps, 224 px": {
+            "type": "video", "path": str(write_instrument_video(workdir / "instrument.mp4", seconds=seconds))
+        },
+    }
+    rows = []
+    for config_name in configs:
+        model = model_for(config_name, tokenizer)
+        for name, block in media.items():
+            full = inputs_for(processor, block, 0.0)
+            pruned = inputs_for(processor, block, None)
+            kept = pruned["visual_keep_mask"]
+            times = time_arms(
+                model,
+                {"unpruned": (full, "post_encoder"), "post": (pruned, "post_encoder"), "pre": (pruned, "pre_encoder")},
+                1 if quick else repeats,
+            )
+            for stage in ("post", "pre"):
+                ratio = times["unpruned"] / times[stage]
+                rows.append(
+                    Row(
+                        "Pruning", f"{name}, {config_name} config: forward speed-up, {stage}-encoder pruning",
+                        f"{100 * kept.float().mean():.1f} % of {kept.numel()} tokens kept; "
+                        f"{times['unpruned']:.2f} s unpruned vs {times[stage]:.2f} s pruned",
+                        ratio, "-", None, f"python bench/bench_pruning.py --configs {config_name}",
+                        "whole model forward (tower + projector + LLM prefill); ratio = unpruned / pruned",
+                    )
+                )
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="tiny,mid")

@@ -119,6 +119,68 @@ def test_packed_batch_equals_each_alone():
         offset += n
 
 
+@pytest.mark.parametrize("scope", ["frame", "clip"])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_chunked_tower_equals_whole(scope, impl):
+    """Encoding in runs of whole segments (a long video's memory bound) gives the whole sequence's features, for a
+    mixed batch whose segments come in several lengths, interleaved, with and without a patch keep mask."""
+    grids = [[1, 4, 6], [5, 4, 4], [1, 2, 2], [3, 4, 4], [1, 8, 2]]
+    pv, grid = visual_inputs(grids)
+    merge = torch.full((len(grids),), 2)
+    keep = torch.rand(pv.shape[0], generator=torch.Generator().manual_seed(2)) > 0.3
+    results = {}
+    for max_patches in (0, 16, 40, 1):  # 1: every segment alone; 40 never divides the segments evenly
+        model = make_model(vision_config={"attention_scope": scope, "max_patches_per_chunk": max_patches})
+        model.set_attn_implementation(impl)
+        results[max_patches] = [
+            tower(model)(pv, grid, merge_sizes=merge, patch_keep_mask=mask).last_hidden_state for mask in (None, keep)
+        ]
+    for max_patches in (16, 40, 1):
+        for whole, chunked in zip(results[0], results[max_patches]):
+            torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_video_through_processor_equals_whole():
+    """A short video through the processor and the model's visual features (tower + pruning): encoding it a few
+    frames at a time keeps the same keep mask and gives the same features as encoding it whole."""
+    import numpy as np
+
+    from build_omnivmed import build_tiny_tokenizer, tiny_model
+    from omnivmed.media_omnivmed import Media
+    from omnivmed.processing_omnivmed import OmniVMedImageProcessor
+
+    rng = np.random.default_rng(0)
+    frames = np.repeat(rng.random((1, 56, 56, 3), dtype=np.float32), 12, axis=0)
+    for f in range(12):  # a square moving across a static scene: pruning keeps a few blocks per frame
+        frames[f, 10:26, 3 * f : 3 * f + 16] = 0.9
+    inputs = OmniVMedImageProcessor(video_max_pixels=56 * 56)(
+        [Media(frames=frames, kind="video", source="moving-square")], return_tensors="pt"
+    )
+    keep = inputs["visual_keep_mask"]
+    assert 0 < int(keep.sum()) < keep.numel()
+    model = tiny_model(build_tiny_tokenizer(), seed=0)
+    args = [inputs[k] for k in ("pixel_values", "grid_thw", "merge_sizes", "patch_positions")]
+    out = {}
+    with torch.inference_mode():
+        for max_patches in (0, 3 * 16):  # whole, 3 frames of 4x4 patches per run
+            model.config.vision_config.max_patches_per_chunk = max_patches
+            features, model_keep, _ = model.model.get_visual_features(*args)  # the model recomputes the mask
+            out[max_patches] = features, model_keep
+    assert torch.equal(out[48][1], out[0][1]) and torch.equal(out[0][1], keep)
+    torch.testing.assert_close(out[48][0], out[0][0], atol=1e-5, rtol=1e-5)
+
+
+def test_chunk_segments_cuts_at_segment_boundaries():
+    from omnivmed.modeling_omnivmed import chunk_segments
+
+    lengths = torch.tensor([4, 4, 0, 10, 3, 3, 3])
+    runs = chunk_segments(lengths, 8)
+    assert [(a, b, c.tolist()) for a, b, c in runs] == [(0, 8, [4, 4]), (8, 18, [10]), (18, 24, [3, 3]), (24, 27, [3])]
+    assert [(a, b) for a, b, _ in chunk_segments(lengths, 0)] == [(0, 27)]
+    with pytest.raises(ValueError, match="max_patches_per_chunk"):
+        OmniVMedConfig(**tiny_config_dict(vision_config={"max_patches_per_chunk": -1}))
+
+
 def test_eager_and_sdpa_agree():
     model = make_model()
     pv, grid = visual_inputs([[1, 4, 6], [3, 4, 4]])

@@ -612,3 +612,20 @@ def test_png_nifti_and_mp4_files_in_one_batch_through_the_model(tokenizer, tmp_p
     with torch.no_grad():
         out = model(**inputs)
     assert out.visual_keep_mask.sum() == n_visual and torch.isfinite(out.logits).all()
+
+
+@pytest.mark.parametrize("kind,shape", [("image", (1, 300, 500)), ("volume", (5, 90, 70))])
+def test_grayscale_is_resampled_once_with_the_same_result(monkeypatch, kind, shape):
+    """Grayscale frames (replicated to 3 channels) take a one-channel resampling path: bitwise what the 3-channel
+    path gives; colour frames are not mistaken for grayscale."""
+    import omnivmed.processing_omnivmed as processing
+
+    gray = np.repeat(random_frames(*shape)[..., :1], 3, axis=-1)
+    colour = gray.copy()
+    colour[-1, 5, 7, 2] = 0.0  # one channel differs in one pixel of the last frame
+    assert processing._is_gray(gray) and not processing._is_gray(colour)
+    processor = OmniVMedImageProcessor(max_pixels=224 * 224, video_max_pixels=56 * 56)
+    fast = processor([media(gray, kind)], return_tensors="pt")["pixel_values"]
+    monkeypatch.setattr(processing, "_is_gray", lambda frames: False)
+    slow = processor([media(gray, kind)], return_tensors="pt")["pixel_values"]
+    assert torch.equal(fast, slow)
