@@ -23,6 +23,12 @@ class OmniVMedVisionConfig(PreTrainedConfig):
     attention_scope (`str`, defaults to `"frame"`):
         `"frame"`: attention limited to each image / slice / frame; `"clip"`: to each whole volume or video, which
         is where the t axis matters inside the tower.
+    position_embedding (`str`, defaults to `"rope"`):
+        `"rope"`: rotary embeddings on q/k over (t, h, w) (the model). `"learned"`: no RoPE; a learned absolute
+        (S x S x D) table, bilinearly interpolated to each frame's (h, w) patch grid and added after the patch
+        embedding, as SigLIP-based towers do (t gets nothing). Exists for the ablation of `ablate_omnivmed.py`.
+    position_table_size (`int`, defaults to 16):
+        S, the side of the learned table (used only with `position_embedding="learned"`).
     """
 
     model_type = "omnivmed_vision"
@@ -40,6 +46,8 @@ class OmniVMedVisionConfig(PreTrainedConfig):
     rope_theta: float = 10000.0
     rope_axes_dims: list[int] | None = None
     attention_scope: str = "frame"
+    position_embedding: str = "rope"
+    position_table_size: int = 16
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
@@ -63,6 +71,10 @@ class OmniVMedVisionConfig(PreTrainedConfig):
             )
         if self.attention_scope not in ("frame", "clip"):
             raise ValueError(f"attention_scope must be 'frame' or 'clip', got {self.attention_scope!r}")
+        if self.position_embedding not in ("rope", "learned"):
+            raise ValueError(f"position_embedding must be 'rope' or 'learned', got {self.position_embedding!r}")
+        if self.position_table_size < 1:
+            raise ValueError(f"position_table_size must be >= 1, got {self.position_table_size}")
         super().__post_init__(**kwargs)
 
     @property
