@@ -63,6 +63,7 @@ def test_finished_runs_are_kept_and_results_complete(quick_run):
             {"stage3-mixed"} if arm == "joint" else {"stage1-alignment", "stage2-instruct2d", "stage3-mixed"}
         )
         assert not (path.parent / "final").exists()  # models are removed unless --keep_models
+        assert not (path.parent / "claim.pid").exists()
     sweep = json.loads(paths["rope_frame"].read_text())["final"]["sweep"]
     assert len(sweep) == 1 + 4 * 4
     kept = {(s["stage"], s["reference"], s["threshold"]): s["kept"] / s["total"] for s in sweep}
