@@ -324,13 +324,17 @@ def _rows_by_key(table):
     return {(r["task"], r["kind"]): r for r in table}
 
 
-def collect(out: Path, arms, seeds) -> dict:
+def collect(out: Path, arms, seeds, steps) -> dict:
     results = defaultdict(dict)
     for arm in arms:
         for seed in seeds:
             path = out / "arms" / arm / f"seed{seed}" / "results.json"
             if path.exists():
-                results[arm][seed] = json.loads(path.read_text())
+                res = json.loads(path.read_text())
+                if tuple(res["steps"]) != tuple(steps):
+                    raise SystemExit(f"{path} was trained with steps {res['steps']}, not {list(steps)}: use another "
+                                     "--out folder for other steps (finished runs are reused by folder)")  # fmt: skip
+                results[arm][seed] = res
     return results
 
 
@@ -708,14 +712,32 @@ def write_report(args, out: Path, results, timing: dict) -> Path:
         "",
     ]
     lines += verdicts(results, drops, learned_keys(results, notes1))
+    if not learned_keys(results, notes1) and not args.quick:
+        longer = tuple(2 * n for n in args.steps)
+        estimate = cpu_total(results, args) * 2 / 60 / 2  # training dominates: about twice the CPU time
+        lines += ["", f"Next: the same command with twice the steps, `python ablate_omnivmed.py --steps "
+                  f"{','.join(map(str, longer))} --out runs/ablate-x2` (the embedded default's own budget), should "
+                  f"take about {estimate:.0f} min on 2 free cores (from this run's CPU time); whether the tiny model "
+                  "then learns more rows is what it would show."]  # fmt: skip
     lines += ["", "## Commands", "", "Each arm x seed ran (its folder's spec.json / log.txt; `--model` is a fresh "
               "base built by `ablate_omnivmed.build_base`):", ""]  # fmt: skip
     for arm in args.arms:
         res = next(iter(results.get(arm, {}).values()), None)
         if res:
-            lines.append(f"- `{arm}`: `python train_trl.py {' '.join(res['argv'])}`")
+            shown = " ".join(res["argv"]).replace(str(ROOT) + os.sep, "")  # paths relative to the repository
+            lines.append(f"- `{arm}`: `python train_trl.py {shown}`")
     report.write_text("\n".join(lines) + "\n")
     return report
+
+
+def cpu_total(results, args) -> float:
+    """CPU seconds of the whole command, from the runs that recorded theirs (the others counted at the mean)."""
+    per_arm = {a: [r["cpu_s"] for r in results.get(a, {}).values() if "cpu_s" in r] for a in args.arms}
+    known = [v for vals in per_arm.values() for v in vals]
+    if not known:
+        return math.nan
+    return len(args.seeds) * sum(statistics.fmean(per_arm[a]) if per_arm[a] else statistics.fmean(known)
+                                 for a in args.arms)  # fmt: skip
 
 
 def cpu_line(results, args) -> str:
@@ -724,8 +746,7 @@ def cpu_line(results, args) -> str:
     if not any(per_arm.values()):
         return "- CPU time per run was not recorded by these runs."
     known = [v for vals in per_arm.values() for v in vals]
-    total = sum(statistics.fmean(per_arm[a]) if per_arm[a] else statistics.fmean(known) for a in args.arms)
-    total *= len(args.seeds)
+    total = cpu_total(results, args)
     return (f"- CPU time (recorded for {len(known)} runs): " + ", ".join(
         f"{a} {statistics.fmean(v) / 60:.1f} min" for a, v in per_arm.items() if v) + f" per run; the whole command "
         f"({len(args.arms)} arms x {len(args.seeds)} seeds) needs about {total / 60:.0f} CPU-minutes, i.e. about "
@@ -821,6 +842,7 @@ def main(argv=None) -> Path | None:
     out = (args.out or ROOT / "runs" / ("ablate-quick" if args.quick else "ablate")).resolve()
     data = out / "data"
     timing = {}
+    collect(out, args.arms, args.seeds, args.steps)  # refuses a folder of runs made with other steps
     if not args.report_only:
         import data_omnivmed
 
@@ -830,7 +852,7 @@ def main(argv=None) -> Path | None:
         timing["ran"] = sum(not (Path(s["dir"]) / "results.json").exists() for s in specs)
         run_all(args, specs)
         timing["this_run_s"] = time.time() - started
-    results = collect(out, args.arms, args.seeds)
+    results = collect(out, args.arms, args.seeds, args.steps)
     report = write_report(args, out, results, timing)
     logger.info("wrote %s", report)
     return report
