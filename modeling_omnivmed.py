@@ -165,8 +165,9 @@ class OmniVMedVisionAttention(nn.Module):
         q = self.q_proj(hidden_states).view(n, self.num_heads, self.head_dim)
         k = self.k_proj(hidden_states).view(n, self.num_heads, self.head_dim)
         v = self.v_proj(hidden_states).view(n, self.num_heads, self.head_dim)
-        cos, sin = position_embeddings
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if position_embeddings is not None:  # None: the learned-table ablation, positions already in the input
+            cos, sin = position_embeddings
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
         implementation = self.config._attn_implementation or "eager"
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
@@ -274,6 +275,9 @@ class OmniVMedVisionModel(OmniVMedPreTrainedModel):
         # a Linear over (C, p, p)-flattened patches == a Conv2d(kernel p, stride p) whose weight is flattened
         self.patch_embedding = nn.Linear(config.patch_dim, config.hidden_size)
         self.rotary_emb = OmniVMedVisionRotaryEmbedding(config)
+        if config.position_embedding == "learned":
+            # ablation arm only: SigLIP's absolute table, one row per cell of an S x S grid
+            self.position_embedding = nn.Embedding(config.position_table_size**2, config.hidden_size)
         self.layers = nn.ModuleList([OmniVMedVisionLayer(config) for _ in range(config.num_hidden_layers)])
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
@@ -308,15 +312,39 @@ class OmniVMedVisionModel(OmniVMedPreTrainedModel):
             pixel_values = pixel_values[patch_keep_mask]
             patch_positions = patch_positions[patch_keep_mask]
         lengths = segment_lengths(grid_thw, self.config.attention_scope, patch_keep_mask)
+        learned = self.config.position_embedding == "learned"
+        # the learned table (ablation arm) is read for every patch once; each chunk takes its rows
+        absolute = self.interpolated_positions(grid_thw, patch_positions, patch_keep_mask) if learned else None
         chunks = []
         for start, end, chunk_lengths in chunk_segments(lengths, self.config.max_patches_per_chunk):
             segments = PackedSegments.from_lengths(chunk_lengths)
             hidden_states = self.patch_embedding(pixel_values[start:end].to(self.patch_embedding.weight.dtype))
-            position_embeddings = self.rotary_emb(patch_positions[start:end])
+            if learned:
+                hidden_states = hidden_states + absolute[start:end]
+                position_embeddings = None
+            else:
+                position_embeddings = self.rotary_emb(patch_positions[start:end])
             for layer in self.layers:
                 hidden_states = layer(hidden_states, position_embeddings, segments, **kwargs)
             chunks.append(self.post_layernorm(hidden_states))
         return BaseModelOutput(last_hidden_state=chunks[0] if len(chunks) == 1 else torch.cat(chunks))
+
+    def interpolated_positions(
+        self, grid_thw: torch.Tensor, patch_positions: torch.Tensor, patch_keep_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The learned (S, S, D) table resized (bilinear) to each patch's frame grid (h, w), read at the patch's
+        (h, w): (N or N_kept, D). The t axis gets nothing, as in SigLIP applied frame by frame."""
+        size = self.config.position_table_size
+        table = self.position_embedding.weight.view(size, size, -1).permute(2, 0, 1).unsqueeze(0)  # (1, D, S, S)
+        grids = torch.repeat_interleave(grid_thw[:, 1:], grid_thw.prod(-1), dim=0)  # (N, 2) frame grid per patch
+        if patch_keep_mask is not None:
+            grids = grids[patch_keep_mask]
+        out = table.new_zeros(patch_positions.shape[0], table.shape[1])
+        for h, w in torch.unique(grids, dim=0).tolist():
+            resized = nn.functional.interpolate(table, size=(h, w), mode="bilinear", align_corners=False)[0]
+            rows = ((grids[:, 0] == h) & (grids[:, 1] == w)).nonzero().squeeze(-1)
+            out[rows] = resized[:, patch_positions[rows, 1], patch_positions[rows, 2]].t()
+        return out
 
 
 def chunk_segments(lengths: torch.Tensor, max_patches: int) -> list[tuple[int, int, torch.Tensor]]:

@@ -1,0 +1,82 @@
+"""ablate_omnivmed.py: the quick mode end to end on tiny sizes (every table and plot of EVIDENCE.md is written; the
+numbers of a 3-step run mean nothing and are not checked), resume of finished runs, and the report's statistics."""
+
+import json
+import math
+
+import pytest
+
+import ablate_omnivmed as A
+
+
+TABLE_HEADERS = (
+    "| task | input | n | chance / majority | RoPE, frame scope (model): after stage 2 |",  # claim 1 per task
+    "| comparison (paired by seed, points of accuracy) | image | volume | video | all |",  # claim 1 paired
+    "| stage | reference | threshold | visual tokens kept | prefill time vs no pruning |",  # claim 2
+    "| stage | reference | threshold | direction / video |",  # claim 2 per task
+    "| task | input | n | chance / majority | progressive 1→2→3 | joint | progressive − joint (paired) |",  # claim 3
+)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ablate")
+    argv = ["--quick", "--seeds", "0", "--steps", "1,1,1", "--eval_limit", "24", "--sweep_rows", "6",
+            "--out", str(tmp / "runs"), "--report", str(tmp / "EVIDENCE.md")]  # fmt: skip
+    report = A.main(argv)
+    return tmp, argv, report
+
+
+def test_quick_mode_writes_every_table_and_plot(quick_run):
+    tmp, _, report = quick_run
+    text = report.read_text()
+    for header in ("## Claim 1", "## Claim 2", "## Claim 3", "## Verdicts", "## Commands", "## Time",
+                   "What a miniature result can say"):  # fmt: skip
+        assert header in text, header
+    for header in TABLE_HEADERS:
+        assert header in text, header
+    # every threshold x reference x stage of the sweep has a row (threshold 0 once)
+    for stage in A.PRUNE_STAGES:
+        for reference in A.REFERENCES:
+            for threshold in A.THRESHOLDS[1:]:
+                assert f"| {stage} | {reference} | {threshold:g} |" in text
+    assert "| post_encoder | last_kept | 0 |" in text
+    # the claim tables cover 3D and video rows, not only 2D
+    assert "| direction | video" in text and "| volume" in text
+    for arm in A.ARMS:
+        assert f"- `{arm}`: `python train_trl.py " in text
+    for png in ("accuracy_vs_tokens_kept.png", "loss_curves.png"):
+        data = (tmp / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+        assert f"]({png})" in text
+
+
+def test_finished_runs_are_kept_and_results_complete(quick_run):
+    tmp, argv, _ = quick_run
+    paths = {arm: tmp / "runs" / "arms" / arm / "seed0" / "results.json" for arm in A.ARMS}
+    stamps = {arm: p.stat().st_mtime_ns for arm, p in paths.items()}
+    for arm, path in paths.items():
+        res = json.loads(path.read_text())
+        assert res["arm"] == arm and res["losses"], arm
+        assert ("after_stage2" in res) == (arm != "joint")
+        assert {s["stage"] for s in res["losses"]} == (
+            {"stage3-mixed"} if arm == "joint" else {"stage1-alignment", "stage2-instruct2d", "stage3-mixed"}
+        )
+        assert not (path.parent / "final").exists()  # models are removed unless --keep_models
+        assert not (path.parent / "claim.pid").exists()
+    sweep = json.loads(paths["rope_frame"].read_text())["final"]["sweep"]
+    assert len(sweep) == 1 + 4 * 4
+    kept = {(s["stage"], s["reference"], s["threshold"]): s["kept"] / s["total"] for s in sweep}
+    assert kept[("post_encoder", "last_kept", 0.0)] == 1.0
+    assert kept[("post_encoder", "last_kept", 0.3)] == kept[("pre_encoder", "last_kept", 0.3)] < 1.0
+    A.main(argv)  # nothing left to run: the report is rewritten from the same results
+    assert {arm: p.stat().st_mtime_ns for arm, p in paths.items()} == stamps
+
+
+def test_spread_and_learned_rule():
+    assert A.mean_sd([0.5, 0.7, 0.6]) == pytest.approx((0.6, 0.1))
+    assert A.fmt([0.5, 0.7, 0.6]) == "60 ± 10"
+    assert A.learned([0.9, 0.92, 0.88], floor=0.5)
+    assert not A.learned([0.3, 0.9, 0.6], floor=0.5)  # above the floor on average, not beyond the spread
+    assert not A.learned([0.52, 0.53, 0.54], floor=0.5)  # beyond the spread but under 5 points
+    assert math.isnan(A.mean_sd([])[0]) and A.fmt([]) == "—"
