@@ -69,6 +69,8 @@ def test_finished_runs_are_kept_and_results_complete(quick_run):
     kept = {(s["stage"], s["reference"], s["threshold"]): s["kept"] / s["total"] for s in sweep}
     assert kept[("post_encoder", "last_kept", 0.0)] == 1.0
     assert kept[("post_encoder", "last_kept", 0.3)] == kept[("pre_encoder", "last_kept", 0.3)] < 1.0
+    timing = json.loads((tmp / "runs" / "timing.json").read_text())
+    assert len(timing["points"]) == len(sweep) and all(p["seconds"] > 0 for p in timing["points"])
     A.main(argv)  # nothing left to run: the report is rewritten from the same results
     assert {arm: p.stat().st_mtime_ns for arm, p in paths.items()} == stamps
 
