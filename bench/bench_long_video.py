@@ -28,14 +28,9 @@ def write_video(path: Path, n_frames: int, size: int = 112, period: int = 120, s
     fast to write; the instrument moves at the same speed whatever the length, so the work per frame is the same)."""
     import av
 
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    texture = sum(
-        np.sin(2 * np.pi * (fx * xx + fy * yy) + phase)
-        for fx, fy, phase in rng.uniform([1, 1, 0], [6, 6, 2 * np.pi], size=(8, 3))
-    )
-    texture = (texture - texture.min()) / np.ptp(texture)
-    scene = np.stack([0.55 + 0.35 * texture, 0.25 + 0.2 * texture, 0.25 + 0.15 * texture], -1)
+    from bench_pruning import endoscopic_scene
+
+    scene = endoscopic_scene(size, seed)
     with av.open(str(path), "w") as container:
         stream = container.add_stream("mjpeg", rate=1)
         stream.width = stream.height = size

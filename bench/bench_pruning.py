@@ -47,10 +47,8 @@ CONFIGS = {
 }
 
 
-def write_instrument_video(path: Path, seconds: int = 64, fps: int = 8, size: int = 224, seed: int = 0) -> Path:
-    """A static 'endoscopic' scene (smooth pink texture) with a grey instrument sweeping left to right and back."""
-    import av
-
+def endoscopic_scene(size: int, seed: int = 0) -> np.ndarray:
+    """A static 'endoscopic' background: smooth pink texture, (size, size, 3) in [0, 1]."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] / size
     texture = sum(
@@ -58,7 +56,14 @@ def write_instrument_video(path: Path, seconds: int = 64, fps: int = 8, size: in
         for fx, fy, phase in rng.uniform([1, 1, 0], [6, 6, 2 * np.pi], size=(8, 3))
     )
     texture = (texture - texture.min()) / np.ptp(texture)
-    scene = np.stack([0.55 + 0.35 * texture, 0.25 + 0.2 * texture, 0.25 + 0.15 * texture], -1)
+    return np.stack([0.55 + 0.35 * texture, 0.25 + 0.2 * texture, 0.25 + 0.15 * texture], -1)
+
+
+def write_instrument_video(path: Path, seconds: int = 64, fps: int = 8, size: int = 224, seed: int = 0) -> Path:
+    """A static 'endoscopic' scene (smooth pink texture) with a grey instrument sweeping left to right and back."""
+    import av
+
+    scene = endoscopic_scene(size, seed)
     container = av.open(str(path), "w")
     stream = container.add_stream("libx264", rate=fps)
     stream.width = stream.height = size
@@ -120,6 +125,18 @@ def time_arms(model, arms: dict, repeats: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def measure(model, processor, block: dict, repeats: int) -> tuple[torch.Tensor, dict]:
+    """(keep mask, median seconds per arm) of one input: unpruned, post-encoder and pre-encoder pruning."""
+    full = inputs_for(processor, block, 0.0)
+    pruned = inputs_for(processor, block, None)
+    times = time_arms(
+        model,
+        {"unpruned": (full, "post_encoder"), "post": (pruned, "post_encoder"), "pre": (pruned, "pre_encoder")},
+        repeats,
+    )
+    return pruned["visual_keep_mask"], times
+
+
 def run(configs=("tiny",), repeats: int = 3, quick: bool = False) -> list:
     """The measurements of `main` as rows of BENCHMARKS.md (bench/run_all.py)."""
     import nilearn
@@ -145,14 +162,7 @@ def run(configs=("tiny",), repeats: int = 3, quick: bool = False) -> list:
     for config_name in configs:
         model = model_for(config_name, tokenizer)
         for name, block in media.items():
-            full = inputs_for(processor, block, 0.0)
-            pruned = inputs_for(processor, block, None)
-            kept = pruned["visual_keep_mask"]
-            times = time_arms(
-                model,
-                {"unpruned": (full, "post_encoder"), "post": (pruned, "post_encoder"), "pre": (pruned, "pre_encoder")},
-                1 if quick else repeats,
-            )
+            kept, times = measure(model, processor, block, 1 if quick else repeats)
             for stage in ("post", "pre"):
                 ratio = times["unpruned"] / times[stage]
                 rows.append(
@@ -203,14 +213,7 @@ def main(argv=None):
     for config_name in args.configs.split(","):
         model = model_for(config_name, tokenizer)
         for name, block in media.items():
-            full = inputs_for(processor, block, 0.0)
-            pruned = inputs_for(processor, block, None)
-            kept = pruned["visual_keep_mask"]
-            times = time_arms(
-                model,
-                {"unpruned": (full, "post_encoder"), "post": (pruned, "post_encoder"), "pre": (pruned, "pre_encoder")},
-                args.repeats,
-            )
+            kept, times = measure(model, processor, block, args.repeats)
             print(
                 f"| {name} | {config_name} | {kept.numel()} | {100 * kept.float().mean():.1f} | "
                 f"{times['unpruned']:.2f} | {times['post']:.2f} | {times['pre']:.2f} | "
