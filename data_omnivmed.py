@@ -54,6 +54,7 @@ logger = logging.getLogger("data_omnivmed")
 IMAGE_SIZE = 56  # 2D images: 56x56 = 4x4 patches of 14 = 2x2 visual tokens
 DEFAULT_PROCESSOR = dict(max_pixels=56 * 56, video_max_pixels=56 * 56, max_slices=8, max_frames=8, fps=2.0)
 DEFAULT_TRAINING = dict(
+    tower_warmup_steps=1500,  # train_trl.warm_up_tower: the tiny tower's stand-in for SigLIP pretraining
     max_steps={1: 40, 2: 400, 3: 600},
     per_device_train_batch_size=8,
     cache_media=4096,
@@ -684,7 +685,7 @@ def _media_key(row: dict) -> str:
 
 def multi_turn(rng, rows: list[dict]) -> list[dict]:
     """Training rows: every question about one media item (same file, same load options) in one conversation, in a
-    random order, the media attached to the first turn. One encoding of the pixels then supervises several answers,
+    random order (the lesion question before those that presume a lesion), the media attached to the first turn. One encoding of the pixels then supervises several answers,
     which is what lets the tiny model learn the questions that need the pixels' details within the CPU budget.
     Held-out rows stay single-turn, as they are scored."""
     groups: dict[str, list[dict]] = {}
@@ -693,6 +694,12 @@ def multi_turn(rng, rows: list[dict]) -> list[dict]:
     merged = []
     for group in groups.values():
         group = [group[i] for i in rng.permutation(len(group))]
+        tasks = [r["task"] for r in group]
+        if "lesion" in tasks and {"side", "level"} & set(tasks):
+            # "is there a lesion?" before the questions that presume one: asked after them, its answer would be
+            # given away by the conversation instead of read from the pixels
+            lesion = group.pop(tasks.index("lesion"))
+            group.insert(min(i for i, r in enumerate(group) if r["task"] in ("side", "level")), lesion)
         first = group[0]
         if "messages" in first:
             messages = []
@@ -729,7 +736,7 @@ def build_default_dataset(root: Path, seed: int = 0, size: str = "full") -> dict
     previous build with the same seed and size is there). Returns `default_paths(root)`."""
     root = Path(root).resolve()
     manifest = root / "manifest.json"
-    wanted = {"seed": seed, "size": size, "version": 3, "processor": DEFAULT_PROCESSOR}
+    wanted = {"seed": seed, "size": size, "version": 4, "processor": DEFAULT_PROCESSOR}
     if manifest.exists() and json.loads(manifest.read_text()).get("build") == wanted:
         logger.info("embedded default dataset already built in %s", root)
         return default_paths(root)

@@ -522,6 +522,11 @@ def test_embedded_default_training_rows_are_multi_turn(tmp_path):
     media = [b for m in v["messages"] for b in m["content"] if b["type"] != "text"]
     assert media == [{"type": "volume", "path": "v.nii.gz"}] and len(v["messages"]) == 4
     assert sorted(v["answer"].split(" / ")) == ["upper", "yes"]
+    for seed in range(8):  # the lesion question always precedes the ones that presume a lesion
+        for row in d.multi_turn(np.random.default_rng(seed), single):
+            tasks = row["task"].split("+")
+            if "lesion" in tasks:
+                assert all(tasks.index("lesion") < i for i, t in enumerate(tasks) if t in ("side", "level")), tasks
 
     root = tmp_path / "data"
     paths = d.build_default_dataset(root, seed=0, size="small")
@@ -530,6 +535,34 @@ def test_embedded_default_training_rows_are_multi_turn(tmp_path):
     assert any("+" in r["task"] for r in train) and not any("+" in r["task"] for r in held_out)
     keys = [d._media_key(r) for r in train if r["kind"] != "image"]
     assert len(keys) == len(set(keys))  # one conversation per volume / video (and its load options)
+
+
+def test_tower_warm_up_trains_only_the_tower_and_learns_caption_words(tmp_path):
+    """The tiny default's stand-in for SigLIP pretraining: the tower changes, projector and LLM do not, the saved
+    folder loads with the Auto classes, and a second call reuses the folder instead of training again."""
+    import data_omnivmed as d
+    from train_trl import _caption_examples, warm_up_tower
+
+    from build_omnivmed import build_tiny
+    from omnivmed.processing_omnivmed import OmniVMedProcessor
+
+    base = build_tiny(tmp_path / "base", seed=0)
+    OmniVMedProcessor.from_pretrained(base, **TEST_PROCESSOR).save_pretrained(base)
+    paths = d.build_default_dataset(tmp_path / "data", seed=0, size="small")
+    rows = load_rows([str(paths["stage1"])], str(tmp_path / "data"))
+    examples = _caption_examples(rows)
+    assert len(examples) > 20 and all(b["type"] == "image" for b, _ in examples)
+    out = warm_up_tower(base, rows, tmp_path / "warm", steps=60, lr=1e-3, batch_size=8, seed=0)
+    before, after = _weights(base), _weights(out)
+    tower = [k for k in before if "vision_tower" in k]
+    assert tower and all(not torch.equal(before[k], after[k]) for k in tower if "weight" in k)
+    assert all(torch.equal(before[k], after[k]) for k in before if "vision_tower" not in k)
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True)
+    assert torch.equal(model.state_dict()[tower[0]], after[tower[0]])
+    assert warm_up_tower(base, rows, out, steps=60, lr=1e-3, batch_size=8, seed=1) == out  # reused, not retrained
+    assert all(torch.equal(_weights(out)[k], after[k]) for k in tower)
 
 
 def test_config_files_parse():
@@ -551,7 +584,8 @@ def test_config_files_parse():
 def test_embedded_default_end_to_end_is_deterministic(tmp_path, capsys):
     """`python train_trl.py` with no data: tiny model + embedded dataset + three stages + held-out table; the same
     seed gives the same data and the same weights."""
-    args = ["--default_size", "small", "--max_steps", "1,2,2", "--seed", "5", "--per_device_train_batch_size", "2"]
+    args = ["--default_size", "small", "--max_steps", "1,2,2", "--seed", "5", "--per_device_train_batch_size", "2",
+            "--tower_warmup_steps", "2"]
     first = main([*args, "--output_dir", str(tmp_path / "a")])
     report = capsys.readouterr().out
     assert "Held-out accuracy" in report and "| direction | video |" in report and "chance" in report
