@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -55,8 +56,8 @@ ARM_LABELS = {
 THRESHOLDS = (0.0, 0.05, 0.1, 0.2, 0.3)
 REFERENCES = ("last_kept", "previous")
 PRUNE_STAGES = ("post_encoder", "pre_encoder")
-FULL = dict(size="full", steps=(20, 200, 300), seeds=(0, 1, 2))
-QUICK = dict(size="small", steps=(2, 6, 8), seeds=(0, 1, 2))
+FULL = dict(size="full", steps=(20, 200, 300), seeds=(0, 1, 2), tower_warmup_steps=1500)
+QUICK = dict(size="small", steps=(2, 6, 8), seeds=(0, 1, 2), tower_warmup_steps=3)
 TRAINING = dict(per_device_train_batch_size=8, cache_media=4096, warmup_ratio=0.05, lr_scheduler_type="cosine")
 
 
@@ -144,7 +145,10 @@ def eval_selection(rows, eval_limit: int):
 def sweep_selection(rows, sweep_rows: int):
     multi = [r for r in rows if json.loads(r["meta"])["kind"] in ("volume", "video")]
     if sweep_rows and len(multi) > sweep_rows:
-        multi = multi[:: math.ceil(len(multi) / sweep_rows)]
+        # a seeded random sample: an even stride falls in step with the order the dataset writes its items in
+        # (every other row was a left / up video and a lesion-present volume)
+        keep = sorted(random.Random(0).sample(range(len(multi)), sweep_rows))
+        multi = [multi[i] for i in keep]
     return multi
 
 
@@ -234,6 +238,10 @@ def run_worker(spec: dict) -> None:
     data = Path(spec["data"])
     vision, schedule = ARMS[spec["arm"]]
     base = build_base(out / "base", spec["seed"], vision)
+    if spec.get("tower_warmup_steps"):  # as train_trl does for its fresh tiny model: the same start for every arm
+        stage1 = train_trl.load_rows([data / "stage1.jsonl"], data)
+        base = train_trl.warm_up_tower(base, stage1, out / "tower-warmup", spec["tower_warmup_steps"], 1e-3,
+                                       2 * TRAINING["per_device_train_batch_size"], spec["seed"])  # fmt: skip
     s1, s2, s3 = spec["steps"]
     common = ["--model", str(base), "--data_root", str(data), "--lr_preset", "tiny", "--seed", str(spec["seed"]),
               "--output_dir", str(out), "--num_threads", "1", "--eval", "no",
@@ -253,7 +261,8 @@ def run_worker(spec: dict) -> None:
     rows = train_trl.load_rows([data / "eval.jsonl"], data)
     rows = eval_selection(rows, spec.get("eval_limit", 0))
     result = dict(arm=spec["arm"], seed=spec["seed"], steps=spec["steps"], schedule=schedule, vision=vision,
-                  argv=argv, losses=recorder.logs, train_s=trained)  # fmt: skip
+                  argv=argv, losses=recorder.logs, train_s=trained,
+                  tower_warmup_steps=spec.get("tower_warmup_steps", 0))  # fmt: skip
     if schedule == "progressive":
         result["after_stage2"] = evaluate(out / "stage2-instruct2d" / "model", rows, data)
     result["final"] = evaluate(final, rows, data, prune_sweep=spec.get("sweep", False),
@@ -343,7 +352,7 @@ def make_specs(args, out: Path, data: Path) -> list[dict]:
         for arm in args.arms:
             specs.append(dict(arm=arm, seed=seed, dir=str(out / "arms" / arm / f"seed{seed}"), data=str(data),
                               steps=list(args.steps), sweep=(arm == "rope_frame"), eval_limit=args.eval_limit,
-                              sweep_rows=args.sweep_rows,
+                              sweep_rows=args.sweep_rows, tower_warmup_steps=args.tower_warmup_steps,
                               logging_steps=max(1, sum(args.steps) // 40), keep_models=args.keep_models))  # fmt: skip
     return specs
 
@@ -378,7 +387,7 @@ def _rows_by_key(table):
     return {(r["task"], r["kind"]): r for r in table}
 
 
-def collect(out: Path, arms, seeds, steps) -> dict:
+def collect(out: Path, arms, seeds, steps, tower_warmup_steps: int = 0) -> dict:
     results = defaultdict(dict)
     for arm in arms:
         for seed in seeds:
@@ -388,6 +397,9 @@ def collect(out: Path, arms, seeds, steps) -> dict:
                 if tuple(res["steps"]) != tuple(steps):
                     raise SystemExit(f"{path} was trained with steps {res['steps']}, not {list(steps)}: use another "
                                      "--out folder for other steps (finished runs are reused by folder)")  # fmt: skip
+                if res.get("tower_warmup_steps", 0) != tower_warmup_steps:
+                    raise SystemExit(f"{path} had {res.get('tower_warmup_steps', 0)} tower warm-up steps, not "
+                                     f"{tower_warmup_steps}: use another --out folder")  # fmt: skip
                 results[arm][seed] = res
     return results
 
@@ -885,6 +897,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke run: 'small' dataset, a few steps per stage")
     p.add_argument("--out", type=Path, default=None, help="runs folder (default: runs/ablate, runs/ablate-quick)")
     p.add_argument("--seeds", default=None, help="comma-separated training seeds (default: 0,1,2)")
+    p.add_argument("--tower_warmup_steps", type=int, default=None, help="caption-word warm-up of every arm's random "
+                   "tower before stage 1 (train_trl.warm_up_tower; default: full 1500, quick 3; 0: none)")
     p.add_argument("--steps", default=None, help="steps of stages 1,2,3 (default: full 20,200,300; quick 2,6,8)")
     p.add_argument("--size", choices=("full", "small"), default=None, help="embedded dataset size")
     p.add_argument("--arms", default=",".join(ARMS), help="training arms to run")
@@ -912,6 +926,8 @@ def main(argv=None) -> Path | None:
     preset = QUICK if args.quick else FULL
     args.size = args.size or preset["size"]
     args.steps = tuple(int(s) for s in args.steps.split(",")) if args.steps else preset["steps"]
+    if args.tower_warmup_steps is None:
+        args.tower_warmup_steps = preset["tower_warmup_steps"]
     if len(args.steps) != 3:
         raise SystemExit("--steps: three values, one per stage")
     args.seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else preset["seeds"]
@@ -922,7 +938,7 @@ def main(argv=None) -> Path | None:
     out = (args.out or ROOT / "runs" / ("ablate-quick" if args.quick else "ablate")).resolve()
     data = out / "data"
     timing = {}
-    collect(out, args.arms, args.seeds, args.steps)  # refuses a folder of runs made with other steps
+    collect(out, args.arms, args.seeds, args.steps, args.tower_warmup_steps)  # refuses a folder of runs made with other steps
     if not args.report_only:
         import data_omnivmed
 
@@ -935,7 +951,7 @@ def main(argv=None) -> Path | None:
             logger.info("timing the prefill per pruning config (one thread)")
             (out / "timing.json").write_text(json.dumps(measure_prefill(out, data, args.eval_limit, args.sweep_rows)))
         timing["this_run_s"] = time.time() - started
-    results = collect(out, args.arms, args.seeds, args.steps)
+    results = collect(out, args.arms, args.seeds, args.steps, args.tower_warmup_steps)
     report = write_report(args, out, results, timing)
     logger.info("wrote %s", report)
     return report

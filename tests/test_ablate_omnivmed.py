@@ -82,3 +82,16 @@ def test_spread_and_learned_rule():
     assert not A.learned([0.3, 0.9, 0.6], floor=0.5)  # above the floor on average, not beyond the spread
     assert not A.learned([0.52, 0.53, 0.54], floor=0.5)  # beyond the spread but under 5 points
     assert math.isnan(A.mean_sd([])[0]) and A.fmt([]) == "—"
+
+
+def test_sweep_rows_are_a_seeded_sample_not_a_stride():
+    """The dataset writes its items in a fixed rhythm (here left / right alternating); an even stride of 2 would keep
+    one answer only. The sample keeps both, in the dataset's order, the same every call, video / volume rows only."""
+    rows = [{"meta": json.dumps({"kind": "video", "answer": ("left", "right")[i % 2], "i": i})} for i in range(40)]
+    rows += [{"meta": json.dumps({"kind": "image", "answer": "yes", "i": 40 + i})} for i in range(10)]
+    picked = A.sweep_selection(rows, 20)
+    meta = [json.loads(r["meta"]) for r in picked]
+    assert len(picked) == 20 and {m["answer"] for m in meta} == {"left", "right"}
+    assert all(m["kind"] == "video" for m in meta) and [m["i"] for m in meta] == sorted(m["i"] for m in meta)
+    assert picked == A.sweep_selection(rows, 20)
+    assert len(A.sweep_selection(rows, 0)) == 40
