@@ -684,7 +684,10 @@ def write_report(args, out: Path, results, timing: dict) -> Path:
         "(`data_omnivmed.score_rows`), 6 new tokens, as `evaluate_default` does" + (
             f"; at most {args.eval_limit} held-out rows, an even stride" if args.eval_limit else "") + ".",
         f"- Model: the tiny preset (~5M parameters, 56x56 px budget: 2x2 visual tokens per image / slice / frame, up "
-        "to 8 slices or frames), fresh weights from each seed.",
+        "to 8 slices or frames), fresh weights from each seed" + (
+            f", its tower warmed up for {args.tower_warmup_steps} steps on the stage-1 captions before stage 1 "
+            "(`train_trl.warm_up_tower`, the tiny model's stand-in for SigLIP pretraining; same for every arm)"
+            if args.tower_warmup_steps else "") + ".",
         f"- Training: `train_trl.py` stages with `--lr_preset tiny`, batch 8, cosine schedule; steps per stage "
         f"{tuple(args.steps)} (the embedded default uses {(40, 400, 600)}); joint arm: {sum(args.steps)} steps on "
         "stage 1 + 2 + 3 rows at once. Seeds: " + ", ".join(map(str, args.seeds)) + ".",
