@@ -734,8 +734,8 @@ def warm_up_tower(start: Path, rows: list[dict], out: Path, steps: int, lr: floa
         processor,
         out,
         title="OmniV-Med tiny (tower warmed up)",
-        description=f"The tiny OmniV-Med with its vision tower warmed up for {steps} steps on caption words "
-        "(`train_trl.warm_up_tower`); projector and LLM still random.",
+        description=f"The tiny OmniV-Med with its vision tower warmed up for {steps} steps on caption words and "
+        "pixel read-back (`train_trl.warm_up_tower`); projector and LLM still random.",
         repo=out.name,
     )
 
@@ -1033,6 +1033,8 @@ def _main(args, callbacks) -> Path:
             args.data_root = args.data_root or str(output_dir / "data")
             _apply_embedded_defaults(args, stages)
         if args.tower_warmup_steps and 1 in stages:
+            if not stage_data[1]:
+                raise SystemExit("--tower_warmup_steps reads the stage 1 image-caption data: pass --stage1_data")
             warm = output_dir / "tower-warmup"
             if _is_main():
                 rows = load_rows(str(stage_data[1]).split(","), args.data_root, args.skip_bad_rows)
