@@ -719,9 +719,9 @@ def write_report(args, out: Path, results, timing: dict) -> Path:
         "## What a miniature result can say",
         "",
         "Everything here is a ~5M-parameter model trained for a few hundred steps on a 56x56 pixel budget (2x2 "
-        "visual tokens per frame), on synthetic findings. The embedded default itself is clearly above chance only on "
-        "modality, plane and video direction; lesion presence, side and slice level stay at chance. A row where no arm "
-        "is above chance says nothing about a claim: the model has not learned that task, whichever arm it is. The "
+        "visual tokens per frame), on synthetic findings. A row where no arm is above chance says nothing about a "
+        "claim: the model has not learned that task, whichever arm it is; a row that every arm gets near 100 % says "
+        "little either (a ceiling hides differences). The "
         "claims concern a 400M-parameter tower on 384-px images and 252K real samples, where grids differ between "
         "images, slices and frames; here every grid is the same 4x4 patches, so the interpolation that a learned table "
         "needs for new grid sizes is never exercised, and what is compared is only how positions within one grid and "
@@ -754,7 +754,9 @@ def write_report(args, out: Path, results, timing: dict) -> Path:
         lines += [
             "One evaluation-time sweep over each trained `rope_frame` model (stages 1-3; stage 3 trained with pruning "
             "at the model's threshold 0.1, last_kept, post-encoder) on held-out volume and video rows "
-            f"(at most {args.sweep_rows}, an even stride over them); 2D images are never pruned. Cheap, but it measures a model trained at one threshold, not one trained at each. "
+            + (f"(a seeded random sample of {args.sweep_rows})" if args.sweep_rows else "(all of them)")
+            + "; 2D images are never pruned. Cheap, but it measures a model trained at one threshold, not one "
+            "trained at each. "
             "Visual tokens kept and accuracy in %. Prefill time = one forward of the whole prompt (tower + projector "
             "+ LLM) over the sweep's rows, relative to threshold 0: "
             + (f"measured apart from training on a fresh model of the same shape (time does not depend on the weights), "
@@ -766,9 +768,9 @@ def write_report(args, out: Path, results, timing: dict) -> Path:
             "",
             t2,
             "",
-            "Per task (accuracy %, mean ± sd over seeds). The sweep's rows are every second held-out volume / video "
-            "row, which for the cyclically generated videos means only the 'left' and 'up' ones: compare each column "
-            "with its majority-answer rate on these rows (first line), not with the claim 1 tables.",
+            "Per task (accuracy %, mean ± sd over seeds). The sweep scores a sample of the held-out volume / video "
+            "rows, so its per-task mix differs from the claim 1 tables: compare each column with its chance and "
+            "majority-answer rate on these rows (first line).",
             "",
             t2_tasks,
             "",
@@ -909,7 +911,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_limit", type=int, default=0, help="score at most N held-out rows, an even "
                    "stride over them (0: all)")
     p.add_argument("--sweep_rows", type=int, default=160, help="pruning sweep: at most N held-out volume / video "
-                   "rows, an even stride over them (0: all)")  # fmt: skip
+                   "rows, a seeded random sample of them (0: all)")  # fmt: skip
     p.add_argument("--keep_models", action="store_true", help="keep every stage's model folder")
     p.add_argument("--report", default=None, help="report path (default: EVIDENCE.md at the repository root, "
                    "plots in docs/evidence/)")  # fmt: skip
