@@ -880,6 +880,8 @@ def run_stage(plan: StagePlan, start_model: str, args, plans: list, callbacks=()
         max_length=None,  # no truncation: it would cut visual tokens away from their pixels
         report_to="none",
         dataloader_num_workers=args.dataloader_num_workers,
+        # the collator's media cache lives in the worker: a new worker each epoch would load every file again
+        dataloader_persistent_workers=args.dataloader_num_workers > 0,
         dataloader_pin_memory=torch.cuda.is_available(),
         deepspeed=args.deepspeed,
         # without an accelerator, Accelerate only sets up multi-process (gloo) training when told it runs on CPU
