@@ -190,7 +190,7 @@ class OmniVMedVisionAttention(nn.Module):
                 is_causal=False,
                 **kwargs,
             )
-            out = out.reshape(n, -1)
+            out = out.reshape(n, self.num_heads * self.head_dim)
         else:
             out = None
             for index, start in zip(segments.groups, segments.group_starts):
@@ -219,7 +219,9 @@ class OmniVMedVisionAttention(nn.Module):
                 if out is None:
                     out = q.new_empty(n, self.num_heads, self.head_dim)
                 out[flat] = group_out
-            out = (q.new_empty(n, self.num_heads, self.head_dim) if out is None else out).reshape(n, -1)
+            # reshape(n, -1) is ambiguous for n = 0 (a batch without visual patches)
+            out = q.new_empty(n, self.num_heads, self.head_dim) if out is None else out
+            out = out.reshape(n, self.num_heads * self.head_dim)
         return self.out_proj(out)
 
 

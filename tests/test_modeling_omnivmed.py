@@ -252,6 +252,15 @@ def test_chunk_segments_cuts_at_segment_boundaries():
         OmniVMedConfig(**tiny_config_dict(vision_config={"max_patches_per_chunk": -1}))
 
 
+@pytest.mark.parametrize("scope", ["frame", "clip"])
+def test_tower_on_no_patches_returns_no_features(scope):
+    """A batch whose media were all filtered out reaches the tower with zero patches: an empty (0, D) output, not a
+    reshape error."""
+    model = make_model(vision_config={"attention_scope": scope})
+    out = tower(model)(torch.zeros(0, 48), torch.zeros(0, 3, dtype=torch.long)).last_hidden_state
+    assert out.shape == (0, model.config.vision_config.hidden_size)
+
+
 def test_eager_and_sdpa_agree():
     model = make_model()
     pv, grid = visual_inputs([[1, 4, 6], [3, 4, 4]])
