@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers.configuration_utils import PreTrainedConfig
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ImagesKwargs, ProcessorMixin, TextKwargs
@@ -588,6 +589,9 @@ class OmniVMedProcessor(ProcessorMixin):
         # the tokenizer is a plain fast tokenizer: never let the config's auto_map make AutoTokenizer prompt for
         # remote code (it would block a non-interactive process)
         kwargs.setdefault("trust_remote_code", False)
+        # an empty config: the tokenizer class comes from tokenizer_config.json, and AutoTokenizer would otherwise
+        # read our config.json without its remote code and warn that an `omnivmed` model is loaded as another type
+        kwargs.setdefault("config", PreTrainedConfig())
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         return [image_processor, tokenizer]
 

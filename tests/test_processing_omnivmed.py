@@ -629,3 +629,17 @@ def test_grayscale_is_resampled_once_with_the_same_result(monkeypatch, kind, sha
     monkeypatch.setattr(processing, "_is_gray", lambda frames: False)
     slow = processor([media(gray, kind)], return_tensors="pt")["pixel_values"]
     assert torch.equal(fast, slow)
+
+
+def test_processor_from_a_model_folder_loads_without_a_model_type_warning(tmp_path):
+    """AutoTokenizer, left to itself, reads the folder's config.json without our remote code and warns that an
+    `omnivmed` model is being loaded as another type: noise on every load of a released checkpoint."""
+    from build_omnivmed import build_tiny
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging as hf_logging
+
+    folder = build_tiny(tmp_path / "model", seed=0)
+    with CaptureLogger(hf_logging.get_logger("transformers.configuration_utils")) as captured:
+        processor = OmniVMedProcessor.from_pretrained(folder)
+    assert "model of type" not in captured.out
+    assert processor.tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS) == list(range(7))
