@@ -34,6 +34,7 @@ from omnivmed.configuration_omnivmed import OmniVMedConfig
 from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration
 from omnivmed.processing_omnivmed import (
     CHAT_TEMPLATE,
+    DEFAULT_SYSTEM_PROMPT,
     ENDOFTEXT,
     FRAME_TOKEN,
     IM_END,
@@ -189,7 +190,20 @@ def _tiny_corpus_lines(seed: int) -> list[str]:
                 d=rng.randint(0, 9),
             )
         )
+    lines += _chat_lines() * 20
     rng.shuffle(lines)
+    return lines
+
+
+def _chat_lines() -> list[str]:
+    """The chat template's role lines and the embedded default's questions and answers. A real Qwen tokenizer codes
+    such everyday English at about a token a word; without these lines the 1024-token BPE spent 29 tokens on the
+    system turn and 10-18 on each question, a third of a training row's tokens and of its training time."""
+    import data_omnivmed
+
+    lines = [f"system\n{DEFAULT_SYSTEM_PROMPT}", "user\n", "assistant\n", data_omnivmed.CAPTION_QUESTION]
+    lines += [q for questions in data_omnivmed.QUESTIONS.values() for q in questions]
+    lines += [answer for answers in data_omnivmed.ANSWERS.values() for answer in answers]
     return lines
 
 

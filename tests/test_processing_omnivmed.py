@@ -515,6 +515,26 @@ def test_tiny_tokenizer_round_trip_and_special_tokens(tokenizer, tmp_path):
     assert reloaded.padding_side == "left" and reloaded.chat_template == CHAT_TEMPLATE
 
 
+def test_tiny_tokenizer_codes_the_chat_scaffolding_and_default_questions_a_token_a_word(tokenizer):
+    """Every training row carries the system turn and a question: the tiny BPE must code them about as compactly as
+    a real Qwen tokenizer would (it once spent 29 tokens on the system turn), or they dominate the rows' length."""
+    import re
+
+    import data_omnivmed
+
+    from omnivmed.processing_omnivmed import DEFAULT_SYSTEM_PROMPT
+
+    def words(text):
+        return len(re.findall(r"\w+|[^\w\s]", text))
+
+    system = f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n"
+    assert len(tokenizer(system)["input_ids"]) <= words(DEFAULT_SYSTEM_PROMPT) + 5  # + im_start, role, \n, im_end, \n
+    for question in [q for qs in data_omnivmed.QUESTIONS.values() for q in qs] + [data_omnivmed.CAPTION_QUESTION]:
+        assert len(tokenizer(question)["input_ids"]) <= words(question) + 1, question
+    for answer in [a for answers in data_omnivmed.ANSWERS.values() for a in answers]:
+        assert len(tokenizer(answer)["input_ids"]) == 1, answer
+
+
 # ---------------------------------------------------- reference: the public Hulu-Med code's pixel values and keep mask
 @pytest.mark.skipif(not FIXTURES.exists(), reason="shared fixtures not available")
 def test_matches_hulumed_reference_pixels_and_keep_mask():
