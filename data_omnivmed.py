@@ -575,10 +575,12 @@ def _video_items(rng, n: int, root: Path, prefix: str, size=112, fps=8, seconds=
         background = _tissue_background(rng, size)
         travel = rng.uniform(0.4, 0.55) * size
         dy, dx = steps[direction]
-        # start so that the whole path stays inside the visible disc
+        # the instrument's centre stays inside the visible disc; its tip may reach past the rim, as a real one does
         start_along = rng.uniform(-0.05, 0.05) * size - travel / 2
         across = rng.uniform(-0.12, 0.12) * size
-        angle, length, width = rng.uniform(0, np.pi), rng.uniform(18, 28), rng.uniform(7, 11)
+        # as big as a grasper's jaws near the scope: the model sees the video at 56 x 56 (4 x 4 patches), where the
+        # earlier 18-28 x 7-11 px instrument covered a fifth of one patch and direction stayed at chance
+        angle, length, width = rng.uniform(0, np.pi), rng.uniform(36, 56), rng.uniform(14, 22)
         shade = np.array([0.8, 0.82, 0.85]) * rng.uniform(0.85, 1.05)
         n_frames = int(seconds * fps)
         frames = np.empty((n_frames, size, size, 3), np.uint8)
@@ -736,7 +738,7 @@ def build_default_dataset(root: Path, seed: int = 0, size: str = "full") -> dict
     previous build with the same seed and size is there). Returns `default_paths(root)`."""
     root = Path(root).resolve()
     manifest = root / "manifest.json"
-    wanted = {"seed": seed, "size": size, "version": 4, "processor": DEFAULT_PROCESSOR}
+    wanted = {"seed": seed, "size": size, "version": 5, "processor": DEFAULT_PROCESSOR}
     if manifest.exists() and json.loads(manifest.read_text()).get("build") == wanted:
         logger.info("embedded default dataset already built in %s", root)
         return default_paths(root)

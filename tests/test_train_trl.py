@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -497,6 +498,14 @@ def test_embedded_default_labels_match_the_pixels(tmp_path):
             dy, dx = centres[-1] - centres[0]
             expected = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
             assert expected == row["answer"], (row["video"], dy, dx)
+            # at the size the default processor gives the model (56 x 56: 4 x 4 patches of 14 px) the instrument is
+            # big enough to see: grey metal (blue >= red) against red tissue, over 80 px of a 196-px patch (the
+            # first, smaller instrument covered 16-45 px and direction was not learned)
+            side = int(round(d.DEFAULT_PROCESSOR["video_max_pixels"] ** 0.5))
+            first = Image.fromarray((frames[0] * 255).round().astype(np.uint8)).resize((side, side), Image.BICUBIC)
+            first = np.asarray(first, np.float32) / 255
+            metal = (first[..., 2] >= first[..., 0] - 0.02) & (first[..., 1] > 0.4)
+            assert metal.sum() > 80, (row["video"], int(metal.sum()))
 
 
 def test_embedded_default_training_rows_are_multi_turn(tmp_path):
