@@ -29,6 +29,7 @@ on every visual / frame-separator token and on padding.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
@@ -685,12 +686,13 @@ def warm_up_tower(start: Path, rows: list[dict], out: Path, steps: int, lr: floa
     from transformers import get_cosine_schedule_with_warmup
 
     out = Path(out)
-    if (out / "config.json").exists():
-        logger.info("tower warm-up: reusing %s", out)
-        return out
     examples = _caption_examples(rows)
     if not examples:
         raise ValueError("tower warm-up: no 2D image-caption rows in the stage 1 data")
+    recipe = dict(start=_file_digest(Path(start) / "model.safetensors"), steps=steps, lr=lr, batch_size=batch_size,
+                  seed=seed, captions=_examples_digest(examples), code=_text_digest(inspect.getsource(warm_up_tower)))  # fmt: skip
+    if _reusable(out, recipe, "tower warm-up"):
+        return out
     words = sorted({w for _, text in examples for w in CAPTION_WORD.findall(text.lower())})
     targets = torch.zeros(len(examples), len(words))
     for i, (_, text) in enumerate(examples):
@@ -729,7 +731,7 @@ def warm_up_tower(start: Path, rows: list[dict], out: Path, steps: int, lr: floa
             bar.set_postfix(words=f"{words_loss.item():.3f}", pixels=f"{pixels_loss.item():.3f}")
     logger.info("tower warm-up: final caption-word loss %.4f, pixel loss %.4f", words_loss.item(), pixels_loss.item())
     tower.eval()
-    return save_hub_folder(
+    save_hub_folder(
         model,
         processor,
         out,
@@ -738,6 +740,56 @@ def warm_up_tower(start: Path, rows: list[dict], out: Path, steps: int, lr: floa
         "pixel read-back (`train_trl.warm_up_tower`); projector and LLM still random.",
         repo=out.name,
     )
+    (out / RECIPE_FILE).write_text(json.dumps(recipe, indent=1))
+    return out
+
+
+# A folder an earlier run built (the fresh tiny model, its tower warm-up) is reused only if it was built from the
+# same recipe: seed, steps, the code that builds it and the data it saw. Rerunning `python train_trl.py` after an
+# update would otherwise train with the old tokenizer or tower without a word.
+RECIPE_FILE = "omnivmed_recipe.json"
+
+
+def _reusable(folder: Path, recipe: dict, what: str) -> bool:
+    if not (folder / "config.json").exists():
+        return False
+    stamp = folder / RECIPE_FILE
+    if stamp.exists() and json.loads(stamp.read_text()) == json.loads(json.dumps(recipe)):
+        logger.info("%s: reusing %s", what, folder)
+        return True
+    logger.warning("%s: %s was built from another recipe (seed, steps, code or data differ); building it again",
+                   what, folder)  # fmt: skip
+    shutil.rmtree(folder)
+    return False
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _sources_digest(names: list[str]) -> str:
+    return _text_digest("".join((ROOT / name).read_text() for name in names))
+
+
+def _text_digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _examples_digest(examples: list[tuple[dict, str]]) -> str:
+    """Caption texts and each image file's path, size and modification time: a rebuilt dataset is new data."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for block, text in examples:
+        path = Path(block.get("data_root") or ".") / block["path"]
+        stat = path.stat() if path.exists() else None
+        digest.update(json.dumps([str(path), text, stat and stat.st_size, stat and stat.st_mtime_ns]).encode())
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------- running
@@ -1021,7 +1073,7 @@ def _main(args, callbacks) -> Path:
         args.model_label = "a fresh tiny OmniV-Med (build_omnivmed.build_tiny)"
         _init_distributed()  # the other ranks wait for rank 0 to build the tiny model and the dataset
         start = output_dir / "base"
-        if _is_main() and not (start / "config.json").exists():
+        if _is_main():
             _build_base(start, args.seed, embedded)
         _barrier()
         if embedded:
@@ -1110,14 +1162,20 @@ def _main(args, callbacks) -> Path:
 
 
 def _build_base(out: Path, seed: int, embedded: bool):
+    """The fresh tiny model (reused when an earlier run built it from the same recipe)."""
     from build_omnivmed import build_tiny
 
+    sources = ["build_omnivmed.py", "configuration_omnivmed.py", "modeling_omnivmed.py", "processing_omnivmed.py"]
+    recipe = dict(seed=seed, embedded=embedded, code=_sources_digest(sources + ["data_omnivmed.py"] * embedded))
+    if _reusable(out, recipe, "tiny model"):
+        return
     build_tiny(out, seed)
     if embedded:  # the embedded default trains at a small pixel budget; the saved processor keeps it
         import data_omnivmed
 
         processor = OmniVMedProcessor.from_pretrained(out, trust_remote_code=True, **data_omnivmed.DEFAULT_PROCESSOR)
         processor.save_pretrained(out)
+    (out / RECIPE_FILE).write_text(json.dumps(recipe, indent=1))
 
 
 def _apply_embedded_defaults(args, stages: list[int]):

@@ -570,8 +570,35 @@ def test_tower_warm_up_trains_only_the_tower_and_learns_caption_words(tmp_path):
 
     model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True)
     assert torch.equal(model.state_dict()[tower[0]], after[tower[0]])
-    assert warm_up_tower(base, rows, out, steps=60, lr=1e-3, batch_size=8, seed=1) == out  # reused, not retrained
+    assert warm_up_tower(base, rows, out, steps=60, lr=1e-3, batch_size=8, seed=0) == out  # reused, not retrained
     assert all(torch.equal(_weights(out)[k], after[k]) for k in tower)
+    # built from another recipe (here another seed): trained again, not silently reused
+    assert warm_up_tower(base, rows, out, steps=60, lr=1e-3, batch_size=8, seed=1) == out
+    again = _weights(out)
+    assert any(not torch.equal(again[k], after[k]) for k in tower)
+    assert all(torch.equal(again[k], after[k]) for k in before if "vision_tower" not in k)
+
+
+def test_fresh_tiny_model_is_reused_only_when_built_from_the_same_recipe(tmp_path, caplog):
+    """`python train_trl.py` keeps OUTPUT_DIR/base between runs; a folder from another seed, or from before a code
+    update (no recipe file), must be built again, not trained with its stale tokenizer or weights."""
+    from train_trl import RECIPE_FILE, _build_base
+
+    out = tmp_path / "base"
+    _build_base(out, seed=0, embedded=False)
+    first = _weights(out)
+    stamp = (out / RECIPE_FILE).read_text()
+    (out / "marker").write_text("")
+    _build_base(out, seed=0, embedded=False)
+    assert (out / "marker").exists()  # reused
+    _build_base(out, seed=1, embedded=False)
+    assert not (out / "marker").exists() and "another recipe" in caplog.text
+    assert any(not torch.equal(first[k], v) for k, v in _weights(out).items())
+    (out / RECIPE_FILE).unlink()  # as left by a run of the code before recipes were recorded
+    (out / "marker").write_text("")
+    _build_base(out, seed=0, embedded=False)
+    assert not (out / "marker").exists() and (out / RECIPE_FILE).read_text() == stamp
+    assert all(torch.equal(first[k], v) for k, v in _weights(out).items())
 
 
 def test_config_files_parse():
