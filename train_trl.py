@@ -29,6 +29,7 @@ on every visual / frame-separator token and on padding.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
 import json
 import logging
@@ -764,8 +765,6 @@ def _reusable(folder: Path, recipe: dict, what: str) -> bool:
 
 
 def _file_digest(path: Path) -> str:
-    import hashlib
-
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -775,15 +774,11 @@ def _sources_digest(names: list[str]) -> str:
 
 
 def _text_digest(text: str) -> str:
-    import hashlib
-
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _examples_digest(examples: list[tuple[dict, str]]) -> str:
     """Caption texts and each image file's path, size and modification time: a rebuilt dataset is new data."""
-    import hashlib
-
     digest = hashlib.sha256()
     for block, text in examples:
         path = Path(block.get("data_root") or ".") / block["path"]
