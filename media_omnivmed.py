@@ -32,6 +32,12 @@ Volumes (NIfTI via nibabel, DICOM series via pydicom)
     * Without usable geometry (DICOM slices lacking positions or with differing orientations,
       multi-frame DICOM, ``(D, H, W)`` arrays) slices are kept in stored order and shown as stored;
       ``spacing_mm`` and ``slice_positions_mm`` are then None and the metadata says why.
+    * Doubtful geometry is read as nibabel reads it and reported in ``metadata["warnings"]`` (each
+      warning names the file): NIfTI without orientation (sform and qform codes 0: nibabel's LAS
+      fallback), zero voxel sizes (taken as 1 mm), a sheared affine, sform and qform that disagree;
+      DICOM orientation vectors that are not perpendicular unit vectors, slices advancing off their
+      normal (gantry tilt). Sheared volumes are not resampled. A NIfTI affine with NaN/inf is an
+      error. NIfTI spatial units of metres or microns (xyzt_units) are converted to mm.
 
 Intensity -> [0, 1]
     1. An explicit ``window`` is always applied (to HU for CT, to the stored values otherwise).
@@ -39,9 +45,12 @@ Intensity -> [0, 1]
        WindowCenter/WindowWidth when present, else the "abdomen" preset (40, 400). NIfTI files are
        only windowed when the caller says ``modality="CT"``; pictures read by Pillow never get a
        default HU window (their values are not HU).
-    3. Display-ready 8-bit data (uint8 arrays, 8-bit pictures, uint8 NIfTI without scaling, 8-bit
-       DICOM without rescale): divide by 255. 16-bit pictures (Pillow "I;16"): divide by 65535, so
-       the full dynamic range is kept.
+    3. Display-ready 8-bit data (uint8 arrays, 8-bit pictures, 8-bit DICOM series none of whose
+       files has a rescale): divide by 255. NIfTI decides on its values, not on its stored dtype:
+       when every value read (after the header's scl_slope / scl_inter) is an integer in 0..255,
+       as in any uint8 file without scaling, divide by 255; so equal physical values give equal
+       frames whether stored as uint8, int16 or float. 16-bit pictures (Pillow "I;16"): divide by
+       65535, so the full dynamic range is kept.
     4. Everything else (MR, PET, CR, int16/float volumes...): percentile normalisation, default
        0.5 -> 0 and 99.5 -> 1, clipped, computed over all output slices together (the whole volume
        unless it was subsampled) so slices stay comparable. A constant input gives zeros and a
@@ -50,7 +59,15 @@ Intensity -> [0, 1]
     "rgb" / a sequence of three windows for a 3-window image (one window per channel; "rgb" means
     :data:`DEFAULT_RGB_WINDOWS` = abdomen (soft tissue), lung, bone). MONOCHROME1 DICOM is inverted
     after normalisation. Non-finite values raise (``nan_policy="raise"``) or become 0 before
-    normalisation (``nan_policy="zero"``).
+    normalisation (``nan_policy="zero"``). Values are physical values: NIfTI through nibabel's
+    scaling (what ``get_fdata`` returns), DICOM through pydicom's modality LUT / rescale; a DICOM
+    RescaleSlope that is NaN, inf or 0, a file's own invalid CT window, and values beyond float32's
+    range are errors naming the cause.
+
+Compressed DICOM is decoded by pydicom's pixel-data plugins: with pylibjpeg, pylibjpeg-libjpeg,
+pylibjpeg-openjpeg and pylibjpeg-rle installed (requirements.txt) that covers JPEG Baseline,
+Extended (12-bit), Lossless (process 14 and SV1), JPEG-LS, JPEG 2000 / HTJ2K and RLE; a transfer
+syntax nothing decodes (e.g. MPEG) is an error naming the syntax.
 
 2D pictures (Pillow)
     EXIF orientation applied; first frame of multi-frame files (GIF/TIFF); palette -> RGB; CMYK and
@@ -482,22 +499,48 @@ def _window_info(windows) -> list[dict]:
     return [{"name": n, "center": c, "width": w} for n, c, w in windows]
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _check_finite(data: np.ndarray, label: str, policy: str, warnings: list[str]) -> np.ndarray:
-    if not np.issubdtype(data.dtype, np.floating):
+    """Refuse (or zero) NaN/inf; refuse finite values that float32, the normalisation dtype, cannot hold."""
+    if not np.issubdtype(data.dtype, np.floating) or data.size == 0:
         return data
-    if np.isfinite(data.sum(dtype=np.float64)):  # one reduction, no mask: any NaN/inf would make the sum non-finite
-        return data
-    bad = ~np.isfinite(data)
-    n_bad = int(bad.sum())
-    if n_bad == 0:
-        return data
-    if policy == "raise":
+    wide = data.dtype.itemsize > 4
+    if wide:  # min/max propagate NaN and inf, and a float64 sum of huge finite values could overflow
+        finite = math.isfinite(float(data.min())) and math.isfinite(float(data.max()))
+    else:  # one reduction, no mask: any NaN/inf would make the sum non-finite
+        finite = bool(np.isfinite(data.sum(dtype=np.float64)))
+    if not finite:
+        bad = ~np.isfinite(data)
+        n_bad = int(bad.sum())
+        if policy == "raise":
+            raise MediaError(
+                f"{label}: {n_bad} non-finite values (NaN/inf) out of {data.size} in the data; "
+                "pass nan_policy='zero' to replace them with 0"
+            )
+        warnings.append(f"{n_bad} non-finite values replaced by 0 before normalisation")
+        data = np.where(bad, 0, data).astype(data.dtype, copy=False)
+    if wide:
+        _check_float32_range(data, label)
+    return data
+
+
+def _check_float32_range(data: np.ndarray, label: str) -> None:
+    """Finite values beyond float32 would become inf in the normalisation and then pass for 'NaN data'."""
+    if data.dtype.kind != "f" or data.dtype.itemsize <= 4 or data.size == 0:
+        return
+    lo, hi = float(data.min()), float(data.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN/inf themselves are _check_finite's business
+        finite = data[np.isfinite(data)]
+        if finite.size == 0:
+            return
+        lo, hi = float(finite.min()), float(finite.max())
+    if max(-lo, hi) > _FLOAT32_MAX:
         raise MediaError(
-            f"{label}: {n_bad} non-finite values (NaN/inf) out of {data.size} in the data; "
-            "pass nan_policy='zero' to replace them with 0"
+            f"{label}: values range from {lo:.4g} to {hi:.4g}, beyond float32's range (+-{_FLOAT32_MAX:.4g}) "
+            "in which intensities are normalised (a corrupt file, or a wrong scl_slope / RescaleSlope?)"
         )
-    warnings.append(f"{n_bad} non-finite values replaced by 0 before normalisation")
-    return np.where(bad, 0, data).astype(data.dtype, copy=False)
 
 
 def _normalise(
@@ -761,13 +804,41 @@ def _dicom_pixels(path: Path, label: str) -> tuple[np.ndarray, Any]:
         raise MediaError(f"{label}: unreadable DICOM file ({type(e).__name__}: {e})") from e
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise MediaError(f"{label}: DICOM file has no pixel data (SOP class {ds.get('SOPClassUID', '?')})")
+    grayscale = int(ds.get("SamplesPerPixel", 1) or 1) == 1
+    if grayscale:
+        _check_rescale(ds, label)
     try:
         arr = ds.pixel_array
-        if int(ds.get("SamplesPerPixel", 1)) == 1:
-            arr = apply_rescale(arr, ds)
     except Exception as e:  # missing decoder plugin, truncated pixel data, bad group 0028 values...
-        raise MediaError(f"{label}: cannot decode DICOM pixel data ({type(e).__name__}: {e})") from e
-    return np.asarray(arr, dtype=np.float32), ds
+        syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        name = f" in transfer syntax {syntax.name} ({syntax})" if syntax is not None else ""
+        raise MediaError(f"{label}: cannot decode DICOM pixel data{name} ({type(e).__name__}: {e})") from e
+    try:
+        if grayscale:
+            arr = apply_rescale(arr, ds)
+    except Exception as e:  # a malformed Modality LUT
+        raise MediaError(f"{label}: cannot apply the DICOM modality LUT ({type(e).__name__}: {e})") from e
+    arr = np.asarray(arr)
+    _check_float32_range(arr, label)
+    return arr.astype(np.float32, copy=False), ds
+
+
+def _check_rescale(ds, label: str) -> None:
+    """RescaleSlope / RescaleIntercept must be finite numbers and the slope non-zero: else the physical values
+    (HU for CT) are unknown, which must not surface later as 'NaN data' or a blank image."""
+    if "ModalityLUTSequence" in ds:
+        return  # pydicom uses the LUT and ignores the rescale tags
+    for tag in ("RescaleSlope", "RescaleIntercept"):
+        if tag not in ds or ds[tag].value in (None, ""):
+            continue
+        try:
+            value = _first_value(ds[tag].value)
+        except (TypeError, ValueError):
+            raise MediaError(f"{label}: the file's {tag} {ds[tag].value!r} is not a number") from None
+        if not math.isfinite(value):
+            raise MediaError(f"{label}: the file's {tag} is {value}: the physical pixel values cannot be computed")
+        if tag == "RescaleSlope" and value == 0:
+            raise MediaError(f"{label}: the file's RescaleSlope is 0: every pixel would equal RescaleIntercept")
 
 
 def _first_value(v) -> float:
@@ -776,21 +847,40 @@ def _first_value(v) -> float:
 
 def _has_rescale(ds) -> bool:
     slope, intercept = ds.get("RescaleSlope", 1), ds.get("RescaleIntercept", 0)
-    return "ModalityLUTSequence" in ds or float(slope) != 1.0 or float(intercept) != 0.0
+    try:
+        return "ModalityLUTSequence" in ds or _first_value(slope) != 1.0 or _first_value(intercept) != 0.0
+    except (TypeError, ValueError):  # unreadable tags: _check_rescale reports them when the pixels are read
+        return True
 
 
-def _dicom_intensity(ds, modality: str | None, label: str, opts: _Options):
-    """(windows, bit_scale) for grayscale DICOM pixel data following the module's intensity rule."""
+def _dicom_intensity(ds, modality: str | None, label: str, opts: _Options, series=()):
+    """(windows, bit_scale) for grayscale DICOM pixel data following the module's intensity rule.
+
+    ``series``: every header of a series (``ds`` is its first), so that one rescaled slice is enough to
+    rule out the display-ready 8-bit reading."""
     windows = _parse_window(opts.window, label)
     if windows is None and modality == "CT":
         center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-        if center is not None and width is not None:  # the file's own window (first one if several)
-            _, c, w = _one_window((_first_value(center), _first_value(width)), label)
-            windows = [("dicom", c, w)]
+        if center not in (None, "") and width not in (None, ""):  # the file's own window (first one if several)
+            windows = [_file_window(center, width, label)]
         else:
             windows = _parse_window(DEFAULT_CT_WINDOW, label)
-    bit_scale = 255.0 if int(ds.get("BitsStored", 16)) <= 8 and not _has_rescale(ds) else None
-    return windows, bit_scale
+    eight_bit = all(int(h.get("BitsStored", 16) or 16) <= 8 and not _has_rescale(h) for h in (ds, *series))
+    return windows, (255.0 if eight_bit else None)
+
+
+def _file_window(center, width, label: str) -> tuple[str, float, float]:
+    """The file's own WindowCenter / WindowWidth (first pair if several); a bad one is the file's fault."""
+    try:
+        c, w = _first_value(center), _first_value(width)
+    except (TypeError, ValueError, IndexError):
+        c = w = math.nan
+    if not (math.isfinite(c) and math.isfinite(w) and w > 0):
+        raise MediaError(
+            f"{label}: the file's own CT window is invalid (WindowCenter {center}, WindowWidth {width}; the width "
+            "must be > 0 and both finite); pass window=<preset name or (center, width)> to choose one"
+        )
+    return ("dicom", c, w)
 
 
 def _dicom_meta(ds, modality: str | None) -> dict:
@@ -923,7 +1013,7 @@ def _load_dicom_series(files: list[Path], label: str, opts: _Options) -> Media:
     modality = opts.modality or (str(first.get("Modality", "")).upper() or None)
     meta = {**_dicom_meta(first, modality), "n_files": len(headers), "skipped_files": dict(skipped), "warnings": []}
     grid = _dicom_grid(headers, rows, cols, label, meta)
-    windows, bit_scale = _dicom_intensity(first, modality, label, opts)
+    windows, bit_scale = _dicom_intensity(first, modality, label, opts, [ds for _, ds in headers])
     return _volume_media(grid, label, opts, meta, windows=windows, bit_scale=bit_scale,
                          monochrome1=str(first.get("PhotometricInterpretation", "")) == "MONOCHROME1")
 
@@ -977,10 +1067,25 @@ def _dicom_grid(headers, rows: int, cols: int, label: str, meta: dict) -> _Grid:
 
     row_cos, col_cos = iop[0, :3], iop[0, 3:]
     normal = np.cross(row_cos, col_cos)
+    unit_vectors = np.allclose(np.linalg.norm(iop[0].reshape(2, 3), axis=1), 1, atol=1e-3)
+    if abs(float(row_cos @ col_cos)) > 1e-3 or not unit_vectors:
+        meta["warnings"].append(
+            f"{label}: ImageOrientationPatient {iop[0].tolist()} is not two perpendicular unit vectors: "
+            "orientation and spacing are doubtful"
+        )
     ipp = np.asarray(ipps, dtype=np.float64)
     dist = ipp @ normal
     order = np.argsort(dist, kind="stable")
     dist, ipp = dist[order], ipp[order]
+    travel = ipp[-1] - ipp[0]
+    if np.linalg.norm(travel) > 1e-6 and np.linalg.norm(normal) > 1e-6:
+        cos = abs(float(travel @ normal)) / (np.linalg.norm(travel) * np.linalg.norm(normal))
+        tilt = float(np.degrees(np.arccos(min(cos, 1.0))))
+        if tilt > 0.5:
+            meta["warnings"].append(
+                f"{label}: slice positions advance {tilt:.1f} degrees off the slice normal (gantry tilt?): the "
+                "volume is sheared and is shown without resampling"
+            )
     files = [headers[i][0] for i in order]
     first = headers[order[0]][1]
     row_sp, col_sp = (float(v) for v in first.get("PixelSpacing", (1.0, 1.0)))
@@ -1101,11 +1206,11 @@ class _Grid:
     def display_slice(self, axis: int, k: int) -> np.ndarray:
         """Slice k of the reoriented volume along RAS axis `axis`, in radiological display orientation."""
         if self.affine is None:  # no geometry: slices of the stored axis 0, shown as stored
-            return np.asarray(self.data[(k, slice(None), slice(None))], dtype=np.float32)
+            return np.asarray(self.data[(k, slice(None), slice(None))])
         i = self._source_axis(axis)
         idx = [slice(None)] * 3
         idx[i] = k if self.ornt[i, 1] > 0 else self.shape[i] - 1 - k
-        plane = np.asarray(self.data[tuple(idx)], dtype=np.float32)
+        plane = np.asarray(self.data[tuple(idx)])  # stored dtype: range checks happen before float32
         rest = [j for j in range(3) if j != i]
         for pos, j in enumerate(rest):
             if self.ornt[j, 1] < 0:
@@ -1157,6 +1262,25 @@ def _nearest(sorted_values: np.ndarray, targets: np.ndarray) -> list[int]:
     return [int(x) for x in np.where(take_left, j - 1, j)]
 
 
+# bit_scale value for _volume_media: divide by 255 when every value read is an integer in 0..255 (display-ready
+# 8-bit content), else percentiles; so equal physical values give equal frames whatever dtype stores them.
+_EIGHT_BIT_VALUES = "8-bit values"
+
+
+def _eight_bit_divisor(raw: np.ndarray, label: str, warnings: list[str]) -> float | None:
+    if raw.size == 0:
+        return None
+    lo, hi = float(raw.min()), float(raw.max())
+    if lo < 0 or hi > 255 or (raw.dtype.kind == "f" and bool((raw != np.round(raw)).any())):
+        return None
+    if hi < 16:
+        warnings.append(
+            f"{label}: 8-bit values that only reach {hi:g} of 255 (a label map or mask?): frames are nearly "
+            f"black; pass window=({hi / 2:g}, {max(hi, 1.0):g}) to stretch them"
+        )
+    return 255.0
+
+
 def _volume_media(grid: _Grid, label: str, opts: _Options, meta: dict, *, windows, bit_scale,
                   monochrome1: bool = False) -> Media:
     warnings = meta.setdefault("warnings", [])
@@ -1177,6 +1301,9 @@ def _volume_media(grid: _Grid, label: str, opts: _Options, meta: dict, *, window
     idx = _choose_slices(positions, n, opts.max_slices, opts.min_slice_spacing_mm)
     raw = np.stack([grid.display_slice(axis, k) for k in idx])
     raw = _check_finite(raw, label, opts.nan_policy, warnings)
+    if isinstance(bit_scale, str):  # _EIGHT_BIT_VALUES: decided on the values read, not the stored dtype
+        bit_scale = None if windows is not None else _eight_bit_divisor(raw, label, warnings)
+    raw = raw.astype(np.float32, copy=False)
     frames, info = _normalise(raw, windows=windows, bit_scale=bit_scale, percentiles=opts.percentiles,
                               label=label, warnings=warnings)
     if monochrome1:
@@ -1225,6 +1352,12 @@ def _load_nifti(path: Path, label: str, opts: _Options) -> Media:
             f"{label}: not a readable NIfTI file ({type(e).__name__}: {e}){_what_it_looks_like(path)}"
         ) from e
     header = img.header
+    if getattr(img, "affine", None) is None or not hasattr(header, "get_data_dtype"):  # e.g. CIFTI-2 matrices
+        raise MediaError(f"{label}: a {type(img).__name__} file is not an image volume (no voxel grid / affine)")
+    if 0 in shape:
+        axis = shape.index(0)
+        what = "0 volumes (its 4th dimension has length 0)" if axis == 3 else f"axis {axis} has length 0"
+        raise MediaError(f"{label}: NIfTI of shape {shape} holds no data: {what}")
     spatial = (shape + (1, 1, 1))[:3]
     n_vox = math.prod(spatial)
     if n_vox > opts.max_voxels:
@@ -1255,18 +1388,94 @@ def _load_nifti(path: Path, label: str, opts: _Options) -> Media:
     else:
         data = reader  # uncompressed: each slice is read from disk on demand
 
-    slope, inter = header.get_slope_inter() if hasattr(header, "get_slope_inter") else (None, None)
-    unscaled = (slope is None or slope == 1) and (inter is None or inter == 0)
-    bit_scale = 255.0 if dtype == np.uint8 and unscaled else None
-    windows = _windows_for(opts, label)
-    affine = np.asarray(img.affine, dtype=np.float64)
-    ornt = nib.io_orientation(affine)
+    warnings: list[str] = []
     meta = {"format": type(img).__name__, "original_shape": list(shape), "dtype": str(dtype),
-            "modality": opts.modality, "zooms_mm": [float(z) for z in header.get_zooms()[:3]], "warnings": []}
+            "modality": opts.modality, "zooms_mm": [float(z) for z in header.get_zooms()[:3]], "warnings": warnings}
+    # nibabel moves scl_slope / scl_inter from the header into the data proxy when it loads a file (the
+    # loaded header reads NaN), and the proxy applies them: what it returns are the physical values.
+    slope, inter = (float(getattr(img.dataobj, a, d)) for a, d in (("slope", 1.0), ("inter", 0.0)))
+    if (slope, inter) != (1.0, 0.0):
+        meta["scaling"] = {"scl_slope": slope, "scl_inter": inter}
     if extra:
         meta.update(n_volumes=int(extra[0]), volume_index=volume)
+    affine = _nifti_affine(img, path, label, warnings)
+    ornt = nib.io_orientation(affine)
     grid = _Grid(data=data, shape=spatial, affine=affine, ornt=ornt)
-    return _volume_media(grid, label, opts, meta, windows=windows, bit_scale=bit_scale)
+    return _volume_media(grid, label, opts, meta, windows=_windows_for(opts, label), bit_scale=_EIGHT_BIT_VALUES)
+
+
+def _nifti_affine(img, path: Path, label: str, warnings: list[str]) -> np.ndarray:
+    """The voxel -> RAS mm affine nibabel uses, refused when not finite; doubtful geometry is reported in
+    ``warnings`` (missing orientation, zero voxel sizes, shear, sform/qform disagreement, non-mm units)."""
+    import nibabel as nib
+
+    header = img.header
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not hasattr(header, "get_sform"):  # MGH: geometry always present in its own form
+        if not np.isfinite(affine).all():
+            raise MediaError(f"{label}: the header's affine is not finite (NaN/inf): {affine.tolist()}")
+        return affine
+    codes = {"sform": int(header["sform_code"]), "qform": int(header["qform_code"])}
+    raw = _raw_nifti_header(img, path)
+    pixdim = np.asarray(raw["pixdim"][1:4], dtype=np.float64) if raw is not None else None
+    if not np.isfinite(affine).all():
+        source = ("sform (srow_x/y/z)" if codes["sform"] > 0 else
+                  "qform (quatern_b/c/d, qoffset, pixdim)" if codes["qform"] > 0 else "pixdim")
+        raise MediaError(
+            f"{label}: the header's {source} holds NaN/inf, so the voxel-to-world affine is not finite: "
+            f"{np.round(affine, 4).tolist()}; orientation and spacing are unknown"
+        )
+    if codes["sform"] == 0 and codes["qform"] == 0:
+        warnings.append(
+            f"{label}: no orientation in the header (sform_code and qform_code are 0): orientation "
+            f"{''.join(c or '?' for c in nib.aff2axcodes(affine))} and positions are nibabel's fallback from "
+            "pixdim, not the scanner's; left/right may be wrong"
+        )
+    if codes["sform"] == 0 and pixdim is not None and not (np.isfinite(pixdim).all() and (pixdim > 0).all()):
+        warnings.append(
+            f"{label}: voxel sizes pixdim[1:4] = {pixdim.tolist()} are not all positive: nibabel took 1 mm "
+            "for those, so spacing and positions are guesses"
+        )
+    if codes["sform"] > 0 and codes["qform"] > 0:
+        try:
+            qform = np.asarray(header.get_qform(), dtype=np.float64)
+        except Exception:  # an invalid quaternion: nibabel ignores the qform when the sform is set
+            qform = np.full((4, 4), np.nan)
+        if not np.isfinite(qform).all():
+            warnings.append(f"{label}: the qform is invalid (NaN/inf); the sform was used (as nibabel does)")
+        elif not np.allclose(qform, affine, atol=1e-3 * max(1.0, np.abs(affine).max())):
+            warnings.append(f"{label}: sform and qform disagree; the sform was used (as nibabel does)")
+    shear = _shear_deg(affine[:3, :3])
+    if shear > 0.01:
+        warnings.append(
+            f"{label}: the affine is sheared (voxel axes {shear:.2f} degrees from perpendicular): slices are "
+            "taken along the stored axes without resampling, so shapes in them are skewed"
+        )
+    unit = header.get_xyzt_units()[0] if hasattr(header, "get_xyzt_units") else "unknown"
+    factor = {"meter": 1000.0, "micron": 0.001}.get(unit)
+    if factor is not None:
+        warnings.append(f"{label}: spatial unit in the header is {unit}; spacing and positions converted to mm")
+        affine = affine.copy()
+        affine[:3, :] *= factor
+    return affine
+
+
+def _raw_nifti_header(img, path: Path):
+    """The header as stored (nibabel's loaded header has zero pixdim already replaced by 1)."""
+    try:
+        from nibabel.openers import ImageOpener
+
+        with ImageOpener(os.fspath(path)) as f:
+            return type(img.header).from_fileobj(f, check=False)
+    except Exception:  # the raw header only refines warnings; the loaded one was already accepted
+        return None
+
+
+def _shear_deg(m: np.ndarray) -> float:
+    """Largest deviation from 90 degrees between two columns (voxel axes) of a 3x3 matrix."""
+    cols = m / np.maximum(np.linalg.norm(m, axis=0), 1e-12)
+    cosines = np.abs(cols.T @ cols)[np.triu_indices(3, 1)]
+    return float(np.degrees(np.arcsin(np.clip(cosines.max(), 0.0, 1.0))))
 
 
 def _pick_volume(label: str, n_volumes: int | None, volume_index: int | None) -> int | None:

@@ -162,7 +162,7 @@ def test_volume_percentiles_over_whole_volume_and_constant_volume(tmp_path):
     nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "v.nii.gz")
     m = check_media(load_media(tmp_path / "v.nii.gz"), "volume")
     assert m.frames[0].max() == pytest.approx(1.0) and m.frames[3].max() < 0.05
-    nib.save(nib.Nifti1Image(np.full((4, 4, 3), 7, np.int16), np.eye(4)), tmp_path / "c.nii")
+    nib.save(nib.Nifti1Image(np.full((4, 4, 3), 700, np.int16), np.eye(4)), tmp_path / "c.nii")  # not 8-bit
     c = check_media(load_media(tmp_path / "c.nii"), "volume")
     assert not c.frames.any() and any("constant" in w for w in c.metadata["warnings"])
 
@@ -180,6 +180,41 @@ def test_ct_nifti_windows_and_nan_policy(tmp_path):
     nib.save(nib.Nifti1Image(hu, np.eye(4)), tmp_path / "nan.nii")
     z = check_media(load_media(tmp_path / "nan.nii", modality="CT", nan_policy="zero"), "volume")
     assert any("non-finite" in w for w in z.metadata["warnings"])
+
+
+def test_nifti_without_geometry_is_reported(tmp_path):
+    img = nib.Nifti1Image(np.arange(120, dtype=np.int16).reshape(4, 5, 6) * 10, None)
+    img.header.set_qform(None, code=0)
+    img.header.set_sform(None, code=0)
+    img.header["pixdim"][1:4] = 0
+    nib.save(img, tmp_path / "nogeo.nii.gz")
+    m = check_media(load_media(tmp_path / "nogeo.nii.gz"), "volume")
+    warnings = m.metadata["warnings"]
+    assert any("nogeo.nii.gz" in w and "no orientation" in w and "LAS" in w for w in warnings), warnings
+    assert any("nogeo.nii.gz" in w and "pixdim" in w and "1 mm" in w for w in warnings), warnings
+    # A proper header raises none of these.
+    nib.save(nib.Nifti1Image(np.arange(120, dtype=np.int16).reshape(4, 5, 6), np.eye(4)), tmp_path / "ok.nii")
+    assert load_media(tmp_path / "ok.nii").metadata["warnings"] == []
+
+
+def test_nifti_sheared_and_inconsistent_geometry_is_reported(tmp_path):
+    data = np.arange(120, dtype=np.int16).reshape(4, 5, 6) * 10
+    sheared = np.array([[1.0, 0.5, 0, 0], [0, 1, 0, 0], [0, 0, 2, 0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(data, sheared), tmp_path / "shear.nii")
+    m = check_media(load_media(tmp_path / "shear.nii"), "volume")
+    assert any("shear.nii" in w and "sheared" in w and "26.57 degrees" in w for w in m.metadata["warnings"])
+    img = nib.Nifti1Image(data, np.diag([2.0, 2, 2, 1]))
+    img.set_qform(np.diag([-1.0, 1, 1, 1]), code=1)  # a different orientation and voxel size
+    nib.save(img, tmp_path / "disagree.nii")
+    m = load_media(tmp_path / "disagree.nii")
+    assert any("sform and qform disagree" in w for w in m.metadata["warnings"])
+    assert m.metadata["orientation"] == "RAS"  # the sform, as nibabel uses it
+    img = nib.Nifti1Image(data, np.diag([0.002, 0.002, 0.004, 1]))
+    img.header.set_xyzt_units("meter")
+    nib.save(img, tmp_path / "meters.nii")
+    m = load_media(tmp_path / "meters.nii")
+    assert m.spacing_mm == pytest.approx((4.0, 2.0, 2.0))
+    assert any("meter" in w and "converted to mm" in w for w in m.metadata["warnings"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -283,6 +318,16 @@ def test_dicom_series_with_inferior_pointing_normal(tmp_path):
     assert m.slice_positions_mm == pytest.approx([z for z, _, _ in ref], abs=1e-4)
     for t, (_, hu, _) in enumerate(ref):
         np.testing.assert_allclose(m.frames[t, ..., 0], window01(hu[::-1, :], 0, 4000), atol=1e-6)
+
+
+def test_dicom_orientation_not_perpendicular_is_reported(tmp_path):
+    for n, f in enumerate(sorted(CT5N.iterdir())):
+        ds = pydicom.dcmread(f)
+        ds.ImageOrientationPatient = [1, 0, 0, 0.2, 1, 0]
+        ds.save_as(tmp_path / f"s{n}.dcm")
+    m = check_media(load_media(tmp_path), "volume")
+    assert any(str(tmp_path) in w and "perpendicular" in w for w in m.metadata["warnings"])
+    assert not any("perpendicular" in w for w in load_media(CT5N).metadata["warnings"])
 
 
 def test_monochrome1_is_inverted(tmp_path):
@@ -537,6 +582,22 @@ def _dicom_mixed_shapes(folder: Path) -> Path:
     return folder
 
 
+def _nifti_with_nan_sform(path: Path) -> Path:
+    nib.save(nib.Nifti1Image(np.ones((4, 5, 6), np.int16), np.eye(4)), path)
+    raw = bytearray(path.read_bytes())
+    raw[280:284] = struct.pack("<f", np.nan)  # srow_x[0]; sform_code stays 2, so nibabel uses it
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def _ct_small_with(path: Path, **tags) -> Path:
+    ds = pydicom.dcmread(CT_SMALL)
+    for name, value in tags.items():
+        setattr(ds, name, value)
+    ds.save_as(path)
+    return path
+
+
 def _bad_cases(tmp: Path, video: Path):
     """id -> (source, kind, kwargs, text that must appear in the message)."""
     rng = np.random.default_rng(0)
@@ -571,6 +632,11 @@ def _bad_cases(tmp: Path, video: Path):
         s.width = s.height = 64
         s.pix_fmt = "yuv420p"
         c.start_encoding()
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6, 0), np.float32), np.eye(4)), tmp / "zero_volumes.nii")
+    nib.save(nib.Nifti1Image(np.zeros((4, 0, 6), np.float32), np.eye(4)), tmp / "zero_axis.nii")
+    huge = np.ones((4, 5, 6))
+    huge[1, 2, 3] = 1e300
+    nib.save(nib.Nifti1Image(huge, np.eye(4)), tmp / "beyond_float32.nii.gz")
     nan_array = np.ones((4, 4), np.float32)
     nan_array[0, 0] = np.inf
     return {
@@ -617,6 +683,15 @@ def _bad_cases(tmp: Path, video: Path):
         "bad_window_width": (CT_SMALL, None, {"window": (40, 0)}, "CT_small.dcm"),
         "bad_slice_axis": (MNI, None, {"slice_axis": "transverse"}, MNI.name),
         "window_on_rgb": (tmp / "rgb.png", None, {"window": "bone"}, "rgb.png"),
+        "nifti_nan_affine": (_nifti_with_nan_sform(tmp / "nan_affine.nii"), None, {}, "nan_affine.nii"),
+        "nifti_zero_volumes": (tmp / "zero_volumes.nii", None, {}, "zero_volumes.nii"),
+        "nifti_zero_length_axis": (tmp / "zero_axis.nii", None, {}, "zero_axis.nii"),
+        "nifti_beyond_float32": (tmp / "beyond_float32.nii.gz", None, {}, "beyond_float32.nii.gz"),
+        "dicom_rescale_slope_nan": (_ct_small_with(tmp / "slope_nan.dcm", RescaleSlope=float("nan")), None, {},
+                                    "slope_nan.dcm"),
+        "dicom_own_window_width_0": (_ct_small_with(tmp / "ww0.dcm", WindowCenter=40, WindowWidth=0), None, {},
+                                     "ww0.dcm"),
+        "cifti_matrix": (NIB_DATA / "row_major.dconn.nii", None, {}, "row_major.dconn.nii"),
     }
 
 
@@ -630,7 +705,8 @@ BAD_IDS = [
     "image_too_large", "png_header_huge", "kind_mismatch", "array_without_kind", "image_array_bad_ndim",
     "image_array_channels_first", "volume_array_2d", "video_array_out_of_range", "array_with_nan", "empty_array",
     "escapes_data_root", "symlink_escapes_data_root", "unknown_kind", "unknown_window_preset", "bad_window_width",
-    "bad_slice_axis", "window_on_rgb",
+    "bad_slice_axis", "window_on_rgb", "nifti_nan_affine", "nifti_zero_volumes", "nifti_zero_length_axis",
+    "nifti_beyond_float32", "dicom_rescale_slope_nan", "dicom_own_window_width_0", "cifti_matrix",
 ]
 
 
@@ -670,6 +746,13 @@ def test_error_messages_say_what_is_wrong(bad_cases):
     assert "no pixel data" in message("dicom_without_pixels")
     assert "NIfTI" in message("nifti_named_png")
     assert "lungs" in message("unknown_window_preset") and "lung" in message("unknown_window_preset")
+    assert "sform" in message("nifti_nan_affine") and "NaN" in message("nifti_nan_affine")
+    assert "0 volumes" in message("nifti_zero_volumes") and "volume_index" not in message("nifti_zero_volumes")
+    assert "axis 1 has length 0" in message("nifti_zero_length_axis")
+    assert "beyond float32" in message("nifti_beyond_float32") and "non-finite" not in message("nifti_beyond_float32")
+    assert "RescaleSlope is nan" in message("dicom_rescale_slope_nan")
+    assert "file's own CT window" in message("dicom_own_window_width_0")
+    assert "window width must be" in message("bad_window_width")  # the caller's own bad window: said as such
 
 
 def test_data_root_resolves_relative_paths(tmp_path):
