@@ -1051,12 +1051,20 @@ def _dicom_grid(headers, rows: int, cols: int, label: str, meta: dict) -> _Grid:
     geometric = all(v is not None and len(v) == 6 for v in iops) and all(v is not None and len(v) == 3 for v in ipps)
     if geometric:
         iop = np.asarray(iops, dtype=np.float64)
-        if not np.allclose(iop, iop[0], atol=1e-4):
+        unusable = not (np.isfinite(iop).all() and np.isfinite(np.asarray(ipps, dtype=np.float64)).all()) or \
+            np.linalg.norm(np.cross(iop[0, :3], iop[0, 3:])) < 1e-3  # zero or parallel direction vectors
+        if unusable:
             geometric = False
-            meta["warnings"].append("ImageOrientationPatient differs between slices (localizer or projections?): "
-                                    "slices sorted by InstanceNumber, not reoriented")
+            meta["warnings"].append(
+                f"{label}: ImagePositionPatient/ImageOrientationPatient unusable (NaN/inf, or zero or parallel "
+                f"direction vectors, e.g. {iop[0].tolist()}): slices sorted by InstanceNumber, not reoriented"
+            )
+        elif not np.allclose(iop, iop[0], atol=1e-4):
+            geometric = False
+            meta["warnings"].append(f"{label}: ImageOrientationPatient differs between slices (localizer or "
+                                    "projections?): slices sorted by InstanceNumber, not reoriented")
     else:
-        meta["warnings"].append("ImagePositionPatient/ImageOrientationPatient missing: "
+        meta["warnings"].append(f"{label}: ImagePositionPatient/ImageOrientationPatient missing: "
                                 "slices sorted by InstanceNumber, not reoriented")
 
     if not geometric:
@@ -1088,16 +1096,14 @@ def _dicom_grid(headers, rows: int, cols: int, label: str, meta: dict) -> _Grid:
             )
     files = [headers[i][0] for i in order]
     first = headers[order[0]][1]
-    row_sp, col_sp = (float(v) for v in first.get("PixelSpacing", (1.0, 1.0)))
-    if "PixelSpacing" not in first:
-        meta["warnings"].append("PixelSpacing missing: assumed 1 mm")
+    row_sp, col_sp = _pixel_spacing(first, label, meta["warnings"])
 
     gaps = np.diff(dist)
     step = float(np.median(gaps)) if gaps.size and np.median(gaps) > 0 else float(
         first.get("SpacingBetweenSlices", first.get("SliceThickness", 1.0)) or 1.0)
     meta.update(sorted_by="ImagePositionPatient", irregular_spacing=_irregularity(gaps))
     if meta["irregular_spacing"]:
-        meta["warnings"].append("irregular slice spacing (see irregular_spacing)")
+        meta["warnings"].append(f"{label}: irregular slice spacing (see irregular_spacing)")
 
     lps_to_ras = np.diag([-1.0, -1.0, 1.0])
     # Array axes (slice, row, column): a row index moves along col_cos, a column index along row_cos.
@@ -1108,6 +1114,21 @@ def _dicom_grid(headers, rows: int, cols: int, label: str, meta: dict) -> _Grid:
     centres_lps = ipp + col_cos * row_sp * (rows - 1) / 2 + row_cos * col_sp * (cols - 1) / 2
     return _Grid(data=_DicomStack(files, (len(files), rows, cols)), shape=(len(files), rows, cols),
                  affine=affine, ornt=_closest_canonical_ornt(affine), stack_centres=centres_lps @ lps_to_ras.T)
+
+
+def _pixel_spacing(ds, label: str, warnings: list[str]) -> tuple[float, float]:
+    """(row, column) spacing in mm; 1 mm with a warning when missing or not two positive numbers."""
+    if "PixelSpacing" not in ds:
+        warnings.append(f"{label}: PixelSpacing missing: assumed 1 mm")
+        return 1.0, 1.0
+    try:
+        row_sp, col_sp = (float(v) for v in ds.PixelSpacing)
+    except (TypeError, ValueError):
+        row_sp = col_sp = math.nan
+    if not (math.isfinite(row_sp) and math.isfinite(col_sp) and row_sp > 0 and col_sp > 0):
+        warnings.append(f"{label}: PixelSpacing {ds.PixelSpacing} is not two positive numbers: assumed 1 mm")
+        return 1.0, 1.0
+    return row_sp, col_sp
 
 
 def _instance_number(ds) -> float:
@@ -1273,7 +1294,9 @@ def _eight_bit_divisor(raw: np.ndarray, label: str, warnings: list[str]) -> floa
     lo, hi = float(raw.min()), float(raw.max())
     if lo < 0 or hi > 255 or (raw.dtype.kind == "f" and bool((raw != np.round(raw)).any())):
         return None
-    if hi < 16:
+    if hi == lo:
+        warnings.append(f"{label}: constant data (every value is {lo:g})")
+    elif hi < 16:
         warnings.append(
             f"{label}: 8-bit values that only reach {hi:g} of 255 (a label map or mask?): frames are nearly "
             f"black; pass window=({hi / 2:g}, {max(hi, 1.0):g}) to stretch them"
@@ -1349,7 +1372,8 @@ def _load_nifti(path: Path, label: str, opts: _Options) -> Media:
         shape = tuple(int(s) for s in img.shape)  # header only
     except Exception as e:
         raise MediaError(
-            f"{label}: not a readable NIfTI file ({type(e).__name__}: {e}){_what_it_looks_like(path)}"
+            f"{label}: not a readable NIfTI file ({_nifti_header_problem(path) or f'{type(e).__name__}: {e}'})"
+            f"{_what_it_looks_like(path)}"
         ) from e
     header = img.header
     if getattr(img, "affine", None) is None or not hasattr(header, "get_data_dtype"):  # e.g. CIFTI-2 matrices
@@ -1426,16 +1450,26 @@ def _nifti_affine(img, path: Path, label: str, warnings: list[str]) -> np.ndarra
             f"{np.round(affine, 4).tolist()}; orientation and spacing are unknown"
         )
     if codes["sform"] == 0 and codes["qform"] == 0:
+        stored = (f"sform_code {int(raw['sform_code'])}, qform_code {int(raw['qform_code'])}" if raw is not None
+                  else "sform_code and qform_code 0")
         warnings.append(
-            f"{label}: no orientation in the header (sform_code and qform_code are 0): orientation "
+            f"{label}: no valid orientation in the header ({stored}): orientation "
             f"{''.join(c or '?' for c in nib.aff2axcodes(affine))} and positions are nibabel's fallback from "
             "pixdim, not the scanner's; left/right may be wrong"
         )
-    if codes["sform"] == 0 and pixdim is not None and not (np.isfinite(pixdim).all() and (pixdim > 0).all()):
+    if codes["sform"] == 0 and pixdim is not None and (pixdim == 0).any():
         warnings.append(
-            f"{label}: voxel sizes pixdim[1:4] = {pixdim.tolist()} are not all positive: nibabel took 1 mm "
-            "for those, so spacing and positions are guesses"
+            f"{label}: voxel sizes pixdim[1:4] = {pixdim.tolist()} include 0: nibabel took 1 mm for those, "
+            "so spacing and positions are guesses"
         )
+    if codes["sform"] == 0 and pixdim is not None and (pixdim < 0).any():
+        warnings.append(
+            f"{label}: voxel sizes pixdim[1:4] = {pixdim.tolist()} include negative values: nibabel uses their "
+            "absolute value, but the tool that wrote them may have meant a flip, so left/right may be wrong"
+        )
+    if raw is not None and np.isinf(float(raw["scl_slope"])):
+        warnings.append(f"{label}: scl_slope is {float(raw['scl_slope'])}, not a valid scaling: the stored "
+                        "values are read unscaled, as nibabel does")
     if codes["sform"] > 0 and codes["qform"] > 0:
         try:
             qform = np.asarray(header.get_qform(), dtype=np.float64)
@@ -1458,6 +1492,26 @@ def _nifti_affine(img, path: Path, label: str, warnings: list[str]) -> np.ndarra
         affine = affine.copy()
         affine[:3, :] *= factor
     return affine
+
+
+def _nifti_header_problem(path: Path) -> str | None:
+    """Plain words for header faults nibabel reports cryptically (e.g. 'w2 should be positive')."""
+    try:
+        import nibabel as nib
+        from nibabel.openers import ImageOpener
+
+        with ImageOpener(os.fspath(path)) as f:
+            little = struct.unpack("<i", f.read(4))[0]
+            f.seek(0)
+            size = little if little in (348, 540) else struct.unpack(">i", struct.pack("<i", little))[0]
+            header = (nib.Nifti2Header if size == 540 else nib.Nifti1Header).from_fileobj(f, check=False)
+    except Exception:
+        return None
+    b, c, d = (float(header[k]) for k in ("quatern_b", "quatern_c", "quatern_d"))
+    if int(header["qform_code"]) > 0 and b * b + c * c + d * d > 1 + 1e-6:
+        return (f"the qform quaternion (quatern_b, c, d) = ({b:g}, {c:g}, {d:g}) is invalid: "
+                "b^2 + c^2 + d^2 must not exceed 1")
+    return None
 
 
 def _raw_nifti_header(img, path: Path):

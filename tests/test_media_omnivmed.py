@@ -190,7 +190,7 @@ def test_nifti_without_geometry_is_reported(tmp_path):
     nib.save(img, tmp_path / "nogeo.nii.gz")
     m = check_media(load_media(tmp_path / "nogeo.nii.gz"), "volume")
     warnings = m.metadata["warnings"]
-    assert any("nogeo.nii.gz" in w and "no orientation" in w and "LAS" in w for w in warnings), warnings
+    assert any("nogeo.nii.gz" in w and "no valid orientation" in w and "LAS" in w for w in warnings), warnings
     assert any("nogeo.nii.gz" in w and "pixdim" in w and "1 mm" in w for w in warnings), warnings
     # A proper header raises none of these.
     nib.save(nib.Nifti1Image(np.arange(120, dtype=np.int16).reshape(4, 5, 6), np.eye(4)), tmp_path / "ok.nii")
@@ -215,6 +215,58 @@ def test_nifti_sheared_and_inconsistent_geometry_is_reported(tmp_path):
     m = load_media(tmp_path / "meters.nii")
     assert m.spacing_mm == pytest.approx((4.0, 2.0, 2.0))
     assert any("meter" in w and "converted to mm" in w for w in m.metadata["warnings"])
+
+
+def _patched_nifti(path: Path, *edits) -> Path:
+    """A small int16 NIfTI-1 with raw header fields overwritten: (byte offset, struct format, value)."""
+    nib.save(nib.Nifti1Image(np.arange(120, dtype=np.int16).reshape(4, 5, 6) * 10, np.eye(4)), path)
+    raw = bytearray(path.read_bytes())
+    for offset, fmt, value in edits:
+        raw[offset:offset + struct.calcsize(fmt)] = struct.pack(fmt, value)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+QFORM_ONLY = ((252, "<h", 1), (254, "<h", 0))  # qform_code 1, sform_code 0
+
+
+def test_nifti_header_quirks_are_reported(tmp_path):
+    def warnings_of(path):
+        return load_media(path).metadata["warnings"]
+
+    assert any("sform_code 9" in w for w in warnings_of(_patched_nifti(tmp_path / "code9.nii", (254, "<h", 9))))
+    neg = _patched_nifti(tmp_path / "neg.nii", *QFORM_ONLY, (80, "<f", -2.0))  # pixdim[1]
+    assert any("neg.nii" in w and "negative" in w and "flip" in w for w in warnings_of(neg))
+    inf = _patched_nifti(tmp_path / "inf.nii", (112, "<f", np.inf))  # scl_slope: nibabel ignores it
+    assert any("scl_slope is inf" in w for w in warnings_of(inf))
+    np.testing.assert_array_equal(nib.load(inf).get_fdata(), np.arange(120).reshape(4, 5, 6) * 10)
+    mask = np.zeros((4, 5, 6), np.float32)
+    mask[1:3, 1:3, 1:3] = 1
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), tmp_path / "mask.nii")
+    assert any("label map or mask" in w for w in warnings_of(tmp_path / "mask.nii"))
+
+
+def test_dicom_unusable_geometry_falls_back_with_a_warning(tmp_path):
+    for name, tags in {"nanpos": {"ImagePositionPatient": ["nan", 0, 0]},
+                       "zeroiop": {"ImageOrientationPatient": [0, 0, 0, 0, 0, 0]}}.items():
+        (tmp_path / name).mkdir()
+        for n, f in enumerate(sorted(CT5N.iterdir())):
+            ds = pydicom.dcmread(f)
+            if n == 2:
+                for tag, value in tags.items():
+                    setattr(ds, tag, value)
+            ds.save_as(tmp_path / name / f"s{n}.dcm")
+        m = check_media(load_media(tmp_path / name), "volume")
+        assert m.metadata["sorted_by"] == "InstanceNumber" and m.slice_positions_mm is None
+        assert any(name in w and "unusable" in w for w in m.metadata["warnings"])
+    (tmp_path / "spacing0").mkdir()
+    for n, f in enumerate(sorted(CT5N.iterdir())):
+        ds = pydicom.dcmread(f)
+        ds.PixelSpacing = [0, 0]
+        ds.save_as(tmp_path / "spacing0" / f"s{n}.dcm")
+    m = check_media(load_media(tmp_path / "spacing0"), "volume")
+    assert m.spacing_mm == pytest.approx((2.5, 1.0, 1.0))
+    assert any("PixelSpacing" in w and "assumed 1 mm" in w for w in m.metadata["warnings"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -692,6 +744,8 @@ def _bad_cases(tmp: Path, video: Path):
         "dicom_own_window_width_0": (_ct_small_with(tmp / "ww0.dcm", WindowCenter=40, WindowWidth=0), None, {},
                                      "ww0.dcm"),
         "cifti_matrix": (NIB_DATA / "row_major.dconn.nii", None, {}, "row_major.dconn.nii"),
+        "nifti_bad_quaternion": (_patched_nifti(tmp / "quat.nii", *QFORM_ONLY, (256, "<f", 5.0)), None, {},
+                                 "quat.nii"),
     }
 
 
@@ -707,6 +761,7 @@ BAD_IDS = [
     "escapes_data_root", "symlink_escapes_data_root", "unknown_kind", "unknown_window_preset", "bad_window_width",
     "bad_slice_axis", "window_on_rgb", "nifti_nan_affine", "nifti_zero_volumes", "nifti_zero_length_axis",
     "nifti_beyond_float32", "dicom_rescale_slope_nan", "dicom_own_window_width_0", "cifti_matrix",
+    "nifti_bad_quaternion",
 ]
 
 
@@ -752,6 +807,8 @@ def test_error_messages_say_what_is_wrong(bad_cases):
     assert "beyond float32" in message("nifti_beyond_float32") and "non-finite" not in message("nifti_beyond_float32")
     assert "RescaleSlope is nan" in message("dicom_rescale_slope_nan")
     assert "file's own CT window" in message("dicom_own_window_width_0")
+    assert "quaternion" in message("nifti_bad_quaternion") and "w2" not in message("nifti_bad_quaternion")
+    assert "not an image volume" in message("cifti_matrix")
     assert "window width must be" in message("bad_window_width")  # the caller's own bad window: said as such
 
 
