@@ -639,6 +639,14 @@ class OmniVMedProcessor(ProcessorMixin):
             return_tensors: "pt" for torch tensors, "np" / None for numpy (token ids as lists when None).
             padding: tokenizer padding (default True: pad to the longest, on the tokenizer's `padding_side`).
             kwargs: image processor settings (e.g. `max_frames=16`, `window="lung"`) and tokenizer arguments.
+
+        `text` is the caller's own prompt: every placeholder and control token written in it (`<|im_end|>`,
+        `<|image_pad|>`, ...) is meant and tokenised as such. Untrusted text (a pasted report, a user's message) belongs
+        in a conversation given to `apply_chat_template(..., tokenize=True)`, which tokenises such strings as text.
+
+        Length: a prompt (media expanded) longer than `max_prompt_length` (the tokenizer's `model_max_length`) is a
+        ValueError; `truncation=True` (with `max_length` or that limit) cuts text on the tokenizer's
+        `truncation_side` with a warning, and is a ValueError when the cut would remove a media token.
         """
         sources = {None: media, "image": images, "video": videos, "volume": volumes}
         given = [(kind, value) for kind, value in sources.items() if value is not None]
@@ -663,7 +671,7 @@ class OmniVMedProcessor(ProcessorMixin):
             texts = [text] if isinstance(text, str) else list(text)
             if not all(isinstance(t, str) for t in texts):
                 raise ValueError("`text` must be a string or a list of strings")
-            counts = [len(_placeholder_spans(t)) for t in texts]
+            counts = [len(_placeholder_spans(t, marked)) for t in texts]
             if per_sample is not None and (len(per_sample) != len(texts) or per_sample != counts):
                 raise ValueError(
                     f"the prompts hold {counts} {IMAGE_TOKEN} placeholders per sample but the media given per sample "
@@ -690,7 +698,7 @@ class OmniVMedProcessor(ProcessorMixin):
             data.update(visual)
 
         if texts is not None:
-            expanded, offsets = _expand_placeholders(texts, replacements)
+            expanded, offsets = _expand_placeholders(texts, replacements, marked)
             text_inputs = self._tokenize(expanded, marked, padding=padding, **kwargs)
             data.update(text_inputs)
             input_ids = text_inputs["input_ids"]
@@ -712,7 +720,7 @@ class OmniVMedProcessor(ProcessorMixin):
         )
 
     @property
-    def max_length(self) -> int | None:
+    def max_prompt_length(self) -> int | None:
         """The longest prompt (in tokens, media expanded) the processor lets through: the tokenizer's
         `model_max_length`, which a checkpoint sets to its LLM's `max_position_embeddings`; None when unset."""
         limit = getattr(self.tokenizer, "model_max_length", None)
@@ -737,7 +745,7 @@ class OmniVMedProcessor(ProcessorMixin):
             enc.pop("attention_mask", None)
 
         truncate = truncation not in (None, False, "do_not_truncate")
-        limit = (max_length or self.max_length) if truncate else self.max_length
+        limit = (max_length or self.max_prompt_length) if truncate else self.max_prompt_length
         media_ids = {self.image_token_id, self.frame_token_id, self.vision_start_token_id, self.vision_end_token_id}
         for i, ids in enumerate(enc["input_ids"]):
             if limit is None or len(ids) <= limit:
@@ -769,7 +777,9 @@ class OmniVMedProcessor(ProcessorMixin):
         lengths = [len(ids) for ids in enc["input_ids"]]
         if padding in (False, None, "do_not_pad") or not lengths:
             return enc
-        target = max_length if padding == "max_length" and max_length is not None else max(lengths)
+        target = max(lengths)
+        if padding == "max_length":
+            target = max_length or self.max_prompt_length or target
         target = max(target, max(lengths))
         if pad_to_multiple_of:
             target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
@@ -974,12 +984,16 @@ def _flatten_media(media) -> tuple[list, list[int] | None]:
     return list(media), None
 
 
-def _placeholder_spans(text: str) -> list[tuple[int, int]]:
-    """Character spans of the media placeholders in `text`; an `<|image_pad|>` inside user-text markers is text."""
+def _placeholder_spans(text: str, marked: bool = False) -> list[tuple[int, int]]:
+    """Character spans of the media placeholders in `text`; in a `marked` text, an `<|image_pad|>` inside user-text
+    markers (see `_mark`) is text, not a placeholder."""
+    if not marked:
+        return [m.span() for m in re.finditer(re.escape(IMAGE_TOKEN), text)]
     return [m.span() for m in _PLACEHOLDER_OR_MARKED.finditer(text) if m.group() == IMAGE_TOKEN]
 
 
-def _expand_placeholders(texts: list[str], replacements: list[str]) -> tuple[list[str], list[list[dict]]]:
+def _expand_placeholders(texts: list[str], replacements: list[str], marked: bool = False
+                         ) -> tuple[list[str], list[list[dict]]]:  # fmt: skip
     """Replace the i-th placeholder of the batch (see `_placeholder_spans`) by replacements[i]; also return, per text,
     the span of each placeholder in the input and of its expansion in the output (character offsets)."""
     expanded, offsets = [], []
@@ -987,7 +1001,7 @@ def _expand_placeholders(texts: list[str], replacements: list[str]) -> tuple[lis
     for text in texts:
         pieces, spans = [], []
         old_pos, shift = 0, 0
-        for start, end in _placeholder_spans(text):
+        for start, end in _placeholder_spans(text, marked):
             replacement = replacements[index]
             index += 1
             pieces += [text[old_pos:start], replacement]

@@ -369,7 +369,6 @@ def _check_media_cheaply(block: dict, root: Path, image_processor) -> None:
     ip, limits = image_processor, _media_limits()
     budget = ip.max_total_visual_tokens
     file_kind = _file_kind(path)
-    frames = None
     try:
         if file_kind == "image":
             from PIL import Image
@@ -379,13 +378,17 @@ def _check_media_cheaply(block: dict, root: Path, image_processor) -> None:
                     width, height = im.size
             except Image.DecompressionBombError as e:
                 raise RowError(f"{path}: image too large ({e})") from None
-            frames = 1
         elif file_kind == "dicom":
             import pydicom
 
             ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
             height, width = int(ds.Rows), int(ds.Columns)
             frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+            if kind == "volume":  # a multi-frame volume may be resliced: only its voxel count is known here
+                if frames * height * width > limits["max_voxels"]:
+                    raise RowError(f"{path}: the header claims {frames} frames of {height}x{width}, more than "
+                                   f"max_voxels={limits['max_voxels']}")  # fmt: skip
+                height = width = None
         elif file_kind == "volume":
             import nibabel
 
@@ -414,7 +417,7 @@ def _check_media_cheaply(block: dict, root: Path, image_processor) -> None:
             per_frame = _visual_tokens(ip, kind, 1, height, width)
         except ValueError as e:
             raise RowError(f"{path}: {e}") from None
-        if kind == "image" and frames is not None and per_frame > budget:
+        if kind == "image" and per_frame > budget:
             raise RowError(f"{path}: {height}x{width} gives {per_frame} visual tokens, more than "
                            f"max_total_visual_tokens={budget}")  # fmt: skip
     if kind != "image" and _worst_case_tokens(ip, kind, block) > budget:
@@ -423,10 +426,10 @@ def _check_media_cheaply(block: dict, root: Path, image_processor) -> None:
             media = ip.to_media({**block, "data_root": root})
         except (MediaError, ValueError, ImportError) as e:
             raise RowError(str(e)) from None
-        _check_loaded_budget(media, kind, ip, path)
+        _check_loaded_budget(media, ip, path)
 
 
-def _check_loaded_budget(media, kind: str, image_processor, where) -> None:
+def _check_loaded_budget(media, image_processor, where) -> None:
     t, height, width = media.frames.shape[:3]
     try:
         n = _visual_tokens(image_processor, media.kind, t, height, width)
@@ -485,7 +488,7 @@ def load_rows(paths, data_root=None, skip_bad_rows: bool = False, validate_with=
                                     media = validate_with.image_processor.to_media({**block, "data_root": root})
                                 except (MediaError, ValueError, ImportError) as e:
                                     raise RowError(str(e)) from None
-                                _check_loaded_budget(media, block["type"], validate_with.image_processor, media.source)
+                                _check_loaded_budget(media, validate_with.image_processor, media.source)
                 except RowError as e:
                     bad.append(BadRow(source, str(e)))
                     continue

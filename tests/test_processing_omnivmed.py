@@ -773,7 +773,7 @@ def test_none_content_reads_as_empty_text_as_transformers_does(tokenizer):
 def test_over_length_prompt_is_an_error(tokenizer, monkeypatch):
     processor = make_processor(tokenizer)
     monkeypatch.setattr(tokenizer, "model_max_length", 40)
-    assert processor.max_length == 40
+    assert processor.max_prompt_length == 40
     image = media(random_frames(1, 56, 56, seed=1), "image")
     short = processor.apply_chat_template(_chat("ok", image), tokenize=True)
     assert len(short) <= 40
