@@ -559,8 +559,10 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
         limit = getattr(self.config.text_config, "max_position_embeddings", None)
         length = inputs_embeds.shape[1] + (cache.get_seq_length() if cache is not None else 0)
         if limit and length > limit:
-            raise ValueError(f"the sequence reaches {length} tokens (prompt and cache, media expanded), more than the "
-                             f"LLM's max_position_embeddings={limit}; shorten the prompt or lower max_new_tokens")  # fmt: skip
+            raise ValueError(
+                f"the sequence reaches {length} tokens (prompt and cache, media expanded), more than the LLM's "
+                f"max_position_embeddings={limit}; shorten the prompt or lower max_new_tokens"
+            )
         placeholders = self._placeholder_mask(input_ids, inputs_embeds)
         keep, tower_tokens = None, None
         if pixel_values is not None:

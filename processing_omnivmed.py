@@ -880,14 +880,12 @@ class OmniVMedProcessor(ProcessorMixin):
         if return_assistant_tokens_mask and continue_final_message:
             raise ValueError("continue_final_message is not compatible with return_assistant_tokens_mask")
 
-        is_batched = (
-            isinstance(conversation, (list, tuple)) and bool(conversation) and isinstance(conversation[0], (list, tuple))
-        )
+        is_list = isinstance(conversation, (list, tuple))
+        is_batched = is_list and bool(conversation) and isinstance(conversation[0], (list, tuple))
         if is_batched and not conversation:
             raise ValueError("the batch of conversations is empty")
-        conversations = [
-            _normalize_conversation(c, i, is_batched) for i, c in enumerate(conversation if is_batched else [conversation])
-        ]
+        batch = conversation if is_batched else [conversation]
+        conversations = [_normalize_conversation(c, i, is_batched) for i, c in enumerate(batch)]
         rendered = conversations
         control_re = self._control_tokens_re()
         if sanitize_control_tokens:

@@ -393,9 +393,10 @@ def _check_media_cheaply(block: dict, root: Path, image_processor) -> None:
             import nibabel
 
             shape = tuple(int(n) for n in nibabel.load(path).shape) + (1, 1, 1)
-            if math.prod(shape[:3]) > limits["max_voxels"]:
-                raise RowError(f"{path}: the header claims {'x'.join(map(str, shape[:3]))} = "
-                               f"{math.prod(shape[:3])} voxels, more than max_voxels={limits['max_voxels']}")  # fmt: skip
+            n_vox = math.prod(shape[:3])
+            if n_vox > limits["max_voxels"]:
+                raise RowError(f"{path}: the header claims {'x'.join(map(str, shape[:3]))} = {n_vox} voxels, "
+                               f"more than max_voxels={limits['max_voxels']}")  # fmt: skip
             height = width = None
         elif file_kind == "video":
             import av
@@ -411,8 +412,9 @@ def _check_media_cheaply(block: dict, root: Path, image_processor) -> None:
         return
     if height is not None:
         if height * width > limits["max_image_pixels"]:
-            raise RowError(f"{path}: {'frames are' if kind == 'video' else 'image is'} {width}x{height} = "
-                           f"{width * height} pixels, more than max_image_pixels={limits['max_image_pixels']}")  # fmt: skip
+            what = "frames are" if kind == "video" else "image is"
+            raise RowError(f"{path}: {what} {width}x{height} = {width * height} pixels, more than "
+                           f"max_image_pixels={limits['max_image_pixels']}")  # fmt: skip
         try:  # the aspect ratio and the grid, as the processor plans them
             per_frame = _visual_tokens(ip, kind, 1, height, width)
         except ValueError as e:
