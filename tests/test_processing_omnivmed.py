@@ -795,3 +795,16 @@ def test_truncation_cuts_text_with_a_warning_never_media(tokenizer, monkeypatch,
     assert out["input_ids"][0] == full["input_ids"][0][:30]
     with pytest.raises(ValueError, match="would cut media tokens"):
         processor(text=" word" * 60 + f"{PH}", images=[image], truncation=True)
+
+
+def test_saved_checkpoint_limits_prompts_to_the_llm_positions(tmp_path):
+    from build_omnivmed import build_tiny
+
+    from omnivmed.configuration_omnivmed import OmniVMedConfig
+
+    out = build_tiny(tmp_path / "tiny")
+    config = OmniVMedConfig.from_pretrained(out)
+    processor = OmniVMedProcessor.from_pretrained(out)
+    assert processor.max_prompt_length == config.text_config.max_position_embeddings == 8192
+    with pytest.raises(ValueError, match="more than the 8192"):
+        processor(text="word " * 8200)
