@@ -882,8 +882,6 @@ class OmniVMedProcessor(ProcessorMixin):
 
         is_list = isinstance(conversation, (list, tuple))
         is_batched = is_list and bool(conversation) and isinstance(conversation[0], (list, tuple))
-        if is_batched and not conversation:
-            raise ValueError("the batch of conversations is empty")
         batch = conversation if is_batched else [conversation]
         conversations = [_normalize_conversation(c, i, is_batched) for i, c in enumerate(batch)]
         rendered = conversations
@@ -894,12 +892,15 @@ class OmniVMedProcessor(ProcessorMixin):
                     return _mark(content, control_re)
                 return [{**b, "text": _mark(b["text"], control_re)} if b["type"] == "text" else b for b in content]
 
-            marked_convs = [[{**m, "content": mark_text(m["content"])} for m in conv] for conv in conversations]
-            marked_kwargs = {k: _mark(v, control_re) if isinstance(v, str) else v for k, v in kwargs.items()}
+            texts = [m["content"] for conv in conversations for m in conv if isinstance(m["content"], str)]
+            texts += [b["text"] for conv in conversations for m in conv if not isinstance(m["content"], str)
+                      for b in m["content"] if b["type"] == "text"]  # fmt: skip
+            texts += [v for v in kwargs.values() if isinstance(v, str)]
             if tokenize:
-                rendered, kwargs = marked_convs, marked_kwargs
+                rendered = [[{**m, "content": mark_text(m["content"])} for m in conv] for conv in conversations]
+                kwargs = {k: _mark(v, control_re) if isinstance(v, str) else v for k, v in kwargs.items()}
                 call_kwargs["sanitize_control_tokens"] = True
-            elif marked_convs != conversations or marked_kwargs != kwargs:
+            elif any(control_re.search(t) for t in texts):
                 logger.warning(
                     "the chat's text spells out control or media tokens (e.g. <|im_end|>, <|image_pad|>); the returned "
                     "string cannot mark them as text, so tokenising it would turn them into real control tokens: "
