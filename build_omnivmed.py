@@ -407,6 +407,10 @@ def save_hub_folder(model, processor, out: Path, max_shard_size: str | int | Non
         do_sample=False,
     )
     model.save_pretrained(out, **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
+    # the processor refuses prompts longer than the tokenizer's model_max_length: no more than the LLM can place
+    limit = getattr(model.config.text_config, "max_position_embeddings", None)
+    if limit and processor.tokenizer.model_max_length > limit:
+        processor.tokenizer.model_max_length = limit
     processor.save_pretrained(out)
     for name in REMOTE_CODE_FILES:
         shutil.copyfile(ROOT / name, out / name)

@@ -54,6 +54,17 @@ def answer(model, processor, messages: list[dict], max_new_tokens: int = 128, pr
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", **extra
     )
     inputs.pop("media_metadata", None)
+    # the model refuses positions past its LLM's max_position_embeddings: fit the reply into what is left
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit:
+        room = limit - inputs["input_ids"].shape[1]
+        if room < 1:
+            raise ValueError(f"the conversation is {inputs['input_ids'].shape[1]} tokens long (media expanded) and "
+                             f"the model takes at most {limit}, leaving no room for a reply: start a new conversation "
+                             "or give fewer media")  # fmt: skip
+        if room < max_new_tokens:
+            print(f"[the reply is cut at {room} tokens: the model takes at most {limit}]", file=sys.stderr)
+            max_new_tokens = room
     inputs = inputs.to(model.device)
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = dict(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)
@@ -117,11 +128,18 @@ def main(argv=None):
         if not any(m["role"] == "user" for m in messages):
             content = blocks + content  # the media go with the first question
         messages.append({"role": "user", "content": content})
-        reply = answer(model, processor, messages, args.max_new_tokens, args.prune_threshold)
+        try:
+            reply = answer(model, processor, messages, args.max_new_tokens, args.prune_threshold)
+        except ValueError as error:  # e.g. a conversation grown past the model's length: say so, keep the session
+            messages.pop()
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            return False
         messages.append({"role": "assistant", "content": reply})
+        return True
 
     if question is not None:
-        ask(question)
+        if not ask(question):
+            raise SystemExit(2)
         return
     interactive = sys.stdin.isatty()
     while True:

@@ -180,7 +180,8 @@ def parse_choice(prediction: str, choices: dict[str, str]) -> str | None:
 def text_generation_metrics(predictions: list[str], references: list[str]) -> dict:
     """M3D's open-ended metrics as far as they can be computed offline, each the mean of per-question scores as M3D
     computes them: BLEU-1 (sacrebleu, 13a tokens, brevity penalty, no smoothing), ROUGE-1 and ROUGE-L F1 (rouge-score),
-    METEOR (nltk with the WordNet corpus; 'unavailable' when nltk or WordNet is missing), BERTScore (not computed:
+    METEOR (nltk with the WordNet corpus over nltk's word tokens, see `meteor`; 'unavailable' when nltk or WordNet is
+    missing), BERTScore (not computed:
     it needs the roberta-large weights)."""
     out: dict = {}
     try:
@@ -204,17 +205,54 @@ def text_generation_metrics(predictions: list[str], references: list[str]) -> di
     return out
 
 
-def meteor(predictions: list[str], references: list[str]) -> float | str:
+def word_tokenize(text: str) -> list[str]:
+    """nltk's `word_tokenize` as M3D's scorer calls it (M3D's eval_vqa.py -> `evaluate`'s meteor -> nltk), offline.
+
+    `word_tokenize` = Punkt sentence splitting (English model) + `NLTKWordTokenizer` per sentence; the split matters
+    because the word tokenizer separates only a sentence's final period. The English Punkt model is nltk data, not
+    shipped with nltk: with it installed (`tokenizers/punkt_tab/english`) it is used as is. Without it, nltk's Punkt
+    algorithm runs with no trained abbreviations and a period followed by a lowercase word is not a sentence end, as
+    the English model treats mid-sentence lowercase words; every token is then the same as the published one except
+    after an abbreviation followed by a capitalised word ("Dr. Smith"), which the English model knows and this
+    split does not."""
+    import nltk
+    from nltk.tokenize import NLTKWordTokenizer
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+
     try:
-        from nltk.corpus import wordnet
+        nltk.data.find("tokenizers/punkt_tab/english/")
+        return nltk.word_tokenize(text)
+    except LookupError:
+        pass
+    sentences: list[str] = []
+    for sentence in PunktSentenceTokenizer().tokenize(text):
+        if sentences and sentence[:1].islower():
+            sentences[-1] += " " + sentence
+        else:
+            sentences.append(sentence)
+    words = NLTKWordTokenizer()
+    return [token for sentence in sentences for token in words.tokenize(sentence)]
+
+
+def meteor(predictions: list[str], references: list[str], wordnet=None) -> float | str:
+    """Mean per-question METEOR as M3D computes it: `evaluate`'s meteor on stripped texts, i.e. nltk's `meteor_score`
+    (alpha 0.9, beta 3, gamma 0.5, lowercased, Porter stems, WordNet synonyms) over `word_tokenize` tokens, so
+    punctuation is its own token ("liver," is "liver" and ","). `wordnet`: a WordNet reader (default nltk's)."""
+    try:
         from nltk.translate.meteor_score import meteor_score
     except ImportError:
         return "unavailable: pip install nltk"
-    try:
-        wordnet.ensure_loaded()
-    except LookupError:
-        return "unavailable: nltk's WordNet corpus not found (see README: Evaluation)"
-    return _mean(meteor_score([r.lower().split()], p.lower().split()) for p, r in zip(predictions, references))
+    if wordnet is None:
+        from nltk.corpus import wordnet
+
+        try:
+            wordnet.ensure_loaded()
+        except LookupError:
+            return "unavailable: nltk's WordNet corpus not found (see README: Evaluation)"
+    return _mean(
+        meteor_score([word_tokenize(r.strip())], word_tokenize(p.strip()), wordnet=wordnet)
+        for p, r in zip(predictions, references)
+    )
 
 
 DEBIAN_WORDNET = Path("/usr/share/wordnet")

@@ -555,6 +555,14 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        # RoPE runs past max_position_embeddings without complaint, on positions the LLM never saw: refuse them
+        limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        length = inputs_embeds.shape[1] + (cache.get_seq_length() if cache is not None else 0)
+        if limit and length > limit:
+            raise ValueError(
+                f"the sequence reaches {length} tokens (prompt and cache, media expanded), more than the LLM's "
+                f"max_position_embeddings={limit}; shorten the prompt or lower max_new_tokens"
+            )
         placeholders = self._placeholder_mask(input_ids, inputs_embeds)
         keep, tower_tokens = None, None
         if pixel_values is not None:

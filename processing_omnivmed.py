@@ -22,6 +22,8 @@ cannot happen: every frame keeps >= `prune_min_tokens` >= 1 tokens).
 import bisect
 import math
 import os
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -51,6 +53,12 @@ FRAME_TOKEN = "<|frame_sep|>"
 SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_TOKEN, FRAME_TOKEN]
 DEFAULT_SYSTEM_PROMPT = "You are a helpful medical imaging assistant."
 MEDIA_KINDS = ("image", "volume", "video")
+CHAT_ROLES = ("system", "user", "assistant")
+# Private-use characters that bracket a control token written in user text (see `_mark`); what lies between them is
+# tokenised as plain text, never as the added token.
+_MARK_START, _MARK_END = "\ue000", "\ue001"
+_PLACEHOLDER_OR_MARKED = re.compile(f"{_MARK_START}[^{_MARK_START}{_MARK_END}]*{_MARK_END}|[{_MARK_START}{_MARK_END}]|"
+                                    + re.escape(IMAGE_TOKEN))  # fmt: skip
 
 # Qwen2.5-style ChatML. A media block (type image / video / volume) renders as ONE placeholder that the processor
 # expands; no timestamps or slice positions are written into the text (they travel in `media_metadata`).
@@ -631,6 +639,14 @@ class OmniVMedProcessor(ProcessorMixin):
             return_tensors: "pt" for torch tensors, "np" / None for numpy (token ids as lists when None).
             padding: tokenizer padding (default True: pad to the longest, on the tokenizer's `padding_side`).
             kwargs: image processor settings (e.g. `max_frames=16`, `window="lung"`) and tokenizer arguments.
+
+        `text` is the caller's own prompt: every placeholder and control token written in it (`<|im_end|>`,
+        `<|image_pad|>`, ...) is meant and tokenised as such. Untrusted text (a pasted report, a user's message) belongs
+        in a conversation given to `apply_chat_template(..., tokenize=True)`, which tokenises such strings as text.
+
+        Length: a prompt (media expanded) longer than `max_prompt_length` (the tokenizer's `model_max_length`) is a
+        ValueError; `truncation=True` (with `max_length` or that limit) cuts text on the tokenizer's
+        `truncation_side` with a warning, and is a ValueError when the cut would remove a media token.
         """
         sources = {None: media, "image": images, "video": videos, "volume": volumes}
         given = [(kind, value) for kind, value in sources.items() if value is not None]
@@ -644,6 +660,8 @@ class OmniVMedProcessor(ProcessorMixin):
         if prune_threshold is not None:
             image_kwargs["prune_threshold"] = prune_threshold
         return_replacements = kwargs.pop("return_text_replacement_offsets", False)
+        # set by apply_chat_template: the text holds user strings whose control tokens are marked (see `_mark`)
+        marked = bool(kwargs.pop("sanitize_control_tokens", False))
         unknown = set(kwargs) - _TEXT_KWARGS
         if unknown:
             raise TypeError(f"Unknown argument(s) {sorted(unknown)} for {type(self).__name__}.__call__")
@@ -653,7 +671,7 @@ class OmniVMedProcessor(ProcessorMixin):
             texts = [text] if isinstance(text, str) else list(text)
             if not all(isinstance(t, str) for t in texts):
                 raise ValueError("`text` must be a string or a list of strings")
-            counts = [t.count(IMAGE_TOKEN) for t in texts]
+            counts = [len(_placeholder_spans(t, marked)) for t in texts]
             if per_sample is not None and (len(per_sample) != len(texts) or per_sample != counts):
                 raise ValueError(
                     f"the prompts hold {counts} {IMAGE_TOKEN} placeholders per sample but the media given per sample "
@@ -680,8 +698,8 @@ class OmniVMedProcessor(ProcessorMixin):
             data.update(visual)
 
         if texts is not None:
-            expanded, offsets = _expand_placeholders(texts, replacements)
-            text_inputs = self.tokenizer(expanded, padding=padding, **kwargs)
+            expanded, offsets = _expand_placeholders(texts, replacements, marked)
+            text_inputs = self._tokenize(expanded, marked, padding=padding, **kwargs)
             data.update(text_inputs)
             input_ids = text_inputs["input_ids"]
             data["mm_token_type_ids"] = [[int(i == self.image_token_id) for i in ids] for ids in input_ids]
@@ -701,6 +719,124 @@ class OmniVMedProcessor(ProcessorMixin):
             data, tensor_type=return_tensors, skip_tensor_conversion=["media_metadata", "text_replacement_offsets"]
         )
 
+    @property
+    def max_prompt_length(self) -> int | None:
+        """The longest prompt (in tokens, media expanded) the processor lets through: the tokenizer's
+        `model_max_length`, which a checkpoint sets to its LLM's `max_position_embeddings`; None when unset."""
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        return int(limit) if limit is not None and limit < 10**20 else None  # unset is transformers' 1e30
+
+    def _tokenize(self, texts: list[str], marked: bool, padding=True, truncation=None, max_length=None,
+                  pad_to_multiple_of=None, padding_side=None, return_attention_mask=None, **kwargs) -> dict:
+        """Tokenise the expanded prompts unpadded, refuse (or, with `truncation`, cut with a warning) any longer than
+        the limit, then pad. Truncation never removes a media token: it is an error instead."""
+        if kwargs.get("return_overflowing_tokens"):
+            raise ValueError("return_overflowing_tokens would split a prompt away from its media; it is not supported")
+        if marked and any(_MARK_START in t or _MARK_END in t for t in texts):
+            unsupported = {"return_token_type_ids", "return_special_tokens_mask", "return_length"} & {
+                k for k, v in kwargs.items() if v}  # fmt: skip
+            if unsupported:
+                raise ValueError(f"{sorted(unsupported)} are not supported for chats whose text holds control tokens")
+            rows = [self._encode_marked(t, kwargs) for t in texts]
+            enc = {k: [row[k] for row in rows] for k in rows[0]}
+        else:
+            enc = dict(self.tokenizer(texts, padding=False, truncation=False, **kwargs))
+        if return_attention_mask is False:
+            enc.pop("attention_mask", None)
+
+        truncate = truncation not in (None, False, "do_not_truncate")
+        limit = (max_length or self.max_prompt_length) if truncate else self.max_prompt_length
+        media_ids = {self.image_token_id, self.frame_token_id, self.vision_start_token_id, self.vision_end_token_id}
+        for i, ids in enumerate(enc["input_ids"]):
+            if limit is None or len(ids) <= limit:
+                continue
+            if not truncate:
+                raise ValueError(
+                    f"prompt {i} is {len(ids)} tokens long (media expanded), more than the {limit} the model takes "
+                    "(the tokenizer's model_max_length); shorten the text, give fewer media or a smaller pixel budget "
+                    "(max_frames / max_slices / max_pixels), raise prune_threshold, or pass truncation=True to cut "
+                    "text"
+                )
+            left = self.tokenizer.truncation_side == "left"
+            keep = slice(len(ids) - limit, None) if left else slice(0, limit)
+            cut = ids[: len(ids) - limit] if left else ids[limit:]
+            if media_ids & set(cut):
+                raise ValueError(
+                    f"prompt {i} is {len(ids)} tokens long; truncating it to {limit} tokens on the "
+                    f"{self.tokenizer.truncation_side} would cut media tokens; give fewer media or a smaller pixel "
+                    "budget instead"
+                )
+            logger.warning("prompt %d: %d tokens, truncated on the %s to %d (no media token cut)",
+                           i, len(ids), self.tokenizer.truncation_side, limit)  # fmt: skip
+            for key in enc:
+                enc[key][i] = enc[key][i][keep]
+        return self._pad(enc, padding, max_length, pad_to_multiple_of, padding_side)
+
+    def _pad(self, enc: dict, padding, max_length, pad_to_multiple_of, padding_side) -> dict:
+        """Pad per-token lists like the tokenizer does (padding True / 'longest' / 'max_length' / False)."""
+        lengths = [len(ids) for ids in enc["input_ids"]]
+        if padding in (False, None, "do_not_pad") or not lengths:
+            return enc
+        target = max(lengths)
+        if padding == "max_length":
+            target = max_length or self.max_prompt_length or target
+        target = max(target, max(lengths))
+        if pad_to_multiple_of:
+            target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
+        if all(n == target for n in lengths):
+            return enc
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError("padding needs a pad token: set tokenizer.pad_token")
+        fill = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "token_type_ids": 0,
+                "special_tokens_mask": 1, "offset_mapping": (0, 0)}  # fmt: skip
+        left = (padding_side or self.tokenizer.padding_side) == "left"
+        out = {}
+        for key, rows in enc.items():
+            if key not in fill:
+                out[key] = rows
+                continue
+            padded = []
+            for row in rows:
+                pad = [fill[key]] * (target - len(row))
+                padded.append(pad + list(row) if left else list(row) + pad)
+            out[key] = padded
+        return out
+
+    def _control_tokens_re(self) -> "re.Pattern":
+        """Every added token of the tokenizer (special or not: ChatML, media and tool tokens alike), longest first."""
+        tokens = sorted(self.tokenizer.added_tokens_encoder, key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, tokens)) or "(?!)")
+
+    def _encode_marked(self, text: str, kwargs: dict) -> dict:
+        """Encode a prompt whose user-written control tokens are marked (`_mark`): marked tokens as plain text (their
+        markers dropped), the rest, including the template's own control tokens, as usual. Offsets refer to `text`."""
+        want_offsets = bool(kwargs.get("return_offsets_mapping"))
+        added_ids = set(self.tokenizer.added_tokens_encoder.values())
+        ids, offsets = [], []
+
+        def encode(piece: str, start: int, as_text: bool):
+            if not piece:
+                return
+            enc = self.tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True,
+                                 split_special_tokens=as_text)  # fmt: skip
+            if as_text and added_ids & set(enc["input_ids"]):
+                raise ValueError(f"cannot encode {piece!r} as plain text: the tokenizer maps it to an added token")
+            ids.extend(enc["input_ids"])
+            offsets.extend((a + start, b + start) for a, b in enc["offset_mapping"])
+
+        pos = 0
+        for m in _PLACEHOLDER_OR_MARKED.finditer(text):
+            if m.group() == IMAGE_TOKEN:
+                continue
+            encode(text[pos : m.start()], pos, as_text=False)
+            encode(m.group()[1:-1] if len(m.group()) > 1 else "", m.start() + 1, as_text=True)
+            pos = m.end()  # a lone marker is dropped, but still separates the text around it
+        encode(text[pos:], pos, as_text=False)
+        row = {"input_ids": ids, "attention_mask": [1] * len(ids)}
+        if want_offsets:
+            row["offset_mapping"] = offsets
+        return row
+
     # ------------------------------------------------------------------------------------------------ chat template
     def apply_chat_template(
         self,
@@ -713,6 +849,7 @@ class OmniVMedProcessor(ProcessorMixin):
         return_tensors: str | None = None,
         return_assistant_tokens_mask: bool = False,
         processor_kwargs: dict | None = None,
+        sanitize_control_tokens: bool = True,
         **kwargs,
     ):
         """Render one conversation (a list of messages) or a batch of them with the ChatML template; with
@@ -723,6 +860,16 @@ class OmniVMedProcessor(ProcessorMixin):
         go to the processor, the rest to the template. `return_assistant_tokens_mask=True` (with tokenize and
         return_dict) adds `assistant_masks`: 1 on the tokens of assistant replies including their closing <|im_end|>,
         0 elsewhere and on every media token (<|vision_start|>, <|image_pad|>, <|frame_sep|>, <|vision_end|>).
+
+        Messages: a non-empty list of dicts with a role (system / user / assistant) and a content that is a string, a
+        list of blocks (type text / image / video / volume) or None (empty text); anything else is a ValueError.
+
+        `sanitize_control_tokens` (default True, a safety property): with `tokenize=True`, control and media tokens
+        that the messages' text or the template variables spell out (`<|im_end|>`, `<|vision_start|>`,
+        `<|image_pad|>`, ... every added token of the tokenizer) are tokenised as plain text, so a pasted report can
+        neither end a turn nor open a medium; only the template and the media blocks write those tokens. With
+        `tokenize=False` the returned string cannot carry that distinction (a warning says so when the text holds
+        such tokens): tokenise chats through this method, not by passing its string to the processor.
         """
         template = self._resolve_chat_template(chat_template)
         call_names = set(SETTINGS) | set(LOAD_OPTIONS) | _TEXT_KWARGS | {"prune_threshold"}
@@ -733,10 +880,34 @@ class OmniVMedProcessor(ProcessorMixin):
         if return_assistant_tokens_mask and continue_final_message:
             raise ValueError("continue_final_message is not compatible with return_assistant_tokens_mask")
 
-        is_batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
-        conversations = [list(c) for c in conversation] if is_batched else [list(conversation)]
+        is_list = isinstance(conversation, (list, tuple))
+        is_batched = is_list and bool(conversation) and isinstance(conversation[0], (list, tuple))
+        batch = conversation if is_batched else [conversation]
+        conversations = [_normalize_conversation(c, i, is_batched) for i, c in enumerate(batch)]
+        rendered = conversations
+        control_re = self._control_tokens_re()
+        if sanitize_control_tokens:
+            def mark_text(content):
+                if isinstance(content, str):
+                    return _mark(content, control_re)
+                return [{**b, "text": _mark(b["text"], control_re)} if b["type"] == "text" else b for b in content]
+
+            texts = [m["content"] for conv in conversations for m in conv if isinstance(m["content"], str)]
+            texts += [b["text"] for conv in conversations for m in conv if not isinstance(m["content"], str)
+                      for b in m["content"] if b["type"] == "text"]  # fmt: skip
+            texts += [v for v in kwargs.values() if isinstance(v, str)]
+            if tokenize:
+                rendered = [[{**m, "content": mark_text(m["content"])} for m in conv] for conv in conversations]
+                kwargs = {k: _mark(v, control_re) if isinstance(v, str) else v for k, v in kwargs.items()}
+                call_kwargs["sanitize_control_tokens"] = True
+            elif any(control_re.search(t) for t in texts):
+                logger.warning(
+                    "the chat's text spells out control or media tokens (e.g. <|im_end|>, <|image_pad|>); the returned "
+                    "string cannot mark them as text, so tokenising it would turn them into real control tokens: "
+                    "use apply_chat_template(..., tokenize=True) instead"
+                )
         prompts, generation_indices = render_jinja_template(
-            conversations=conversations,
+            conversations=rendered,
             chat_template=template,
             return_assistant_tokens_mask=return_assistant_tokens_mask,
             continue_final_message=continue_final_message,
@@ -812,27 +983,85 @@ def _flatten_media(media) -> tuple[list, list[int] | None]:
     return list(media), None
 
 
-def _expand_placeholders(texts: list[str], replacements: list[str]) -> tuple[list[str], list[list[dict]]]:
-    """Replace the i-th `<|image_pad|>` of the batch by replacements[i]; also return, per text, the span of each
-    placeholder in the input and of its expansion in the output (character offsets)."""
+def _placeholder_spans(text: str, marked: bool = False) -> list[tuple[int, int]]:
+    """Character spans of the media placeholders in `text`; in a `marked` text, an `<|image_pad|>` inside user-text
+    markers (see `_mark`) is text, not a placeholder."""
+    if not marked:
+        return [m.span() for m in re.finditer(re.escape(IMAGE_TOKEN), text)]
+    return [m.span() for m in _PLACEHOLDER_OR_MARKED.finditer(text) if m.group() == IMAGE_TOKEN]
+
+
+def _expand_placeholders(texts: list[str], replacements: list[str], marked: bool = False
+                         ) -> tuple[list[str], list[list[dict]]]:  # fmt: skip
+    """Replace the i-th placeholder of the batch (see `_placeholder_spans`) by replacements[i]; also return, per text,
+    the span of each placeholder in the input and of its expansion in the output (character offsets)."""
     expanded, offsets = [], []
     index = 0
     for text in texts:
-        parts = text.split(IMAGE_TOKEN)
-        pieces, spans = [parts[0]], []
-        old_pos, new_pos = len(parts[0]), len(parts[0])
-        for part in parts[1:]:
+        pieces, spans = [], []
+        old_pos, shift = 0, 0
+        for start, end in _placeholder_spans(text, marked):
             replacement = replacements[index]
             index += 1
-            spans.append(
-                {"span": (old_pos, old_pos + len(IMAGE_TOKEN)), "new_span": (new_pos, new_pos + len(replacement))}
-            )
-            pieces += [replacement, part]
-            old_pos += len(IMAGE_TOKEN) + len(part)
-            new_pos += len(replacement) + len(part)
+            pieces += [text[old_pos:start], replacement]
+            spans.append({"span": (start, end), "new_span": (start + shift, start + shift + len(replacement))})
+            shift += len(replacement) - (end - start)
+            old_pos = end
+        pieces.append(text[old_pos:])
         expanded.append("".join(pieces))
         offsets.append(spans)
     return expanded, offsets
+
+
+def _mark(text: str, control_re: "re.Pattern") -> str:
+    """Wrap every control token written in a user string in private-use markers, so that tokenisation can tell it from
+    the control tokens the template writes (transformers' `sanitize_control_tokens` idea). Markers already in the
+    string are dropped first, so a string cannot forge a marked span."""
+    text = text.replace(_MARK_START, "").replace(_MARK_END, "")
+    return control_re.sub(lambda m: _MARK_START + m.group() + _MARK_END, text)
+
+
+def _normalize_conversation(conversation, index: int, is_batched: bool) -> list[dict]:
+    """Check one conversation's shape; returns its messages as dicts whose content is a string or a list of blocks.
+
+    A `content` of None reads as empty text, as transformers' processors do (they drop keys whose value is None, so
+    an OpenAI-style assistant message without text renders as an empty turn)."""
+    where = f"conversation {index}" if is_batched else "the conversation"
+    if not isinstance(conversation, (list, tuple)):
+        raise ValueError(f"{where} must be a list of messages (dicts with 'role' and 'content'), "
+                         f"got {type(conversation).__name__}")  # fmt: skip
+    if not conversation:
+        raise ValueError(f"{where} is empty: give at least one message")
+    messages = []
+    for j, message in enumerate(conversation):
+        if not isinstance(message, Mapping):
+            raise ValueError(f"{where}, message {j}: a message must be a dict with 'role' and 'content', "
+                             f"got {type(message).__name__}")  # fmt: skip
+        role = message.get("role")
+        if not isinstance(role, str) or role not in CHAT_ROLES:
+            raise ValueError(f"{where}, message {j}: role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+        content = message.get("content")
+        if content is None:
+            content = ""
+        elif isinstance(content, (list, tuple)):
+            for k, block in enumerate(content):
+                kind = block.get("type") if isinstance(block, Mapping) else None
+                if kind == "text":
+                    if not isinstance(block.get("text"), str):
+                        raise ValueError(f"{where}, message {j}, block {k}: a text block needs a string 'text', "
+                                         f"got {block.get('text')!r:.60}")  # fmt: skip
+                elif kind not in MEDIA_KINDS:
+                    raise ValueError(
+                        f"{where}, message {j}, block {k}: unknown content block "
+                        f"{(kind if isinstance(block, Mapping) else block)!r:.60}; a block is a dict whose 'type' is "
+                        f"text, {', '.join(MEDIA_KINDS)}"
+                    )
+            content = list(content)
+        elif not isinstance(content, str):
+            raise ValueError(f"{where}, message {j}: content must be a string, a list of blocks or None, "
+                             f"got {type(content).__name__}")  # fmt: skip
+        messages.append({**message, "content": content})
+    return messages
 
 
 OmniVMedImageProcessor.register_for_auto_class("AutoImageProcessor")

@@ -33,6 +33,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -325,19 +326,147 @@ def normalize_row(raw, root: Path) -> list[dict]:
     return messages
 
 
-def load_rows(paths, data_root=None, skip_bad_rows: bool = False, validate_with=None) -> list[dict]:
+def _media_limits() -> dict:
+    """load_media's file-size limits (the processor loads with these defaults)."""
+    from omnivmed.media_omnivmed import load_media
+
+    params = inspect.signature(load_media).parameters
+    return {name: params[name].default for name in ("max_image_pixels", "max_voxels")}
+
+
+def _visual_tokens(image_processor, kind: str, frames: int, height: int, width: int) -> int:
+    """LLM visual tokens (before pruning) of `frames` frames of height x width, as the image processor plans them."""
+    h, w, merge = image_processor.get_resized_size(height, width, kind)
+    p = image_processor.patch_size
+    return frames * (h // (p * merge)) * (w // (p * merge))
+
+
+def _worst_case_tokens(image_processor, kind: str, block: dict) -> int:
+    """The most visual tokens any file can give as a `kind` under the processor's settings (frame count and pixel
+    budget caps), so files need no reading when this fits the budget."""
+    ip = image_processor
+    if kind == "image":
+        per_frame, frames = ip.max_pixels, 1
+    else:
+        cap = "max_slices" if kind == "volume" else "max_frames"
+        per_frame, frames = ip.video_max_pixels, int(block.get(cap, getattr(ip, cap)))
+    merge = ip.image_merge_size if kind == "image" else ip.video_merge_size
+    return frames * (per_frame // (ip.patch_size * merge) ** 2)
+
+
+def _check_media_cheaply(block: dict, root: Path, image_processor) -> None:
+    """Find a medium the processor would reject (too many pixels or voxels, extreme aspect ratio, more visual tokens
+    than max_total_visual_tokens) from file headers, before any model is loaded; raises RowError naming the file and
+    the cause. Only what a header proves is reported: an unreadable header is left to the loader's own message."""
+    kind = block["type"]
+    source = block.get(kind, block.get("path"))
+    if isinstance(source, list):
+        return  # a DICOM series: its size is known only once its files are grouped (checked when loaded)
+    path = Path(source).expanduser()
+    path = (path if path.is_absolute() else root / path).resolve()
+    if path.is_dir():
+        return
+    ip, limits = image_processor, _media_limits()
+    budget = ip.max_total_visual_tokens
+    file_kind = _file_kind(path)
+    try:
+        if file_kind == "image":
+            from PIL import Image
+
+            try:
+                with Image.open(path) as im:  # reads the header only
+                    width, height = im.size
+            except Image.DecompressionBombError as e:
+                raise RowError(f"{path}: image too large ({e})") from None
+        elif file_kind == "dicom":
+            import pydicom
+
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            height, width = int(ds.Rows), int(ds.Columns)
+            frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+            if kind == "volume":  # a multi-frame volume may be resliced: only its voxel count is known here
+                if frames * height * width > limits["max_voxels"]:
+                    raise RowError(f"{path}: the header claims {frames} frames of {height}x{width}, more than "
+                                   f"max_voxels={limits['max_voxels']}")  # fmt: skip
+                height = width = None
+        elif file_kind == "volume":
+            import nibabel
+
+            shape = tuple(int(n) for n in nibabel.load(path).shape) + (1, 1, 1)
+            n_vox = math.prod(shape[:3])
+            if n_vox > limits["max_voxels"]:
+                raise RowError(f"{path}: the header claims {'x'.join(map(str, shape[:3]))} = {n_vox} voxels, "
+                               f"more than max_voxels={limits['max_voxels']}")  # fmt: skip
+            height = width = None
+        elif file_kind == "video":
+            import av
+
+            with av.open(str(path)) as container:
+                stream = container.streams.video[0]
+                width, height = stream.width, stream.height
+        else:
+            return
+    except RowError:
+        raise
+    except Exception:  # noqa: BLE001 - the loader reports unreadable files with its own, better message
+        return
+    if height is not None:
+        if height * width > limits["max_image_pixels"]:
+            what = "frames are" if kind == "video" else "image is"
+            raise RowError(f"{path}: {what} {width}x{height} = {width * height} pixels, more than "
+                           f"max_image_pixels={limits['max_image_pixels']}")  # fmt: skip
+        try:  # the aspect ratio and the grid, as the processor plans them
+            per_frame = _visual_tokens(ip, kind, 1, height, width)
+        except ValueError as e:
+            raise RowError(f"{path}: {e}") from None
+        if kind == "image" and per_frame > budget:
+            raise RowError(f"{path}: {height}x{width} gives {per_frame} visual tokens, more than "
+                           f"max_total_visual_tokens={budget}")  # fmt: skip
+    if kind != "image" and _worst_case_tokens(ip, kind, block) > budget:
+        # the settings allow more tokens than the budget: only the file's real frame count tells; load it
+        try:
+            media = ip.to_media({**block, "data_root": root})
+        except (MediaError, ValueError, ImportError) as e:
+            raise RowError(str(e)) from None
+        _check_loaded_budget(media, ip, path)
+
+
+def _check_loaded_budget(media, image_processor, where) -> None:
+    t, height, width = media.frames.shape[:3]
+    try:
+        n = _visual_tokens(image_processor, media.kind, t, height, width)
+    except ValueError as e:
+        raise RowError(f"{where}: {e}") from None
+    if n > image_processor.max_total_visual_tokens:
+        raise RowError(f"{where}: {t} frame(s) of {height}x{width} give {n} visual tokens before pruning, more than "
+                       f"max_total_visual_tokens={image_processor.max_total_visual_tokens}; lower max_frames / "
+                       "max_slices or the pixel budget")  # fmt: skip
+
+
+def load_rows(paths, data_root=None, skip_bad_rows: bool = False, validate_with=None, load_media: bool = True
+              ) -> list[dict]:  # fmt: skip
     """Read JSONL files -> rows {"messages": JSON string, "data_root": str, "source": "file:line", "meta": JSON string}.
 
     Every row is checked (JSON, format, roles, an assistant turn, known media types, paths inside the data root and
-    existing, extension vs. kind). `validate_with` (a processor) additionally loads every medium once. Bad rows are
-    collected; `skip_bad_rows=False` raises BadRowsError listing all of them, True logs them and drops them.
+    existing, extension vs. kind). With `validate_with` (a processor), every medium is also checked against what the
+    processor accepts (pixel / voxel limits, aspect ratio, max_total_visual_tokens): from file headers when
+    `load_media` is False, else by loading it once. Bad rows are collected; `skip_bad_rows=False` raises BadRowsError
+    listing all of them (file:line and cause), True logs them and drops them. Missing files are an error naming them;
+    a UTF-8 byte order mark is read as such; rows repeated verbatim are kept, with a warning giving their count.
     Top-level keys other than the media and conversation keys (e.g. "id", "task", "answer") travel in "meta".
     """
+    paths = [Path(p) for p in paths]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"training data not found: {', '.join(missing)}" + (
+            "" if all(p.parent.is_dir() for p in map(Path, missing)) else " (its folder does not exist)"))  # fmt: skip
     rows, bad, total = [], [], 0
+    seen: dict[str, str] = {}
+    duplicates: list[tuple[str, str]] = []
     known = set(MEDIA_KEYS) | {"messages", "conversations"}
-    for path in [Path(p) for p in paths]:
+    for path in paths:
         root = Path(data_root if data_root is not None else path.parent).expanduser().resolve()
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte order mark is not part of the first row
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -352,14 +481,24 @@ def load_rows(paths, data_root=None, skip_bad_rows: bool = False, validate_with=
                     if validate_with is not None:
                         for message in messages:
                             for block in message["content"]:
-                                if block["type"] != "text":
-                                    try:
-                                        validate_with.image_processor.to_media({**block, "data_root": root})
-                                    except (MediaError, ValueError, ImportError) as e:
-                                        raise RowError(str(e)) from None
+                                if block["type"] == "text":
+                                    continue
+                                if not load_media:
+                                    _check_media_cheaply(block, root, validate_with.image_processor)
+                                    continue
+                                try:
+                                    media = validate_with.image_processor.to_media({**block, "data_root": root})
+                                except (MediaError, ValueError, ImportError) as e:
+                                    raise RowError(str(e)) from None
+                                _check_loaded_budget(media, validate_with.image_processor, media.source)
                 except RowError as e:
                     bad.append(BadRow(source, str(e)))
                     continue
+                key = json.dumps([raw, str(root)], sort_keys=True)
+                if key in seen:
+                    duplicates.append((source, seen[key]))
+                else:
+                    seen[key] = source
                 meta = {k: v for k, v in raw.items() if k not in known}
                 rows.append(
                     {
@@ -375,6 +514,10 @@ def load_rows(paths, data_root=None, skip_bad_rows: bool = False, validate_with=
         logger.warning(
             "skipping %d bad row(s) of %d:\n%s", len(bad), total, "\n".join(f"  {b}" for b in bad)
         )
+    if duplicates:
+        listing = "\n".join(f"  {a} repeats {b}" for a, b in duplicates[:10])
+        logger.warning("%d duplicate row(s) of %d (kept: each is trained on as often as it appears):\n%s%s",
+                       len(duplicates), total, listing, "\n  ..." if len(duplicates) > 10 else "")  # fmt: skip
     if not rows:
         raise ValueError(f"no usable rows in {[str(p) for p in paths]}")
     return rows
@@ -560,7 +703,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_root", help="folder media paths are relative to (None: each JSONL file's folder)")
     g.add_argument("--skip_bad_rows", action="store_true", help="drop unusable rows (listed) instead of failing")
     g.add_argument("--validate_media", choices=["exists", "load"], default="exists",
-                   help="check media paths only, or load every medium once before training")
+                   help="before any model loads, check media from file headers (paths, pixel / voxel limits, "
+                        "visual-token budget), or load every medium once")
     g.add_argument("--cache_media", type=int, default=0, help="keep this many loaded media in memory")
 
     g = p.add_argument_group("training")
@@ -1044,6 +1188,12 @@ def main(argv=None, callbacks=()) -> Path:
             torch.distributed.destroy_process_group()  # ranks abort at exit without it
 
 
+def _stage_rows(data: str, args, validator) -> list[dict]:
+    paths = [p for p in str(data).split(",") if p]
+    return load_rows(paths, args.data_root, args.skip_bad_rows, validate_with=validator,
+                     load_media=args.validate_media == "load")  # fmt: skip
+
+
 def _main(args, callbacks) -> Path:
     started = time.time()
     stages = [int(s) for s in args.stages.split(",") if s.strip()]
@@ -1059,6 +1209,7 @@ def _main(args, callbacks) -> Path:
             raise SystemExit("--push_to_hub needs the network: unset HF_HUB_OFFLINE")
 
     stage_data = {s: getattr(args, f"stage{s}_data") or args.data for s in stages}
+    checked_rows: dict[int, list[dict]] = {}
     embedded = all(v is None for v in stage_data.values())
     if embedded and args.model is not None:
         raise SystemExit("--model was given without data: pass --data or --stage{N}_data (JSONL)")
@@ -1086,7 +1237,11 @@ def _main(args, callbacks) -> Path:
                 raise SystemExit("--tower_warmup_steps reads the stage 1 image-caption data: pass --stage1_data")
             warm = output_dir / "tower-warmup"
             if _is_main():
-                rows = load_rows(str(stage_data[1]).split(","), args.data_root, args.skip_bad_rows)
+                # every stage's data is checked before the warm-up trains anything
+                validator = load_processor(start, args.processor)
+                for s in stages:
+                    checked_rows[s] = _stage_rows(stage_data[s], args, validator)
+                rows = checked_rows[1]
                 warm_up_tower(start, rows, warm, args.tower_warmup_steps, args.tower_warmup_lr,
                               args.per_device_train_batch_size * 2, args.seed)  # fmt: skip
             _barrier()
@@ -1108,9 +1263,9 @@ def _main(args, callbacks) -> Path:
     if train_override and set(train_override) - set(MODULES):
         raise SystemExit(f"--train: modules are {MODULES}")
 
-    validator = None
-    if args.validate_media == "load":
-        validator = load_processor(start_model, args.processor)
+    # the media are checked against the processor (headers, or loading with --validate_media load) before any model
+    # is loaded, so an unusable file stops the run here with its row, not at the first batch
+    validator = load_processor(start_model, args.processor)
     plans = []
     for s in stages:
         stage = STAGES[s]
@@ -1121,8 +1276,7 @@ def _main(args, callbacks) -> Path:
         train = train_override or stage.train
         for m in train:
             lrs.setdefault(m, STAGES[2].tiny_lr[m] if preset == "tiny" else STAGES[2].lr[m])
-        paths = [p for p in str(stage_data[s]).split(",") if p]
-        rows = load_rows(paths, args.data_root, args.skip_bad_rows, validate_with=validator)
+        rows = checked_rows[s] if s in checked_rows else _stage_rows(stage_data[s], args, validator)
         plans.append(StagePlan(stage, rows, train, lrs, max_steps[s], epochs[s], output_dir / f"stage{s}-{stage.name}"))
 
     for plan in plans:
@@ -1193,6 +1347,6 @@ def _apply_embedded_defaults(args, stages: list[int]):
 if __name__ == "__main__":
     try:
         main()
-    except BadRowsError as e:
+    except (BadRowsError, FileNotFoundError) as e:
         logging.getLogger("train_trl").error("%s", e)
         raise SystemExit(2) from None

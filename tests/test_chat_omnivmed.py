@@ -104,3 +104,28 @@ def test_image_text_to_text_pipeline_on_a_2d_image(tiny_dir, png):
     out = pipe(text=[{"role": "user", "content": [{"type": "image", "image": image},
                                                   {"type": "text", "text": "Normal?"}]}], max_new_tokens=3)  # fmt: skip
     assert out[0]["generated_text"][-1]["role"] == "assistant"
+
+
+def test_reply_fits_the_model_length_and_an_over_long_conversation_is_a_clear_error(tiny_dir):
+    import chat_omnivmed
+
+    model, processor = chat_omnivmed.load(str(tiny_dir))
+    messages = [{"role": "user", "content": "Describe the scan."}]
+    n_prompt = len(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    model.config.text_config.max_position_embeddings = n_prompt + 3
+
+    class Sink:
+        def write(self, text):
+            pass
+
+        def flush(self):
+            pass
+
+    generated = []
+    original = model.generate
+    model.generate = lambda **kw: generated.append(kw["max_new_tokens"]) or original(**kw)
+    chat_omnivmed.answer(model, processor, messages, max_new_tokens=20, out=Sink())
+    assert generated == [3]  # the model's own check would refuse a 4th new token (see test_modeling_omnivmed)
+    model.config.text_config.max_position_embeddings = n_prompt
+    with pytest.raises(ValueError, match=f"{n_prompt} tokens long .* at most {n_prompt}, leaving no room for a reply"):
+        chat_omnivmed.answer(model, processor, messages, max_new_tokens=5, out=Sink())

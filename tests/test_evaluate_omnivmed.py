@@ -120,6 +120,64 @@ def test_meteor_with_debian_wordnet_laid_out_for_nltk(tmp_path, monkeypatch):
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path)] + list(nltk.data.path))
     # identical 4-word answers: F-mean 1, one chunk of 4 matches -> penalty 0.5 * (1/4)**3
     assert ev.meteor(["the liver is normal"], ["the liver is normal"]) == pytest.approx(1 - 0.5 / 64)
+    from nltk.corpus import wordnet
+    from nltk.translate.meteor_score import meteor_score
+
+    tokens = {"enlarged liver, no lesion": ["enlarged", "liver", ",", "no", "lesion"],
+              "the liver is large, with no lesion.": ["the", "liver", "is", "large", ",", "with", "no", "lesion", "."]}
+    assert {t: nltk.word_tokenize(t, preserve_line=True) for t in tokens} == tokens
+    expected = meteor_score([tokens["the liver is large, with no lesion."]], tokens["enlarged liver, no lesion"],
+                            wordnet=wordnet)  # fmt: skip
+    assert ev.meteor(["enlarged liver, no lesion"], ["the liver is large, with no lesion."]) == pytest.approx(expected)
+
+
+class _NoSynonyms:
+    """A WordNet stand-in without synonyms, so METEOR's exact and stem stages are compared without the corpus."""
+
+    def synsets(self, *args, **kwargs):
+        return []
+
+
+# (text, its sentences as the English Punkt model splits them)
+PUNCTUATED = [
+    ("A small lesion, in the liver.", ["A small lesion, in the liver."]),
+    ("Hypodense mass (3.5 cm), right lobe; no ascites", ["Hypodense mass (3.5 cm), right lobe; no ascites"]),
+    ("The liver is enlarged. No lesion, 3.5 cm in size.", ["The liver is enlarged.", "No lesion, 3.5 cm in size."]),
+    ('Is it "normal"? Yes. The spleen doesn\'t show it.', ['Is it "normal"?', "Yes.", "The spleen doesn't show it."]),
+    ("Mass in the right lobe, i.e. segment 4.", ["Mass in the right lobe, i.e. segment 4."]),
+    ("Kidney, spleen, and liver: all normal!", ["Kidney, spleen, and liver: all normal!"]),
+]
+
+
+@pytest.mark.parametrize("text,sentences", PUNCTUATED)
+def test_word_tokenize_gives_nltk_word_tokenize_tokens(text, sentences):
+    nltk = pytest.importorskip("nltk")
+    # nltk.word_tokenize = NLTKWordTokenizer on each Punkt sentence (preserve_line=True skips only the Punkt step)
+    expected = [token for sentence in sentences for token in nltk.word_tokenize(sentence, preserve_line=True)]
+    assert ev.word_tokenize(text) == expected
+    assert "," not in text or "," in expected  # punctuation is split off, unlike str.split
+
+
+def test_meteor_scores_punctuated_answers_as_the_published_scorer():
+    nltk = pytest.importorskip("nltk")
+    from nltk.translate.meteor_score import meteor_score
+
+    predictions = ["A small lesion in the liver", "kidney, spleen and liver", "The liver is enlarged. No lesion."]
+    references = ["a small lesion, in the liver.", "Kidney, spleen, and liver.", "The liver is enlarged. No lesion."]
+    sentences = {  # the English Punkt split of each text
+        "The liver is enlarged. No lesion.": ["The liver is enlarged.", "No lesion."],
+    }
+
+    def published(text):
+        parts = sentences.get(text, [text])
+        return [t for part in parts for t in nltk.word_tokenize(part, preserve_line=True)]
+
+    stub = _NoSynonyms()
+    expected = np.mean([meteor_score([published(r)], published(p), wordnet=stub)
+                        for p, r in zip(predictions, references)])  # fmt: skip
+    assert ev.meteor(predictions, references, wordnet=stub) == pytest.approx(expected, abs=1e-12)
+    whitespace = np.mean([meteor_score([r.split()], p.split(), wordnet=stub) for p, r in zip(predictions, references)])
+    assert abs(expected - whitespace) > 0.05  # the commas and periods change the score
 
 
 # ------------------------------------------------------------------------------------------------------- fixtures

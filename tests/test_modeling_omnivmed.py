@@ -441,3 +441,18 @@ def test_base_model_shares_weights_layout_with_lm():
     model = make_model()
     base = OmniVMedModel(copy.deepcopy(model.config))
     assert set(base.state_dict()) == {k[len("model.") :] for k in model.state_dict() if k.startswith("model.")}
+
+
+def test_sequence_past_max_position_embeddings_is_refused():
+    # direct model call and generation (the cache counts): positions the LLM was never given are an error
+    model = make_model()
+    model.config.text_config.max_position_embeddings = 16
+    ids = torch.tensor([[1, 2, 3, 4] * 4])
+    assert model(input_ids=ids).logits.shape[1] == 16
+    with pytest.raises(ValueError, match="17 tokens .* max_position_embeddings=16"):
+        model(input_ids=torch.cat([ids, ids[:, :1]], 1))
+    prompt = ids[:, :12]
+    out = model.generate(input_ids=prompt, max_new_tokens=5, do_sample=False)  # last step sees 16 positions
+    assert out.shape[1] == 17
+    with pytest.raises(ValueError, match="max_position_embeddings=16"):
+        model.generate(input_ids=prompt, max_new_tokens=6, do_sample=False)

@@ -643,3 +643,99 @@ def test_embedded_default_end_to_end_is_deterministic(tmp_path, capsys):
     import data_omnivmed
 
     assert all(processor[k] == v for k, v in data_omnivmed.DEFAULT_PROCESSOR.items())  # saved with the model
+
+
+# -------------------------------------------------------------------------------------------- training-data errors
+def _llava_row(kind, path, **options):
+    source = {"path": path, **options} if options else path
+    return {kind: source, "conversations": [{"from": "human", "value": f"<{kind}>\nQ?"}, {"from": "gpt", "value": "A."}]}
+
+
+def test_missing_training_file_is_named(tiny_dir, data_dir, tmp_path):
+    missing = tmp_path / "nowhere" / "train.jsonl"
+    with pytest.raises(FileNotFoundError, match=f"training data not found: {missing}"):
+        load_rows([data_dir / "stage1.jsonl", missing], data_root=data_dir)
+    with pytest.raises(FileNotFoundError, match="train.jsonl"):
+        main(["--model", str(tiny_dir), "--stages", "1", "--stage1_data", str(missing), "--output_dir",
+              str(tmp_path / "out"), "--num_threads", "1"])  # fmt: skip
+
+
+def test_byte_order_mark_keeps_the_first_row(data_dir, tmp_path):
+    rows = [_llava_row("image", f"img{i}.png") for i in range(2)]
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes("".join(json.dumps(r) + "\n" for r in rows).encode("utf-8-sig"))
+    assert path.read_bytes()[:3] == b"\xef\xbb\xbf"
+    loaded = load_rows([path], data_root=data_dir)
+    assert [r["source"] for r in loaded] == [f"{path}:1", f"{path}:2"]
+    assert json.loads(loaded[0]["messages"])[0]["content"][0]["path"] == "img0.png"
+
+
+def test_duplicate_rows_are_counted_in_a_warning(data_dir, tmp_path, caplog):
+    rows = [_llava_row("image", f"img{i}.png") for i in (0, 1, 0, 2, 0, 1)]
+    path = tmp_path / "dups.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level("WARNING", logger="train_trl"):
+        loaded = load_rows([path], data_root=data_dir)
+    assert len(loaded) == 6
+    assert "3 duplicate row(s) of 6" in caplog.text and f"{path}:3 repeats {path}:1" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="train_trl"):
+        load_rows([data_dir / "stage2.jsonl"], data_root=data_dir)
+    assert "duplicate" not in caplog.text
+
+
+def _png_header(path: Path, width: int, height: int):
+    """A PNG whose header claims width x height (no pixel data): what a reader sees before decoding anything."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def test_oversized_media_are_listed_before_any_model_loads(tiny_dir, data_dir, tmp_path, monkeypatch):
+    import nibabel as nib
+
+    from omnivmed.processing_omnivmed import OmniVMedProcessor
+
+    Image.fromarray(np.zeros((2, 50000), np.uint8)).save(data_dir / "strip.png")
+    _png_header(data_dir / "huge.png", 8000, 8000)
+    header = nib.Nifti1Header()
+    header.set_data_shape((1024, 1024, 1024))
+    header.set_data_dtype(np.uint8)
+    (data_dir / "huge.nii").write_bytes(header.binaryblock + b"\x00" * 4)
+    rows = [
+        _llava_row("image", "img0.png"),  # 4 visual tokens
+        _llava_row("image", "strip.png"),  # 2 x 50000: aspect ratio
+        _llava_row("image", "huge.png"),  # 64 M pixels
+        _llava_row("volume", "huge.nii"),  # 1024**3 voxels
+        _llava_row("volume", "vol/scan.nii.gz"),  # 4 slices x 4 = 16 tokens
+        _llava_row("volume", "vol/scan.nii.gz", max_slices=2),  # 8 tokens
+        _llava_row("video", "clip.mp4"),  # 4 frames x 4 = 16 tokens
+    ]
+    path = tmp_path / "sizes.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    processor = OmniVMedProcessor.from_pretrained(tiny_dir, max_total_visual_tokens=12)
+    for load in (False, True):
+        with pytest.raises(BadRowsError) as info:
+            load_rows([path], data_root=data_dir, validate_with=processor, load_media=load)
+        bad = {int(b.source.rsplit(":", 1)[1]): b.reason for b in info.value.bad}
+        assert sorted(bad) == [2, 3, 4, 5, 7], bad
+        assert "strip.png" in bad[2] and "aspect ratio must be at most 200" in bad[2]
+        assert "huge.png" in bad[3] and "max_image_pixels=50000000" in bad[3]
+        assert "huge.nii" in bad[4] and "max_voxels=134217728" in bad[4]
+        assert "scan.nii.gz" in bad[5] and "clip.mp4" in bad[7]
+        for line, kind, name in ((5, "volume", "vol/scan.nii.gz"), (7, "video", "clip.mp4")):
+            # the count is the processor's own: it refuses the same medium with the same number
+            with pytest.raises(ValueError, match=r"give 16 visual tokens") as refused:
+                processor.image_processor([{"type": kind, "path": name, "data_root": data_dir}])
+            assert "16 visual tokens" in bad[line] and "max_total_visual_tokens=12" in str(refused.value)
+    # the command line stops on these rows before it loads a model
+    monkeypatch.setattr(train_trl.OmniVMedForConditionalGeneration, "from_pretrained",
+                        classmethod(lambda *a, **k: pytest.fail("a model was loaded before the data was checked")))
+    with pytest.raises(BadRowsError, match="strip.png"):
+        main(["--model", str(tiny_dir), "--stages", "2", "--stage2_data", str(path), "--data_root", str(data_dir),
+              "--output_dir", str(tmp_path / "out"), "--num_threads", "1"])  # fmt: skip
