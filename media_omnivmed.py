@@ -90,6 +90,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import importlib
+import importlib.util
 import logging
 import math
 import os
@@ -304,6 +305,8 @@ def _resolve_path(path, root: Path | None) -> Path:
     """Absolute path; under ``data_root`` relative paths are joined to it and escapes are refused."""
     if not isinstance(path, (str, os.PathLike)):
         raise MediaError(f"{_label(path)}: expected a file path, got {type(path).__name__}")
+    if "\x00" in os.fspath(path):  # os calls would refuse it, and Path.exists() would call it missing
+        raise MediaError(f"{os.fspath(path)!r}: the path contains a NUL byte")
     p = Path(path).expanduser()
     if root is None:
         return p
@@ -596,6 +599,7 @@ def _load_array(source, kind: str | None, opts: _Options) -> Media:
         raise MediaError(f"{label}: empty array of shape {arr.shape}")
     warnings: list[str] = []
     arr = _check_finite(arr, label, opts.nan_policy, warnings)
+    _check_float32_range(arr, label)
     meta = {"original_shape": list(arr.shape), "dtype": str(arr.dtype), "modality": opts.modality,
             "warnings": warnings}
     if kind == "image":
@@ -603,6 +607,9 @@ def _load_array(source, kind: str | None, opts: _Options) -> Media:
     if kind == "volume":
         if arr.ndim != 3:
             raise MediaError(f"{label}: a volume array must be (D, H, W) in slice order, got shape {arr.shape}")
+        if arr.size > opts.max_voxels:
+            raise MediaError(f"{label}: volume array of shape {arr.shape} has {arr.size} voxels, "
+                             f"more than max_voxels={opts.max_voxels}")
         grid = _Grid(data=arr, shape=arr.shape, affine=None)
         windows = _windows_for(opts, label)
         bit_scale = 255.0 if arr.dtype == np.uint8 else None
@@ -610,6 +617,19 @@ def _load_array(source, kind: str | None, opts: _Options) -> Media:
             warnings.append("min_slice_spacing_mm ignored: an array has no slice spacing")
         return _volume_media(grid, label, opts, meta, windows=windows, bit_scale=bit_scale)
     return _array_video(arr, label, opts, meta)
+
+
+def _check_float32_range(arr: np.ndarray, label: str) -> None:
+    """Frames are computed in float32: wider floats beyond its range would turn into inf (then NaN) on the way."""
+    if arr.dtype.kind != "f" or arr.dtype.itemsize <= 4:
+        return
+    top = max(float(arr.max()), -float(arr.min()))
+    limit = float(np.finfo(np.float32).max)
+    if top > limit:
+        raise MediaError(
+            f"{label}: values up to {top:.3g} in magnitude exceed float32's range (+-{limit:.3g}) in which frames "
+            "are computed; rescale the data"
+        )
 
 
 def _array_image(arr: np.ndarray, label: str, opts: _Options, meta: dict) -> Media:
@@ -665,6 +685,10 @@ def _array_video(arr: np.ndarray, label: str, opts: _Options, meta: dict) -> Med
         )
     if arr.shape[0] == 0:
         raise MediaError(f"{label}: the video array has no frames")
+    n, height, width = arr.shape[:3]
+    # Arrays carry no timing: keep every frame unless that exceeds max_frames (then evenly spread).
+    idx = list(range(n)) if n <= opts.max_frames else [int(k * n // opts.max_frames) for k in range(opts.max_frames)]
+    _check_video_size(label, width, height, len(idx), opts)  # before any float copy is made
     if arr.dtype == np.uint8:
         scale = 255.0
     elif arr.dtype.kind == "f" and arr.min() >= 0.0 and arr.max() <= 1.0:
@@ -672,9 +696,6 @@ def _array_video(arr: np.ndarray, label: str, opts: _Options, meta: dict) -> Med
     else:
         raise MediaError(f"{label}: a video array must be uint8 or float in [0, 1], got {arr.dtype} "
                          f"with range [{arr.min()}, {arr.max()}]")
-    n = arr.shape[0]
-    # Arrays carry no timing: keep every frame unless that exceeds max_frames (then evenly spread).
-    idx = list(range(n)) if n <= opts.max_frames else [int(k * n // opts.max_frames) for k in range(opts.max_frames)]
     data = arr[idx].astype(np.float32) / scale
     if data.shape[-1] == 4:
         data = _composite_on_black(data, 1.0)
@@ -698,9 +719,11 @@ def _load_picture(source, label: str, opts: _Options) -> Media:
     try:
         opened = im = PIL_Image.open(source) if is_path else source
     except PIL_Image.DecompressionBombError as e:
-        raise MediaError(f"{label}: image too large ({e})") from e
+        raise MediaError(f"{label}: image too large{_over_limit(opts, PIL_Image)} ({e})") from e
     except UnidentifiedImageError as e:
         raise MediaError(f"{label}: not a readable image{_what_it_looks_like(source)}") from e
+    except (OSError, ValueError, SyntaxError, struct.error, zlib.error) as e:  # e.g. a WebP decoder refusing the file
+        raise MediaError(f"{label}: corrupt or truncated image ({e}){_what_it_looks_like(source)}") from e
     try:
         w, h = im.size
         if w * h > opts.max_image_pixels:  # header only: nothing decoded yet
@@ -714,7 +737,7 @@ def _load_picture(source, label: str, opts: _Options) -> Media:
             if exif_orientation != 1:
                 im = ImageOps.exif_transpose(im)
         except PIL_Image.DecompressionBombError as e:
-            raise MediaError(f"{label}: image too large ({e})") from e
+            raise MediaError(f"{label}: image too large{_over_limit(opts, PIL_Image)} ({e})") from e
         except (OSError, ValueError, SyntaxError, struct.error, zlib.error) as e:
             raise MediaError(
                 f"{label}: corrupt or truncated image ({e}){_what_it_looks_like(source) if is_path else ''}"
@@ -744,6 +767,14 @@ def _load_picture(source, label: str, opts: _Options) -> Media:
                               label=label, warnings=warnings)
     meta["intensity"] = info
     return Media(frames=frames, kind="image", source=label, metadata=_jsonable(meta))
+
+
+def _over_limit(opts: _Options, PIL_Image) -> str:
+    """Pillow refuses images over twice its MAX_IMAGE_PIXELS before we see the size: say which limit that breaks."""
+    pillow_limit = 2 * (PIL_Image.MAX_IMAGE_PIXELS or 0)
+    if pillow_limit and opts.max_image_pixels < pillow_limit:
+        return f", more than max_image_pixels={opts.max_image_pixels}"
+    return ", more than Pillow's decompression-bomb limit"
 
 
 def _picture_values(im) -> tuple[np.ndarray, float | None, str | None]:
@@ -1565,9 +1596,22 @@ def _check_nifti_size(path: Path, label: str, img, shape, dtype) -> None:
 
 def _load_video(path: Path, label: str, opts: _Options) -> Media:
     backend = opts.video_backend or _default_video_backend()
-    reader = _read_video_decord if backend == "decord" else _read_video_pyav
-    frames, times, info = reader(path, label, opts)  # (T, H, W, 3) uint8, (T,) seconds, metadata
-    meta = {"video_backend": backend, **info, "intensity": {"method": "scale", "divisor": 255.0}, "warnings": []}
+    warnings: list[str] = []
+    if backend == "decord":
+        try:
+            frames, times, info = _read_video_decord(path, label, opts, warnings)
+        except _DecordFailed as e:
+            pyav_installed = importlib.util.find_spec("av") is not None
+            if opts.video_backend == "decord" or not pyav_installed:
+                hint = "; video_backend='pyav' may read it" if pyav_installed else ""
+                raise MediaError(f"{label}: {e}{hint}{_what_it_looks_like(path)}") from e.__cause__
+            # decord fails on files PyAV reads (MPEG-TS, some AVIs): the caller asked for no backend in particular
+            logger.warning("%s: %s; reading it with PyAV instead", label, e)
+            warnings.append(f"{e}; read with PyAV instead")
+            backend = "pyav"
+    if backend == "pyav":
+        frames, times, info = _read_video_pyav(path, label, opts, warnings)
+    meta = {"video_backend": backend, **info, "intensity": {"method": "scale", "divisor": 255.0}, "warnings": warnings}
     # divided in place: an hour of frames is held once as float32, not twice (same values as `/ 255.0`)
     pixels = frames.astype(np.float32)
     del frames
@@ -1586,6 +1630,51 @@ def _default_video_backend() -> str:
     raise ImportError("load_media needs decord or PyAV to read videos: pip install decord (or pip install av)")
 
 
+class _DecordFailed(Exception):
+    """decord cannot open, time or decode a file that PyAV may still read (the message says what failed)."""
+
+
+def _check_video_size(label: str, width: int, height: int, n_frames: int, opts: _Options) -> None:
+    """Refuse before decoding: one frame over max_image_pixels, or kept frames x height x width over max_voxels
+    (the float32 frames of a video cost what a volume of that many voxels costs)."""
+    if width * height > opts.max_image_pixels:
+        raise MediaError(
+            f"{label}: frames are {width}x{height}, more than max_image_pixels={opts.max_image_pixels}"
+        )
+    if n_frames * width * height > opts.max_voxels:
+        raise MediaError(
+            f"{label}: {n_frames} frames of {width}x{height} would decode to {n_frames * width * height} pixels, more "
+            f"than max_voxels={opts.max_voxels}; lower max_frames or fps"
+        )
+
+
+def _probe_video_header(path: Path, label: str, opts: _Options) -> tuple[int, int] | None:
+    """(width, height) from the container header read by PyAV (nothing decoded), after refusing a frame size or a
+    decoded size (frames the header's duration implies) over the limits. None when PyAV is missing or cannot
+    parse the header: the caller then looks at a decoded frame instead."""
+    if importlib.util.find_spec("av") is None:
+        return None
+    import av
+
+    try:
+        with av.open(os.fspath(path)) as container:
+            if not container.streams.video:
+                return None
+            stream = container.streams.video[0]
+            width, height, n_header = int(stream.width or 0), int(stream.height or 0), int(stream.frames or 0)
+            if stream.duration and stream.time_base:
+                seconds = float(stream.duration * stream.time_base)
+            else:
+                seconds = container.duration / 1e6 if container.duration else 0.0
+    except Exception:  # decord may still read what PyAV's demuxer refuses; it reports its own errors
+        return None
+    if width <= 0 or height <= 0:
+        return None
+    n_kept = min(opts.max_frames, max(1, math.ceil(seconds * opts.fps - 1e-9))) if seconds > 0 else 1
+    _check_video_size(label, width, height, min(n_kept, n_header) if n_header > 0 else n_kept, opts)
+    return width, height
+
+
 def _video_indices(times: np.ndarray, duration: float, fps: float, max_frames: int) -> tuple[list[int], dict]:
     """Frames nearest to k / fps (< duration), or to k * duration / max_frames when that is too many."""
     n_wanted = max(1, math.ceil(duration * fps - 1e-9))
@@ -1597,17 +1686,36 @@ def _video_indices(times: np.ndarray, duration: float, fps: float, max_frames: i
     return sorted(set(_nearest(times, targets))), sampling
 
 
-def _read_video_decord(path: Path, label: str, opts: _Options):
+def _decord_times(stamps: np.ndarray, avg_fps: float) -> tuple[np.ndarray | None, float, str | None]:
+    """(frame times relative to the first frame, duration, warning) from decord's (n, 2) [start, end] stamps.
+
+    decord reports AV_NOPTS_VALUE (about -1.8e18 s) for every frame of files without presentation times (an AVI
+    with B-frames): then times come from the average frame rate, which is how such containers define them.
+    Times None: neither is usable."""
+    starts = stamps[:, 0]
+    if np.isfinite(stamps).all() and np.abs(stamps).max() < 1e7 and (np.diff(starts) >= -1e-6).all():
+        duration = float(stamps[-1, 1] - stamps[0, 0])
+        if duration > 0:
+            return starts - starts[0], duration, None
+    seen = f"first frame {stamps[0].tolist()}, last {stamps[-1].tolist()} s"
+    if math.isfinite(avg_fps) and avg_fps > 0:
+        n = len(stamps)
+        note = (f"decord reported unusable frame timestamps ({seen}); times computed from the average frame rate "
+                f"({avg_fps:g} fps)")
+        return np.arange(n) / avg_fps, n / avg_fps, note
+    return None, 0.0, seen
+
+
+def _read_video_decord(path: Path, label: str, opts: _Options, warnings: list[str]):
     decord = _require("decord", "decord", "videos")
+    header = _probe_video_header(path, label, opts)
     try:
         vr = decord.VideoReader(os.fspath(path), ctx=decord.cpu(0))
         n = len(vr)
     except Exception as e:  # DECORDError / RuntimeError: no stream, unsupported codec, bad container
         hint = " -- no decodable video stream (no video track, or an unsupported codec)" \
             if "cannot find video stream" in str(e) else ""
-        raise MediaError(
-            f"{label}: cannot open video with decord{hint} ({_short(e)}){_what_it_looks_like(path)}"
-        ) from e
+        raise _DecordFailed(f"cannot open video with decord{hint} ({_short(e)})") from e
     if n == 0:
         raise MediaError(f"{label}: video has no frames")
     if n > opts.max_video_frames_decoded:
@@ -1616,22 +1724,32 @@ def _read_video_decord(path: Path, label: str, opts: _Options):
         )
     try:
         stamps = np.asarray(vr.get_frame_timestamp(np.arange(n)), dtype=np.float64).reshape(n, 2)
-        times = stamps[:, 0] - stamps[0, 0]
-        duration = float(stamps[-1, 1] - stamps[0, 0])
-        if not duration > 0:
-            raise MediaError(f"{label}: video has zero duration")
-        idx, sampling = _video_indices(times, duration, opts.fps, opts.max_frames)
-        batch = vr.get_batch(idx).asnumpy()  # decodes only what is needed (seeking to key frames)
+        avg_fps = float(vr.get_avg_fps())
+    except Exception as e:
+        raise _DecordFailed(f"decord cannot read the frame timestamps ({_short(e)})") from e
+    times, duration, note = _decord_times(stamps, avg_fps)
+    if times is None:
+        raise _DecordFailed(f"decord reports unusable frame timestamps ({note}) and no frame rate")
+    if note:
+        warnings.append(note)
+    idx, sampling = _video_indices(times, duration, opts.fps, opts.max_frames)
+    try:
+        if header is None:  # no header size (PyAV missing): decode one frame and look before decoding the rest
+            first = vr.get_batch(idx[:1]).asnumpy()
+            _check_video_size(label, first.shape[2], first.shape[1], len(idx), opts)
+            batch = np.concatenate([first, vr.get_batch(idx[1:]).asnumpy()]) if len(idx) > 1 else first
+        else:
+            _check_video_size(label, *header, len(idx), opts)
+            batch = vr.get_batch(idx).asnumpy()  # decodes only what is needed (seeking to key frames)
     except MediaError:
         raise
     except Exception as e:
-        raise MediaError(f"{label}: cannot decode video with decord ({_short(e)})") from e
-    info = {"fps_native": float(vr.get_avg_fps()), "duration_s": duration, "n_frames_total": n,
-            "frame_indices": idx, **sampling}
+        raise _DecordFailed(f"cannot decode video with decord ({_short(e)})") from e
+    info = {"fps_native": avg_fps, "duration_s": duration, "n_frames_total": n, "frame_indices": idx, **sampling}
     return batch, times[idx], info
 
 
-def _read_video_pyav(path: Path, label: str, opts: _Options):
+def _read_video_pyav(path: Path, label: str, opts: _Options, warnings: list[str]):
     av = _require("av", "av", "videos")
     # Pass 1: packet timestamps only (demuxing, no decoding) to know every frame's time.
     try:
@@ -1641,11 +1759,8 @@ def _read_video_pyav(path: Path, label: str, opts: _Options):
             stream = container.streams.video[0]
             if stream.codec_context is None:
                 raise MediaError(f"{label}: unsupported video codec (no decoder for this stream)")
-            if stream.width * stream.height > opts.max_image_pixels:
-                raise MediaError(
-                    f"{label}: frames are {stream.width}x{stream.height}, "
-                    f"more than max_image_pixels={opts.max_image_pixels}"
-                )
+            width, height = int(stream.width or 0), int(stream.height or 0)
+            _check_video_size(label, width, height, 1, opts)
             time_base, pts, end = stream.time_base, [], None
             for packet in container.demux(stream):
                 if packet.pts is None or packet.size == 0:
@@ -1665,6 +1780,8 @@ def _read_video_pyav(path: Path, label: str, opts: _Options):
         raise MediaError(f"{label}: cannot open video with PyAV ({_short(e)}){_what_it_looks_like(path)}") from e
     if not pts:
         raise MediaError(f"{label}: video has no frames")
+    if time_base is None:
+        raise MediaError(f"{label}: the video stream has no time base, so its frames have no times")
     pts.sort()
     times = np.array([float((p - pts[0]) * time_base) for p in pts])
     duration = float((end - pts[0]) * time_base)
@@ -1673,28 +1790,46 @@ def _read_video_pyav(path: Path, label: str, opts: _Options):
     if not duration > 0:
         raise MediaError(f"{label}: video has zero duration")
     idx, sampling = _video_indices(times, duration, opts.fps, opts.max_frames)
+    _check_video_size(label, width, height, len(idx), opts)
 
     # Pass 2: decode in presentation order, convert only the wanted frames, stop after the last one.
-    wanted, frames, stamps, got = set(idx), [], [], []
+    wanted, frames, got, decoded_pts, kept_pixels = set(idx), [], [], [], 0
     try:
         with av.open(os.fspath(path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             for i, frame in enumerate(container.decode(stream)):
+                decoded_pts.append(frame.pts)
                 if i in wanted:
+                    # the header may understate the size (or give none): check what the decoder made
+                    kept_pixels += frame.width * frame.height
+                    _check_video_size(label, frame.width, frame.height, 1, opts)
+                    if kept_pixels > opts.max_voxels:
+                        _check_video_size(label, frame.width, frame.height, len(idx), opts)
                     got.append(i)
                     frames.append(frame.to_ndarray(format="rgb24"))
-                    stamps.append(float((frame.pts - pts[0]) * time_base) if frame.pts is not None else times[i])
                 if i >= idx[-1]:
                     break
+    except MediaError:
+        raise
     except Exception as e:
         raise MediaError(f"{label}: cannot decode video with PyAV ({_short(e)})") from e
     if not frames:
         raise MediaError(f"{label}: no frame could be decoded")
+    # The decoder outputs frames in presentation order, but their pts can still be missing or scrambled (AVI stores
+    # no presentation times, so B-frames come out with decode-order guesses): then frame i gets the i-th smallest
+    # packet timestamp, which is the same value whenever the pts are sound.
+    if None not in decoded_pts and all(b > a for a, b in zip(decoded_pts, decoded_pts[1:])):
+        stamps = [float((decoded_pts[i] - pts[0]) * time_base) for i in got]
+    else:
+        stamps = [float(times[min(i, len(times) - 1)]) for i in got]
+        warnings.append("decoded frames carry missing or out-of-order timestamps (B-frames in AVI?); "
+                        "frame times taken from the sorted packet timestamps")
     info = {"fps_native": fps_native, "duration_s": duration, "n_frames_total": len(pts),
             "frame_indices": got, **sampling}
     if len(frames) < len(idx):
         logger.warning("%s: decoded only %d of %d wanted frames", label, len(frames), len(idx))
+        warnings.append(f"decoded only {len(frames)} of {len(idx)} wanted frames")
     return np.stack(frames), np.array(stamps), info
 
 

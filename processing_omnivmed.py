@@ -424,7 +424,10 @@ class OmniVMedImageProcessor(BaseImageProcessor):
         for index, m in enumerate(medias):
             frames = self._validated_frames(m)
             t, height, width = frames.shape[:3]
-            h, w, merge = self.get_resized_size(height, width, m.kind, **overrides)
+            try:
+                h, w, merge = self.get_resized_size(height, width, m.kind, **overrides)
+            except ValueError as e:  # smart_resize's size limits know nothing of the file: name it
+                raise ValueError(f"media item {index} ({m.source}, {m.kind}): {e}") from e
             p = s["patch_size"]
             n_tokens = t * (h // (p * merge)) * (w // (p * merge))
             if n_tokens > s["max_total_visual_tokens"]:
