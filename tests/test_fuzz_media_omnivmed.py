@@ -79,14 +79,16 @@ class Case:
     processor: bool = True  # also run OmniVMedImageProcessor on the source
     forbid: tuple = ()  # words a correct message must not contain (a wrong cause)
     processor_error: tuple | None = None  # the processor must refuse with these words though load_media reads it
+    without: tuple = ()  # modules made unimportable in the child (e.g. "av": decord without PyAV beside it)
 
 
 CASES: list[Case] = []
 
 
-def case(name, *, error=None, check=None, options=None, either=False, processor=True, forbid=(), processor_error=None):
+def case(name, *, error=None, check=None, options=None, either=False, processor=True, forbid=(), processor_error=None,
+         without=()):
     def register(make):
-        CASES.append(Case(name, make, error, check, options or {}, either, processor, forbid, processor_error))
+        CASES.append(Case(name, make, error, check, options or {}, either, processor, forbid, processor_error, without))
         return make
 
     return register
@@ -380,6 +382,32 @@ def check_same_as(reference: Path, **options):
     return check
 
 
+VFR_TICKS = [0, 1, 2, 50, 51, 52, 200, 201, 202, 300]  # frame k shown at VFR_TICKS[k] / 100 s
+
+
+def vfr_video(path: Path) -> Path:
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=100)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        s.codec_context.time_base = Fraction(1, 100)
+        for k, tick in enumerate(VFR_TICKS):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), level(k), np.uint8), format="rgb24")
+            frame.pts, frame.time_base = tick, Fraction(1, 100)
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path
+
+
+def check_vfr(m, path):
+    """Variable frame rate: each frame's timestamp is the time its content was written at; sampling at 1 fps picks
+    the frames nearest 0, 1, 2, 3 s."""
+    shown = [min(range(10), key=lambda j: abs(level(j) - float(f.mean()) * 255)) for f in m.frames]
+    assert m.timestamps_s == pytest.approx([VFR_TICKS[k] / 100 for k in shown], abs=1e-3)
+    assert shown == [0, 5, 6, 9], f"frames {shown} for targets 0, 1, 2, 3 s"
+
+
 def pyav_frames(path: Path) -> list[np.ndarray]:
     with av.open(str(path)) as c:
         return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
@@ -480,6 +508,10 @@ case("jpeg garbage after header", error=(("truncated", "corrupt", "not a readabl
 case("jpeg CMYK", check=check_pillow)(lambda t: save(Image.fromarray(RGB).convert("CMYK"), t / "cmyk.jpg"))
 case("jpeg EXIF rotated", check=check_pillow)(
     lambda t: save(Image.fromarray(RGB), t / "exif.jpg", exif=_exif(6), quality=95))
+case("jpeg EXIF orientation 9 (invalid)", check=check_pillow)(
+    lambda t: save(Image.fromarray(RGB), t / "exif9.jpg", exif=_exif(9), quality=95))
+case("jpeg corrupt EXIF block", either=True, error=(("corrupt", "exif"),), check=check_pillow)(
+    lambda t: write(t / "badexif.jpg", _corrupt_exif(save(Image.fromarray(RGB), t / "e.jpg", exif=_exif(6)))))
 case("jpeg named .png", check=check_pillow)(lambda t: jpeg(t, "really_jpeg.png"))
 case("tiff rgb", check=check_pillow)(lambda t: save(Image.fromarray(RGB), t / "c.tif"))
 case("tiff cut", error=(("truncated", "corrupt", "not a readable"),))(
@@ -522,6 +554,13 @@ def _exif(orientation: int):
     exif = Image.Exif()
     exif[0x0112] = orientation
     return exif
+
+
+def _corrupt_exif(path: Path) -> bytes:
+    data = bytearray(path.read_bytes())
+    i = data.find(b"Exif\x00\x00")
+    data[i + 10 : i + 18] = b"\xff" * 8  # the IFD offset and entry count now point far past the segment
+    return bytes(data)
 
 
 def _tiff_huge(t: Path) -> Path:
@@ -906,6 +945,19 @@ case("avi h264 with B-frames [default backend]", check=check_video(5, 10))(lambd
 case("mkv ffv1 1x1 pixel [default backend]", check=check_video(5, 10))(
     lambda t: video(t / "dot.mkv", "ffv1", w=1, h=1, pix="gray"))
 case("mp4 AV1 [default backend]", check=check_video(5, 10))(lambda t: video(t / "av1.mp4", "libsvtav1"))
+case("avi h264 with B-frames [decord, PyAV not installed]", check=check_video(5, 10),
+     options={"video_backend": "decord"}, without=("av",))(lambda t: video(t / "bframes.avi"))
+case("frames over max_image_pixels [decord, PyAV not installed]", error=("max_image_pixels",),
+     options={"video_backend": "decord", "max_image_pixels": 1000}, processor=False, without=("av",))(
+    lambda t: video(t / "v.mp4"))
+case("decoded size over max_voxels [decord, PyAV not installed]", error=("max_voxels",),
+     options={"video_backend": "decord", "max_voxels": 5000}, processor=False, without=("av",))(
+    lambda t: video(t / "v.mp4"))
+case("mpeg-ts named .mp4 [default backend, PyAV not installed]", error=(("cannot decode", "corrupted"),),
+     without=("av",))(lambda t: video(t / "ts.mp4", fmt="mpegts"))
+for _backend in ("decord", "pyav"):
+    case(f"mkv variable frame rate [{_backend}]", check=lambda m, p: check_vfr(m, p),
+         options={"video_backend": _backend})(lambda t: vfr_video(t / "vfr.mkv"))
 case("mp4 random bytes [default backend]", error=(("cannot open", "not a recognised"),))(
     lambda t: write(t / "rnd.mp4", RNG.bytes(5000)))
 
@@ -1014,6 +1066,8 @@ def _child(c: Case, tmp: Path, limit: int) -> dict:
         ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
     except OSError:
         pass
+    for module in c.without:
+        sys.modules[module] = None  # "import av" now raises ImportError, as if PyAV were not installed
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     result = {"label": _source_name(source)}
 
@@ -1129,6 +1183,22 @@ def test_fuzz_case(c: Case, tmp_path: Path):
     result = run_case(c, tmp_path)
     found = problems(c, result)
     assert not found, f"{c.name}:\n" + "\n".join(found)
+
+
+def test_the_harness_sees_hangs_signals_memory_and_wrong_messages(tmp_path):
+    """The caps and checks can fail: a sleeping child is a hang, a killed one a crash, an allocation over the cap a
+    MemoryError crash, and a message without the file name is reported."""
+    hang = Case("sleeps", lambda t: time.sleep(30))
+    assert "hang" in problems(hang, run_case(hang, tmp_path, time_cap=1))[0]
+    segv = Case("segfault", lambda t: os.kill(os.getpid(), signal.SIGSEGV))
+    assert "SIGSEGV" in problems(segv, run_case(segv, tmp_path))[0]
+    big = Case("allocates", lambda t: np.zeros((8, 8), np.uint8), options={"kind": "image"}, processor=False,
+               check=lambda m, source: np.ones(MEMORY_HEADROOM // 8 + (1 << 28)))  # runs under the cap
+    assert "MemoryError" in problems(big, run_case(big, tmp_path))[0]
+    wrong = Case("names no file", lambda t: np.zeros((4, 4), np.uint8), error=("shape",), options={"kind": "video"},
+                 processor=False)
+    assert "lacks" in problems(wrong, {"label": "other.png", "load_media": {
+        "status": "error", "type": "MediaError", "message": "<array>: bad shape"}})[0]
 
 
 def test_fuzz_module_covers_enough_cases():
