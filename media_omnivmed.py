@@ -81,8 +81,14 @@ Video (decord, PyAV fallback)
     ``max_frames`` frames at t = k * duration / max_frames instead (evenly over the whole video).
     ``timestamps_s`` are the chosen frames' own presentation times, relative to the first frame.
     Only the chosen frames are converted; PyAV decodes sequentially and keeps nothing else.
-    Container rotation metadata is not applied. ``max_image_pixels`` is checked on the stream header
-    with PyAV only (decord exposes no frame size before decoding).
+    Container rotation metadata is not applied. Before decoding, the frame size from the stream
+    header (read with PyAV, also when decord decodes; without PyAV, from decord's first decoded
+    frame) is refused over ``max_image_pixels``, and frames kept x height x width over
+    ``max_voxels`` (their float32 frames cost what a volume of that many voxels does).
+    Files without presentation times (AVI with B-frames): decord's timestamps are then unusable and
+    times come from the average frame rate; PyAV's decoded frames are timed by the sorted packet
+    timestamps. Both cases are noted in ``metadata["warnings"]``. With ``video_backend=None`` a file
+    decord cannot open or decode (MPEG-TS, codecs its FFmpeg lacks) is read with PyAV instead.
 """
 
 from __future__ import annotations
@@ -211,6 +217,10 @@ def load_media(
     torch tensor (then ``kind`` is required: image HxW or HxWxC with C in 1, 3, 4; volume (D, H, W) in
     slice order; video (T, H, W[, C]) uint8 or float in [0, 1]). ``series_uid`` picks one series out
     of a DICOM folder holding several; ``nan_policy`` is "raise" (default) or "zero".
+    Size limits, checked before pixels are decoded or copied: ``max_image_pixels`` per image or
+    video frame; ``max_voxels`` per volume and per video's kept frames (frames x height x width);
+    ``max_video_frames_decoded`` per video. Float arrays beyond float32's range are refused (frames
+    are computed in float32).
     """
     label = _label(source)
     opts = _validate_options(label, kind, locals())
