@@ -94,6 +94,7 @@ Video (decord, PyAV fallback)
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gzip
 import importlib
 import importlib.util
@@ -328,6 +329,13 @@ def _resolve_path(path, root: Path | None) -> Path:
 
 def _existing_file(path: Path, label: str) -> Path:
     if not path.exists():
+        if path.is_symlink():  # exists() follows links: say which link is broken rather than "does not exist"
+            try:
+                os.stat(path)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise MediaError(f"{label}: symbolic link loop (too many levels of symbolic links)") from e
+            raise MediaError(f"{label}: broken symbolic link: its target {os.readlink(path)} does not exist")
         raise MediaError(f"{label}: file does not exist")
     if not path.is_file():
         raise MediaError(f"{label}: not a regular file")
@@ -1723,7 +1731,7 @@ def _read_video_decord(path: Path, label: str, opts: _Options, warnings: list[st
         vr = decord.VideoReader(os.fspath(path), ctx=decord.cpu(0))
         n = len(vr)
     except Exception as e:  # DECORDError / RuntimeError: no stream, unsupported codec, bad container
-        hint = " -- no decodable video stream (no video track, or an unsupported codec)" \
+        hint = " -- no decodable video stream (no video track, an unsupported codec, or a damaged container)" \
             if "cannot find video stream" in str(e) else ""
         raise _DecordFailed(f"cannot open video with decord{hint} ({_short(e)})") from e
     if n == 0:
@@ -1765,7 +1773,10 @@ def _read_video_pyav(path: Path, label: str, opts: _Options, warnings: list[str]
     try:
         with av.open(os.fspath(path)) as container:
             if not container.streams.video:
-                raise MediaError(f"{label}: no video stream in the file (no frames)")
+                raise MediaError(
+                    f"{label}: no video stream in the file (no frames): an audio-only file, or a truncated or "
+                    "damaged container"
+                )
             stream = container.streams.video[0]
             if stream.codec_context is None:
                 raise MediaError(f"{label}: unsupported video codec (no decoder for this stream)")
