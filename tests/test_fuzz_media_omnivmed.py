@@ -343,20 +343,21 @@ def check_pillow_percentile(m, path):
 
 
 def check_nibabel(m, path):
-    """Frames equal nibabel's canonical physical values (get_fdata), percentile-normalised over the stack."""
+    """Frames equal nibabel's canonical physical values (get_fdata) under the documented intensity rule: integers in
+    0..255 are divided by 255, anything else is percentile-normalised over the stack."""
     img = nib.as_closest_canonical(nib.load(path))
     data = img.get_fdata()
     if data.ndim == 2:
         data = data[..., None]
     stack = np.stack([data[:, :, k].T[::-1, ::-1] for k in m.slice_indices])
-    close(m.frames[..., 0], percentile01(stack), 1e-4, "voxels vs nibabel get_fdata (canonical)")
+    eight_bit = bool(np.all(stack == np.round(stack)) and stack.min() >= 0 and stack.max() <= 255)
+    close(m.frames[..., 0], stack / 255.0 if eight_bit else percentile01(stack), 1e-4,
+          "voxels vs nibabel get_fdata (canonical)")
 
 
-def check_nibabel_uint8(m, path):
-    img = nib.as_closest_canonical(nib.load(path))
-    data = img.get_fdata()
-    stack = np.stack([data[:, :, k].T[::-1, ::-1] for k in m.slice_indices])
-    close(m.frames[..., 0], stack / 255.0, 1e-5, "voxels vs nibabel get_fdata / 255")
+def vol_wide(shape=(6, 7, 5)) -> np.ndarray:
+    """int16 values beyond 0..255, so the percentile rule applies."""
+    return (vol16(shape).astype(np.int32) * 37 - 900).astype(np.int16)
 
 
 def check_pydicom_window(m, path, center=None, width=None):
@@ -735,14 +736,18 @@ case("nii NaN data", error=(("non-finite", "nan"),))(
     lambda t: nifti(t, np.where(vol16() > 90, np.nan, vol16()).astype(np.float32), name="nan.nii"))
 case("nii inf data", error=(("non-finite", "inf"),))(
     lambda t: nifti(t, np.where(vol16() > 90, np.inf, vol16()).astype(np.float32), name="inf.nii"))
-case("nii constant", check=lambda m, p: close(m.frames, np.zeros_like(m.frames), 0, "constant -> zeros"))(
+case("nii constant 8-bit values", check=check_nibabel)(
     lambda t: nifti(t, np.full((6, 7, 5), 42, np.int16), name="const.nii"))
+case("nii constant wide values", check=lambda m, p: close(m.frames, np.zeros_like(m.frames), 0, "constant -> zeros"))(
+    lambda t: nifti(t, np.full((6, 7, 5), -1000, np.int16), name="constw.nii"))
+case("nii int16 LPS, wide values", check=check_nibabel)(
+    lambda t: nifti(t, vol_wide(), np.diag([-1.0, -1.0, 2.0, 1.0]), name="lpsw.nii"))
 case("nii int16 LPS", check=check_nibabel)(
     lambda t: nifti(t, vol16(), np.diag([-1.0, -1.0, 2.0, 1.0]), name="lps.nii"))
 case("nii.gz int16 oblique", check=check_nibabel)(
-    lambda t: nifti(t, vol16(), _oblique(), name="obl.nii.gz"))
-case("nii 2D (one slice)", check=check_nibabel)(lambda t: nifti(t, vol16((6, 7)), name="flat.nii"))
-case("nii uint8 unscaled", check=check_nibabel_uint8)(
+    lambda t: nifti(t, vol_wide(), _oblique(), name="obl.nii.gz"))
+case("nii 2D (one slice)", check=check_nibabel)(lambda t: nifti(t, vol_wide((6, 7)), name="flat.nii"))
+case("nii uint8 unscaled", check=check_nibabel)(
     lambda t: nifti(t, (vol16() * 2).astype(np.uint8), name="u8.nii"))
 case("nii uint8 with scl_slope/scl_inter", check=check_nibabel)(
     lambda t: _scaled_uint8(t))
