@@ -1768,32 +1768,46 @@ def _read_video_pyav(path: Path, label: str, opts: _Options, warnings: list[str]
                 raise MediaError(f"{label}: unsupported video codec (no decoder for this stream)")
             width, height = int(stream.width or 0), int(stream.height or 0)
             _check_video_size(label, width, height, 1, opts)
-            time_base, pts, end = stream.time_base, [], None
+            time_base, pts, end, n_packets, last_dts, restarts = stream.time_base, [], None, 0, None, False
             for packet in container.demux(stream):
-                if packet.pts is None or packet.size == 0:
+                if packet.size == 0:
                     continue
-                pts.append(packet.pts)
-                packet_end = packet.pts + (packet.duration or 0)
-                end = packet_end if end is None else max(end, packet_end)
-                if len(pts) > opts.max_video_frames_decoded:
+                n_packets += 1
+                if packet.dts is not None:  # decode timestamps only grow, unless the timeline restarts
+                    restarts = restarts or (last_dts is not None and packet.dts < last_dts)
+                    last_dts = packet.dts
+                if packet.pts is not None:
+                    pts.append(packet.pts)
+                    packet_end = packet.pts + (packet.duration or 0)
+                    end = packet_end if end is None else max(end, packet_end)
+                if n_packets > opts.max_video_frames_decoded:
                     raise MediaError(
                         f"{label}: video has more than max_video_frames_decoded={opts.max_video_frames_decoded} "
                         "frames"
                     )
-            fps_native = float(stream.average_rate) if stream.average_rate else None
+            rate = stream.average_rate or stream.guessed_rate
+            fps_native = float(rate) if rate else None
     except MediaError:
         raise
     except Exception as e:  # av.error.*: invalid data, missing decoder...
         raise MediaError(f"{label}: cannot open video with PyAV ({_short(e)}){_what_it_looks_like(path)}") from e
-    if not pts:
+    if n_packets == 0:
         raise MediaError(f"{label}: video has no frames")
-    if time_base is None:
-        raise MediaError(f"{label}: the video stream has no time base, so its frames have no times")
-    pts.sort()
-    times = np.array([float((p - pts[0]) * time_base) for p in pts])
-    duration = float((end - pts[0]) * time_base)
-    if not duration > 0 and len(pts) > 1:
-        duration = float(times[-1] + np.median(np.diff(times)))
+    by_rate = (restarts or len(pts) < n_packets or time_base is None) and bool(fps_native and fps_native > 0)
+    if by_rate:
+        # packets without presentation times, or a timeline that restarts (concatenated segments): sorting
+        # the packet times would misplace frames, while the decoder still outputs them in playback order
+        times, duration = np.arange(n_packets) / fps_native, n_packets / fps_native
+        warnings.append(f"packet timestamps {'restart mid-stream' if restarts else 'missing'}; frame times computed "
+                        f"from the average frame rate ({fps_native:g} fps)")
+    else:
+        if not pts or time_base is None:
+            raise MediaError(f"{label}: the video's packets carry no timestamps and the stream no frame rate")
+        pts.sort()
+        times = np.array([float((p - pts[0]) * time_base) for p in pts])
+        duration = float((end - pts[0]) * time_base)
+        if not duration > 0 and len(pts) > 1:
+            duration = float(times[-1] + np.median(np.diff(times)))
     if not duration > 0:
         raise MediaError(f"{label}: video has zero duration")
     idx, sampling = _video_indices(times, duration, opts.fps, opts.max_frames)
@@ -1814,7 +1828,15 @@ def _read_video_pyav(path: Path, label: str, opts: _Options, warnings: list[str]
                     if kept_pixels > opts.max_voxels:
                         _check_video_size(label, frame.width, frame.height, len(idx), opts)
                     got.append(i)
-                    frames.append(frame.to_ndarray(format="rgb24"))
+                    if frames and (frame.width, frame.height) != (frames[0].shape[1], frames[0].shape[0]):
+                        # the stream changes resolution (concatenated segments): one clip needs one frame size
+                        size = (frames[0].shape[1], frames[0].shape[0])
+                        note = f"frame size changes from {size[0]}x{size[1]} to {frame.width}x{frame.height}"
+                        if not any(w.startswith(note) for w in warnings):
+                            warnings.append(f"{note} at frame {i}; such frames resized to {size[0]}x{size[1]}")
+                        frames.append(frame.to_ndarray(format="rgb24", width=size[0], height=size[1]))
+                    else:
+                        frames.append(frame.to_ndarray(format="rgb24"))
                 if i >= idx[-1]:
                     break
     except MediaError:
@@ -1826,13 +1848,14 @@ def _read_video_pyav(path: Path, label: str, opts: _Options, warnings: list[str]
     # The decoder outputs frames in presentation order, but their pts can still be missing or scrambled (AVI stores
     # no presentation times, so B-frames come out with decode-order guesses): then frame i gets the i-th smallest
     # packet timestamp, which is the same value whenever the pts are sound.
-    if None not in decoded_pts and all(b > a for a, b in zip(decoded_pts, decoded_pts[1:])):
+    if not by_rate and None not in decoded_pts and all(b > a for a, b in zip(decoded_pts, decoded_pts[1:])):
         stamps = [float((decoded_pts[i] - pts[0]) * time_base) for i in got]
     else:
         stamps = [float(times[min(i, len(times) - 1)]) for i in got]
-        warnings.append("decoded frames carry missing or out-of-order timestamps (B-frames in AVI?); "
-                        "frame times taken from the sorted packet timestamps")
-    info = {"fps_native": fps_native, "duration_s": duration, "n_frames_total": len(pts),
+        if not by_rate:
+            warnings.append("decoded frames carry missing or out-of-order timestamps (B-frames in AVI?); "
+                            "frame times taken from the sorted packet timestamps")
+    info = {"fps_native": fps_native, "duration_s": duration, "n_frames_total": len(times),
             "frame_indices": got, **sampling}
     if len(frames) < len(idx):
         logger.warning("%s: decoded only %d of %d wanted frames", label, len(frames), len(idx))

@@ -236,7 +236,7 @@ def level(i: int) -> int:
 
 
 def video(path: Path, codec="libx264", n=10, rate=5, w=64, h=48, pix="yuv420p", fmt=None, gop=None,
-          drop_packets=0, second_stream=False, audio=False) -> Path:
+          drop_packets=0, second_stream=False, audio=False, first=0) -> Path:
     """A video whose frame i is uniformly gray at level(i); `drop_packets` leaves out the first encoded packets."""
     with av.open(str(path), "w", format=fmt) as c:
         s = c.add_stream(codec, rate=rate)
@@ -249,7 +249,7 @@ def video(path: Path, codec="libx264", n=10, rate=5, w=64, h=48, pix="yuv420p", 
         sound = c.add_stream("aac", rate=8000) if audio else None
         written = 0
         for i in range(n):
-            frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), level(i), np.uint8), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), level(first + i), np.uint8), format="rgb24")
             for p in s.encode(frame):
                 written += 1
                 if written > drop_packets:
@@ -980,8 +980,18 @@ case("mpeg-ts named .mp4 [default backend, PyAV not installed]", error=(("cannot
 for _backend in ("decord", "pyav"):
     case(f"mkv variable frame rate [{_backend}]", check=lambda m, p: check_vfr(m, p),
          options={"video_backend": _backend})(lambda t: vfr_video(t / "vfr.mkv"))
+case("mpeg-ts segments concatenated: timeline restarts, size changes [pyav]", check=check_video(5, 10, False),
+     options={"video_backend": "pyav"})(lambda t: _two_segments(t))
+case("mpeg-ts segments concatenated [default backend]", check=check_video(5, 10, False))(lambda t: _two_segments(t))
 case("mp4 random bytes [default backend]", error=(("cannot open", "not a recognised"),))(
     lambda t: write(t / "rnd.mp4", RNG.bytes(5000)))
+
+
+def _two_segments(t: Path) -> Path:
+    """Two MPEG-TS files back to back (frames 0-4 at 64x48, then 5-9 at 128x96), each timed from 0."""
+    a = video(t / "a.ts", n=5, fmt="mpegts")
+    b = video(t / "b.ts", n=5, w=128, h=96, fmt="mpegts", first=5)
+    return write(t / "joined.ts.mp4", a.read_bytes() + b.read_bytes())
 
 
 def _unknown_codec(t: Path) -> Path:
@@ -1061,17 +1071,23 @@ def _source_name(source) -> str:
     return f"<{type(source).__name__}>"
 
 
-def _outcome(fn) -> dict:
+def _outcome(run, check) -> dict:
+    """Run the public call, then check its result: an exception from the call is an error (ValueError) or a crash;
+    one from the check is a wrong result (AssertionError) or a broken check, never taken for a refusal."""
     try:
-        value = fn()
+        value = run()
     except ValueError as e:  # MediaError and other clear argument errors
         return {"status": "error", "type": type(e).__name__, "message": str(e)}
-    except AssertionError as e:
-        return {"status": "wrong", "message": str(e), "trace": traceback.format_exc(limit=4)}
     except BaseException as e:  # noqa: BLE001 - every other exception is a crash
         return {"status": "crash", "type": type(e).__name__, "message": str(e)[:500],
                 "trace": traceback.format_exc(limit=8)}
-    return {"status": "ok", **(value or {})}
+    try:
+        return {"status": "ok", **(check(value) or {})}
+    except AssertionError as e:
+        return {"status": "wrong", "message": str(e), "trace": traceback.format_exc(limit=4)}
+    except BaseException as e:  # noqa: BLE001
+        return {"status": "wrong", "message": f"the check itself failed: {type(e).__name__}: {e}",
+                "trace": traceback.format_exc(limit=6)}
 
 
 def _child(c: Case, tmp: Path, limit: int) -> dict:
@@ -1093,23 +1109,24 @@ def _child(c: Case, tmp: Path, limit: int) -> dict:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     result = {"label": _source_name(source)}
 
-    def via_load():
-        m = mo.load_media(source, **options)
+    def check_media(m):
         _invariants(m)
         if c.check is not None:
             root = options.get("data_root")
             c.check(m, Path(root) / source if root is not None and isinstance(source, str) else source)
         return {"shape": list(m.frames.shape)}
 
-    result["load_media"] = _outcome(via_load)
+    result["load_media"] = _outcome(lambda: mo.load_media(source, **options), check_media)
     proc_options = {k: v for k, v in options.items() if k != "kind"}
     if c.processor and isinstance(source, (str, os.PathLike)):
-        def via_processor():
-            out = OmniVMedImageProcessor(patch_size=14)([os.fspath(source)], kind=options.get("kind"), **proc_options)
+        def check_processor(out):
             _processor_invariants(out, source)
             return {"grid": out["grid_thw"].tolist()}
 
-        result["processor"] = _outcome(via_processor)
+        result["processor"] = _outcome(
+            lambda: OmniVMedImageProcessor(patch_size=14)([os.fspath(source)], kind=options.get("kind"), **proc_options),
+            check_processor,
+        )
     return result
 
 
@@ -1217,6 +1234,11 @@ def test_the_harness_sees_hangs_signals_memory_and_wrong_messages(tmp_path):
     big = Case("allocates", lambda t: np.zeros((8, 8), np.uint8), options={"kind": "image"}, processor=False,
                check=lambda m, source: np.ones(MEMORY_HEADROOM // 8 + (1 << 28)))  # runs under the cap
     assert "MemoryError" in problems(big, run_case(big, tmp_path))[0]
+
+    def out_of_memory():
+        raise MemoryError("from the call under test")
+
+    assert _outcome(out_of_memory, lambda v: None)["status"] == "crash"  # not taken for a clear refusal
     wrong = Case("names no file", lambda t: np.zeros((4, 4), np.uint8), error=("shape",), options={"kind": "video"},
                  processor=False)
     assert "lacks" in problems(wrong, {"label": "other.png", "load_media": {
