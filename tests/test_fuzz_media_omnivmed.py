@@ -839,6 +839,8 @@ case("folder with different shapes", error=("different shapes",))(
 case("folder: a truncated slice among good ones", error=(("cannot decode", "truncated", "corrupt", "unreadable"),))(
     lambda t: _folder_with_cut_slice(t))
 case("folder: CT5N series", check=lambda m, p: None)(lambda t: CT5N)
+case("folder: CT5N plus a fifo (would block on open)", check=check_same_as(CT5N))(lambda t: _folder_with_fifo(t))
+case("dcm without preamble or file meta", error=("preamble",))(lambda t: _raw_dicom(t))
 case("dicom list empty", error=("empty",), processor=False)(lambda t: [])
 case("dicom list with a missing file", error=("missing.dcm", "does not exist"), processor=False)(
     lambda t: [CT_SMALL, t / "missing.dcm"])
@@ -878,6 +880,25 @@ def _resized_ct(t: Path) -> Path:
     out = t / "small.dcm"
     ds.save_as(out, enforce_file_format=False)
     return out
+
+
+def _folder_with_fifo(t: Path) -> Path:
+    d = t / "series"
+    shutil.copytree(CT5N, d)
+    os.mkfifo(d / "zz_fifo")
+    return d
+
+
+def _raw_dicom(t: Path) -> Path:
+    """The dataset alone, implicit VR little endian: no 128-byte preamble, no DICM, no file meta group."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    ds = pydicom.dcmread(CT_SMALL)
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, True
+    write_dataset(fp, ds)
+    return write(t / "raw.dcm", fp.getvalue())
 
 
 def _folder_with_cut_slice(t: Path) -> Path:
