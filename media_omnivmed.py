@@ -1823,10 +1823,13 @@ def _read_video_pyav(path: Path, label: str, opts: _Options, warnings: list[str]
                 decoded_pts.append(frame.pts)
                 if i in wanted:
                     # the header may understate the size (or give none): check what the decoder made
-                    kept_pixels += frame.width * frame.height
                     _check_video_size(label, frame.width, frame.height, 1, opts)
+                    kept_pixels += frames[0].shape[0] * frames[0].shape[1] if frames else frame.width * frame.height
                     if kept_pixels > opts.max_voxels:
-                        _check_video_size(label, frame.width, frame.height, len(idx), opts)
+                        raise MediaError(
+                            f"{label}: the decoded frames exceed max_voxels={opts.max_voxels} pixels (frames larger "
+                            "than the stream header says); lower max_frames or fps"
+                        )
                     got.append(i)
                     if frames and (frame.width, frame.height) != (frames[0].shape[1], frames[0].shape[0]):
                         # the stream changes resolution (concatenated segments): one clip needs one frame size
