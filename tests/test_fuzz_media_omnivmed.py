@@ -761,7 +761,8 @@ case("nii complex", error=("not supported",))(
     lambda t: nifti(t, np.zeros((4, 4, 4), np.complex64), name="cplx.nii"))
 case("nii RGB", error=("not supported",))(
     lambda t: _nifti_rgb(t))
-case("nii named .png", error=(".nii",))(lambda t: nifti(t, vol16(), name="vol.nii").rename(t / "vol.png") or t / "vol.png")
+case("nii named .png", error=(".nii",))(
+    lambda t: nifti(t, vol16(), name="vol.nii").rename(t / "vol.png") or t / "vol.png")
 case("nii without extension", error=(("rename", ".nii"),))(
     lambda t: nifti(t, vol16(), name="vol.nii").rename(t / "vol.dat") or t / "vol.dat")
 case("nii vox_offset past the end", error=("truncated",))(
@@ -925,7 +926,8 @@ for backend in ("decord", "pyav"):
     case(f"mp4 one frame [{backend}]", check=check_video(5, 1), options=b)(lambda t: video(t / "one.mp4", n=1))
     case(f"mp4 1000 fps [{backend}]", check=check_video(1000, 10), options=b)(
         lambda t: video(t / "fast.mp4", rate=1000))
-    case(f"mp4 0.2 fps [{backend}]", check=check_video(0.2, 10), options=b)(lambda t: video(t / "slow.mp4", rate=Fraction(1, 5)))
+    case(f"mp4 0.2 fps [{backend}]", check=check_video(0.2, 10), options=b)(
+        lambda t: video(t / "slow.mp4", rate=Fraction(1, 5)))
     case(f"avi mpeg4 [{backend}]", check=check_video(5, 10), options=b)(lambda t: video(t / "v.avi", "mpeg4"))
     case(f"avi h264 with B-frames (no pts) [{backend}]", check=check_video(5, 10), options=b)(
         lambda t: video(t / "bframes.avi"))
@@ -1145,7 +1147,7 @@ def _child(c: Case, tmp: Path, limit: int) -> dict:
             return {"grid": out["grid_thw"].tolist()}
 
         result["processor"] = _outcome(
-            lambda: OmniVMedImageProcessor(patch_size=14)([os.fspath(source)], kind=options.get("kind"), **proc_options),
+            lambda: OmniVMedImageProcessor()([os.fspath(source)], kind=options.get("kind"), **proc_options),
             check_processor,
         )
     return result
