@@ -94,17 +94,6 @@ def case(name, *, error=None, check=None, options=None, either=False, processor=
     return register
 
 
-def cases(names_and_args):
-    """Register one make function per (name, arg) pair: `fn(tmp, arg)`."""
-
-    def register(make_with_arg):
-        for name, arg, kwargs in names_and_args:
-            case(name, **kwargs)(lambda tmp, _a=arg: make_with_arg(tmp, _a))
-        return make_with_arg
-
-    return register
-
-
 # --- builders -----------------------------------------------------------------------------------------------------
 
 RNG = np.random.default_rng(19)
