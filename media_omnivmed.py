@@ -838,6 +838,11 @@ def _dicom_pixels(path: Path, label: str) -> tuple[np.ndarray, Any]:
     except Exception as e:
         raise MediaError(f"{label}: unreadable DICOM file ({type(e).__name__}: {e})") from e
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        if "Rows" in ds and "Columns" in ds:  # pydicom drops a PixelData element cut off by the end of the file
+            raise MediaError(
+                f"{label}: the header describes a {ds.Rows}x{ds.Columns} image but the file holds no pixel data: "
+                "truncated or corrupt file?"
+            )
         raise MediaError(f"{label}: DICOM file has no pixel data (SOP class {ds.get('SOPClassUID', '?')})")
     grayscale = int(ds.get("SamplesPerPixel", 1) or 1) == 1
     if grayscale:
@@ -1385,6 +1390,17 @@ def _volume_media(grid: _Grid, label: str, opts: _Options, meta: dict, *, window
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_gzip_crc(path: Path, label: str) -> None:
+    """nibabel stops reading a .nii.gz once it has the voxels it needs, before the gzip trailer whose CRC would
+    reveal a corrupted byte: read the stream to its end so such a file is refused instead of read as wrong values."""
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    except (OSError, EOFError, zlib.error) as e:
+        raise MediaError(f"{label}: corrupt gzip stream, its CRC check failed or it is truncated ({e})") from e
+
+
 class _ProxySlicer:
     """Reads one 3D volume of a (possibly 4D) image lazily through nibabel's ArrayProxy."""
 
@@ -1444,6 +1460,8 @@ def _load_nifti(path: Path, label: str, opts: _Options) -> Media:
         # Each lazy slice read of a gzip stream decompresses from the start: read the volume once
         # instead (bounded by max_voxels above).
         data = reader[(slice(None),) * min(len(shape), 3)].reshape(spatial)
+        if _extension(path) == ".nii.gz":
+            _check_gzip_crc(path, label)
     else:
         data = reader  # uncompressed: each slice is read from disk on demand
 
