@@ -7,6 +7,12 @@ Data flow (shapes):
     merge_sizes (n_items,)   merge x merge patches -> one LLM token
     visual_keep_mask (T,)    which of the T = sum(t * h/m * w/m) visual tokens survive pruning
  -> tower (N_kept or N, D) -> projector (T_kept, D_llm) -> scattered into the <|image_pad|> positions of the text.
+
+These packed inputs cannot be repeated row by row, as generate does for beams and returned sequences. So, as in
+transformers' own VLMs, generate encodes them once (`get_image_features`: features split per item) and repeats each
+prompt's whole items with it (`mm_encoder_outputs`); the text is checked against the unrepeated batch first.
+Device placement: the tower, the projector and the LLM may sit on different devices (device_map); every index
+tensor follows the activations it indexes, and the features reach the embeddings' device before the scatter.
 """
 
 import bisect

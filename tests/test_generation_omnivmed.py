@@ -79,6 +79,8 @@ def batch_of(prompts):
     attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in prompts])
     visual = {k: torch.cat([v[k] for _, v in prompts]) for k in VISUAL_KEYS}
     visual["media_metadata"] = [m for _, v in prompts for m in v["media_metadata"]]
+    # as the processor returns it: a per-row tensor, which generate repeats row by row (right for it)
+    visual["mm_token_type_ids"] = (input_ids == IMG).long()
     return dict(input_ids=input_ids, attention_mask=attention_mask, **visual)
 
 
@@ -181,3 +183,51 @@ def test_media_split_across_prompts_is_a_clear_error(model, image_processor):
     ids[0, (ids[0] == 9).nonzero()[0, 0]] = IMG  # one more placeholder in prompt 0 ...
     with pytest.raises(ValueError, match="do not split the media into whole items|image placeholder tokens"):
         model.generate(**batch, num_beams=2, max_new_tokens=1, pad_token_id=PAD)
+
+
+@pytest.fixture(scope="module")
+def qwen2_5_vl():
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128, vocab_size=320, max_position_embeddings=1024, pad_token_id=PAD,
+                bos_token_id=None, eos_token_id=None,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})  # fmt: skip
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1])  # fmt: skip
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMG, video_token_id=9,
+                              vision_start_token_id=START, vision_end_token_id=END)  # fmt: skip
+    torch.manual_seed(0)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_the_harness_on_transformers_qwen2_5_vl(qwen2_5_vl, mode):
+    """The reference semantics: transformers' own Qwen2.5-VL, in the same harness (a left-padded batch of a prompt
+    with two images and one with a third of another size), gives every row its own prompt's logits too."""
+    prompts = []
+    for seed, (prefix, grids) in enumerate([((1, 2), [(4, 6), (4, 4)]), ((3,), [(8, 4)])]):
+        ids, pixels = list(prefix), []
+        for h, w in grids:
+            pixels.append(torch.randn(h * w, 3 * 2 * 4 * 4, generator=torch.Generator().manual_seed(10 * seed + h)))
+            ids += [START] + [IMG] * (h * w // 4) + [END]
+        prompts.append((ids + [30, 31], dict(pixel_values=torch.cat(pixels),
+                                             image_grid_thw=torch.tensor([[1, h, w] for h, w in grids]))))  # fmt: skip
+    with torch.no_grad():
+        expected = torch.stack([
+            qwen2_5_vl(input_ids=torch.tensor([ids]), mm_token_type_ids=(torch.tensor([ids]) == IMG).long(),
+                       **visual).logits[0, -1]
+            for ids, visual in prompts
+        ])  # fmt: skip
+    width = max(len(ids) for ids, _ in prompts)
+    input_ids = torch.tensor([[PAD] * (width - len(ids)) + ids for ids, _ in prompts])
+    batch = dict(
+        input_ids=input_ids,
+        attention_mask=torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in prompts]),
+        mm_token_type_ids=(input_ids == IMG).long(),
+        pixel_values=torch.cat([v["pixel_values"] for _, v in prompts]),
+        image_grid_thw=torch.cat([v["image_grid_thw"] for _, v in prompts]),
+    )
+    logits = first_step_logits(qwen2_5_vl, batch, mode)
+    copies = logits.shape[0] // len(prompts)
+    torch.testing.assert_close(logits, expected.repeat_interleave(copies, dim=0), atol=2e-5, rtol=1e-5)
