@@ -139,6 +139,17 @@ def test_beam_search_from_inputs_embeds(model, image_processor):
     torch.testing.assert_close(logits, expected.repeat_interleave(3, dim=0), atol=2e-5, rtol=1e-5)
 
 
+def test_inputs_embeds_without_placeholder_embeddings_is_a_clear_error(model, image_processor):
+    """Embeddings whose placeholders were already replaced cannot show which rows hold which media: refused before
+    anything is repeated, not scattered into the wrong beams."""
+    prompts = [prompt(image_processor, kinds, prefix) for kinds, prefix in CASES["mixed_batch"]]
+    batch = batch_of(prompts)
+    ids = batch.pop("input_ids")
+    batch["inputs_embeds"] = model.get_input_embeddings()(ids).detach() + 0.01
+    with pytest.raises(ValueError, match="The text has 0 image placeholder tokens"):
+        model.generate(**batch, num_beams=2, max_new_tokens=1, pad_token_id=PAD)
+
+
 def test_media_metadata_follows_its_items_into_every_copy(model, image_processor):
     prompts = [prompt(image_processor, kinds, prefix) for kinds, prefix in CASES["mixed_batch"]]
     batch = batch_of(prompts)
