@@ -668,7 +668,8 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
         if visual is not None:
             # a pre-encoded output may be a chunk of a prompt (chunked prefill) or repeated per beam, so only the
             # total is checked here; generate checks the whole batch against the text before it expands it
-            features = torch.cat(list(visual.pooler_output)) if len(visual.pooler_output) else inputs_embeds.new_zeros(0)
+            pieces = list(visual.pooler_output)
+            features = torch.cat(pieces) if pieces else inputs_embeds.new_zeros(0, inputs_embeds.shape[-1])
             n_placeholders = int(placeholders.sum())
             if n_placeholders != features.shape[0]:
                 raise ValueError(
@@ -859,7 +860,7 @@ class OmniVMedForConditionalGeneration(OmniVMedPreTrainedModel, GenerationMixin)
             embeds = model_kwargs.get("inputs_embeds")
             ids = input_ids if input_ids is not None and input_ids.numel() else None
             if ids is None and embeds is None:
-                raise ValueError("generate got media but neither input_ids nor inputs_embeds to find their placeholders")
+                raise ValueError("generate got media but no input_ids or inputs_embeds to find their placeholders in")
             placeholders = self.model._placeholder_mask(ids, embeds)
             check_visual_text(placeholders, visual, self.config.image_token_id)
             metadata = model_kwargs.get("media_metadata")

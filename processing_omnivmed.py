@@ -619,12 +619,13 @@ def check_against_model_config(image_processor, save_directory):
     settings = model_config_settings(save_directory)
     if settings is None:
         return
-    differ = {k: (getattr(image_processor, k), v) for k, v in settings.items() if not _same(getattr(image_processor, k), v)}
+    ours = {k: getattr(image_processor, k) for k in settings}
+    differ = {k: (ours[k], v) for k, v in settings.items() if not _same(ours[k], v)}
     if differ:
         raise ValueError(
-            f"the processor's settings {{name: (processor, config.json)}} = {differ} differ from the model's config.json "
-            f"in {save_directory}, which is their one source (the model recomputes keep masks from it): set them on "
-            "model.config and save the model, or pass them per call to the processor"
+            f"the processor's settings {{name: (processor, config.json)}} = {differ} differ from the model's "
+            f"config.json in {save_directory}, which is their one source (the model recomputes keep masks from it): "
+            "set them on model.config and save the model, or pass them per call to the processor"
         )
 
 

@@ -458,7 +458,8 @@ class DeviceMixRecorder(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         leaves = torch.utils._pytree.tree_leaves((args, kwargs))
-        devices = {t.device for t in leaves if isinstance(t, torch.Tensor) and not (t.device.type == "cpu" and t.dim() == 0)}
+        tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+        devices = {t.device for t in tensors if not (t.device.type == "cpu" and t.dim() == 0)}
         name = getattr(func, "__name__", str(func))
         if len(devices) > 1:
             self.mixed.append((name, sorted(str(d) for d in devices)))

@@ -14,7 +14,13 @@ from build_omnivmed import build_tiny
 from omnivmed.configuration_omnivmed import PROCESSOR_SETTINGS
 from omnivmed.media_omnivmed import Media
 from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration
-from omnivmed.processing_omnivmed import IMAGE_TOKEN, VISION_END, VISION_START, OmniVMedImageProcessor, OmniVMedProcessor
+from omnivmed.processing_omnivmed import (
+    IMAGE_TOKEN,
+    VISION_END,
+    VISION_START,
+    OmniVMedImageProcessor,
+    OmniVMedProcessor,
+)
 
 
 PRUNING = [name for name in PROCESSOR_SETTINGS if name.startswith("prune_")]
