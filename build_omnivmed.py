@@ -433,10 +433,12 @@ def push_folder(folder: Path, repo_id: str, private: bool = False, token: str | 
 def build_tiny(out: Path, seed: int = 0) -> Path:
     # the tokenizer is part of the preset: the seed only changes the weights
     tokenizer = build_tiny_tokenizer(seed=0)
-    processor = OmniVMedProcessor(
-        image_processor=OmniVMedImageProcessor(**TINY_IMAGE_PROCESSOR), tokenizer=tokenizer
-    )
     model = tiny_model(tokenizer, seed)
+    # the pruning rule and image_mean / image_std are the model config's (written once, in config.json)
+    processor = OmniVMedProcessor(
+        image_processor=OmniVMedImageProcessor(**TINY_IMAGE_PROCESSOR, **model.config.processor_settings()),
+        tokenizer=tokenizer,
+    )
     return save_hub_folder(
         model,
         processor,
@@ -882,8 +884,7 @@ def build_pretrained(
         patch_size=config.vision_config.patch_size,
         image_merge_size=config.image_merge_size,
         video_merge_size=config.video_merge_size,
-        image_mean=mean,
-        image_std=std,
+        **config.processor_settings(),  # pruning rule and mean / std: the config's, written once in config.json
     )
     processor = OmniVMedProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 

@@ -98,6 +98,19 @@ PRUNE_REFERENCES = ("last_kept", "previous")
 PRUNE_UNITS = ("normalized", "intensity")
 PRUNE_STAGES = ("post_encoder", "pre_encoder")
 MERGE_KINDS = ("concat", "average")
+# Settings the processor and the model must share: the processor computes the keep mask and expands the text with
+# them, the model recomputes the mask from them when called without one (and measures intensity-unit pruning with
+# image_mean / image_std). config.json is their one source: OmniVMedProcessor.from_pretrained reads them from it.
+PROCESSOR_SETTINGS = (
+    "prune_threshold",
+    "prune_reference",
+    "prune_unit",
+    "prune_keep_first_frame",
+    "prune_min_tokens",
+    "prune_min_tokens_pick",
+    "image_mean",
+    "image_std",
+)
 
 
 @strict
@@ -122,6 +135,9 @@ class OmniVMedConfig(PreTrainedConfig):
     prune_min_tokens / prune_min_tokens_pick: every frame keeps at least this many tokens, the most changed ones
         (`"most_changed"`) or the frame's first ones (`"first"`, VideoLLaMA3's rule).
     image_mean / image_std: the processor's normalisation, needed to measure pruning in intensity units.
+
+    The pruning settings and image_mean / image_std (PROCESSOR_SETTINGS) are the processor's too: a processor loaded
+    from a folder takes them from its config.json, so the text is expanded with the rule the model recomputes.
     """
 
     model_type = "omnivmed"
@@ -178,9 +194,13 @@ class OmniVMedConfig(PreTrainedConfig):
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
 
+    def processor_settings(self) -> dict:
+        """The settings `OmniVMedImageProcessor` takes from this config (see PROCESSOR_SETTINGS)."""
+        return {name: getattr(self, name) for name in PROCESSOR_SETTINGS}
+
     def merge_size_for(self, num_frames: int) -> int:
         """Merge size of an item: 2D images use image_merge_size, volumes and videos video_merge_size."""
         return self.image_merge_size if num_frames == 1 else self.video_merge_size
 
 
-__all__ = ["OmniVMedVisionConfig", "OmniVMedConfig"]
+__all__ = ["OmniVMedVisionConfig", "OmniVMedConfig", "PROCESSOR_SETTINGS"]

@@ -333,14 +333,9 @@ def image_processor_settings(source: Source, config: OmniVMedConfig) -> dict:
         image_merge_size=config.image_merge_size,
         video_merge_size=config.video_merge_size,
         resample="bicubic",
-        image_mean=config.image_mean,
-        image_std=config.image_std,
-        prune_threshold=config.prune_threshold,
-        prune_reference=config.prune_reference,
-        prune_unit=config.prune_unit,
-        prune_keep_first_frame=config.prune_keep_first_frame,
-        prune_min_tokens=config.prune_min_tokens,
-        prune_min_tokens_pick=config.prune_min_tokens_pick,
+        # the pruning rule and mean / std: the config's (config.json is their one source; the processor files saved
+        # beside it do not repeat the rule)
+        **config.processor_settings(),
         # their resize is PIL bicubic on uint8 (transformers' image processors on uint8 inputs)
         resize_backend="pil",
     )

@@ -7,8 +7,15 @@ Data flow (shapes):
     merge_sizes (n_items,)   merge x merge patches -> one LLM token
     visual_keep_mask (T,)    which of the T = sum(t * h/m * w/m) visual tokens survive pruning
  -> tower (N_kept or N, D) -> projector (T_kept, D_llm) -> scattered into the <|image_pad|> positions of the text.
+
+These packed inputs cannot be repeated row by row, as generate does for beams and returned sequences. So, as in
+transformers' own VLMs, generate encodes them once (`get_image_features`: features split per item) and repeats each
+prompt's whole items with it (`mm_encoder_outputs`); the text is checked against the unrepeated batch first.
+Device placement: the tower, the projector and the LLM may sit on different devices (device_map); every index
+tensor follows the activations it indexes, and the features reach the embeddings' device before the scatter.
 """
 
+import bisect
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,6 +87,18 @@ class PackedSegments:
         max_seqlen = int(lengths.max()) if lengths.numel() else 0
         return cls(cu_seqlens=cu, max_seqlen=max_seqlen, groups=groups, group_starts=group_starts)
 
+    def to(self, device, **kwargs) -> "PackedSegments":
+        """The index tensors on `device` (no copy when they are there already). accelerate's hooks move a layer's
+        arguments with `.to`, so under a device_map that splits the tower the segments follow its layers."""
+        if self.cu_seqlens.device == torch.device(device):
+            return self
+        return PackedSegments(
+            cu_seqlens=self.cu_seqlens.to(device, **kwargs),
+            max_seqlen=self.max_seqlen,
+            groups=[g.to(device, **kwargs) for g in self.groups],
+            group_starts=self.group_starts,
+        )
+
 
 class OmniVMedVisionRotaryEmbedding(nn.Module):
     """cos/sin of rotary angles over the (t, h, w) axes, laid out [t | h | w | unrotated] and repeated twice."""
@@ -117,6 +136,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     # x: (N, heads, head_dim); cos/sin: (N, head_dim); rotation in float32 whatever the model dtype
     dtype = x.dtype
     x = x.float()
+    cos, sin = cos.to(x.device), sin.to(x.device)  # no-op unless a device_map put this layer elsewhere
     out = x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
     return out.to(dtype)
 
@@ -165,6 +185,7 @@ class OmniVMedVisionAttention(nn.Module):
         q = self.q_proj(hidden_states).view(n, self.num_heads, self.head_dim)
         k = self.k_proj(hidden_states).view(n, self.num_heads, self.head_dim)
         v = self.v_proj(hidden_states).view(n, self.num_heads, self.head_dim)
+        segments = segments.to(hidden_states.device)
         if position_embeddings is not None:  # None: the learned-table ablation, positions already in the input
             cos, sin = position_embeddings
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -302,24 +323,33 @@ class OmniVMedVisionModel(OmniVMedPreTrainedModel):
         order, `merge_sizes`) when omitted; patch_keep_mask: (N,) bool, run the tower only on these patches.
         Returns last_hidden_state (N or N_kept, D) after post_layernorm.
         """
-        grid_thw = grid_thw.to(pixel_values.device).long()
-        validate_visual_inputs(pixel_values, grid_thw, self.config.patch_dim, patch_positions, patch_keep_mask)
+        # The tower may sit on another device than the inputs, and under a device_map its layers on several. The
+        # segment layout (a few integers per frame) is worked out on the CPU, where it costs no device syncs; the
+        # index tensors then go where the activations are (PackedSegments.to, per layer when the layers move).
+        device = self.patch_embedding.weight.device
+        grid_cpu = grid_thw.detach().to("cpu").long()
+        # checked where the caller made them (their values are read)
+        validate_visual_inputs(pixel_values, grid_cpu, self.config.patch_dim, patch_positions, patch_keep_mask)
+        pixel_values = pixel_values.to(device)
+        if patch_positions is not None:
+            patch_positions = patch_positions.to(device)
         if patch_positions is None:
             if merge_sizes is None:
-                merge_sizes = torch.ones(grid_thw.shape[0], dtype=torch.long)
-            patch_positions = patch_positions_from_grid(grid_thw, merge_sizes)
-        patch_positions = patch_positions.to(pixel_values.device)
+                merge_sizes = torch.ones(grid_cpu.shape[0], dtype=torch.long)
+            patch_positions = patch_positions_from_grid(grid_cpu, merge_sizes.cpu()).to(device)
+        keep_cpu = None
         if patch_keep_mask is not None:
-            patch_keep_mask = patch_keep_mask.to(pixel_values.device).bool()
-            pixel_values = pixel_values[patch_keep_mask]
-            patch_positions = patch_positions[patch_keep_mask]
-        lengths = segment_lengths(grid_thw, self.config.attention_scope, patch_keep_mask)
+            keep_cpu = patch_keep_mask.detach().to("cpu").bool()
+            kept = keep_cpu.nonzero().squeeze(-1).to(device)
+            pixel_values = pixel_values.index_select(0, kept)
+            patch_positions = patch_positions.index_select(0, kept)
+        lengths = segment_lengths(grid_cpu, self.config.attention_scope, keep_cpu)
         learned = self.config.position_embedding == "learned"
         # the learned table (ablation arm) is read for every patch once; each chunk takes its rows
-        absolute = self.interpolated_positions(grid_thw, patch_positions, patch_keep_mask) if learned else None
+        absolute = self.interpolated_positions(grid_cpu, patch_positions, keep_cpu) if learned else None
         chunks = []
         for start, end, chunk_lengths in chunk_segments(lengths, self.config.max_patches_per_chunk):
-            segments = PackedSegments.from_lengths(chunk_lengths)
+            segments = PackedSegments.from_lengths(chunk_lengths).to(device)
             hidden_states = self.patch_embedding(pixel_values[start:end].to(self.patch_embedding.weight.dtype))
             if learned:
                 hidden_states = hidden_states + absolute[start:end]
@@ -338,13 +368,15 @@ class OmniVMedVisionModel(OmniVMedPreTrainedModel):
         (h, w): (N or N_kept, D). The t axis gets nothing, as in SigLIP applied frame by frame."""
         size = self.config.position_table_size
         table = self.position_embedding.weight.view(size, size, -1).permute(2, 0, 1).unsqueeze(0)  # (1, D, S, S)
+        # which frame grid each patch has is worked out on the CPU; the reads happen on the table's device
+        grid_thw, patch_positions = grid_thw.cpu(), patch_positions.to(table.device)
         grids = torch.repeat_interleave(grid_thw[:, 1:], grid_thw.prod(-1), dim=0)  # (N, 2) frame grid per patch
         if patch_keep_mask is not None:
-            grids = grids[patch_keep_mask]
+            grids = grids[patch_keep_mask.cpu()]
         out = table.new_zeros(patch_positions.shape[0], table.shape[1])
         for h, w in torch.unique(grids, dim=0).tolist():
             resized = nn.functional.interpolate(table, size=(h, w), mode="bilinear", align_corners=False)[0]
-            rows = ((grids[:, 0] == h) & (grids[:, 1] == w)).nonzero().squeeze(-1)
+            rows = ((grids[:, 0] == h) & (grids[:, 1] == w)).nonzero().squeeze(-1).to(table.device)
             out[rows] = resized[:, patch_positions[rows, 1], patch_positions[rows, 2]].t()
         return out
 
@@ -410,6 +442,7 @@ class OmniVMedProjector(nn.Module):
 
     def merge(self, features: torch.Tensor, token_merge: torch.Tensor) -> torch.Tensor:
         # features: (N, D) in merge-block order; token_merge: (T,) merge size of each token -> (T, D_in)
+        token_merge = token_merge.to(features.device)
         if self.merge_kind == "concat":
             return features.reshape(token_merge.numel(), -1)
         if bool((token_merge == token_merge[0]).all()):
@@ -441,6 +474,22 @@ class OmniVMedCausalLMOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.FloatTensor] | None = None
     attentions: tuple[torch.FloatTensor] | None = None
     visual_keep_mask: torch.BoolTensor | None = None
+    num_tower_tokens: int | None = None
+
+
+@dataclass
+class OmniVMedVisualOutput(ModelOutput):
+    """Visual features of a batch's media items, encoded once (see `OmniVMedModel.get_image_features`).
+
+    pooler_output: one (T_kept_i, D_llm) tensor per item, in order of appearance: transformers' generate repeats
+        these whole, per prompt, for beams and returned sequences (the name is the one it reads).
+    visual_keep_mask / grid_thw / merge_sizes: the items as encoded (not repeated), for checking the text against.
+    """
+
+    pooler_output: tuple[torch.FloatTensor, ...] | list[torch.FloatTensor] | None = None
+    visual_keep_mask: torch.BoolTensor | None = None
+    grid_thw: torch.LongTensor | None = None
+    merge_sizes: torch.LongTensor | None = None
     num_tower_tokens: int | None = None
 
 
@@ -494,17 +543,13 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
         prune_threshold: float | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Returns (features of the kept visual tokens (T_kept, D_llm), keep mask (T,), patches the tower ran on)."""
+        """Returns (features of the kept visual tokens (T_kept, D_llm), keep mask (T,), patches the tower ran on).
+
+        The keep mask is `visual_keep_mask` (what the processor expanded the text to) when given, else recomputed
+        from the pixels with this model's config (the one source of the pruning settings), or with
+        `prune_threshold` in place of the config's threshold when that is given."""
         grid_thw = grid_thw.to(pixel_values.device).long()
-        merge_sizes = self.default_merge_sizes(grid_thw) if merge_sizes is None else merge_sizes.long()
-        merge_sizes = merge_sizes.to(grid_thw.device)
-        if merge_sizes.shape != (grid_thw.shape[0],):
-            raise ValueError(f"merge_sizes must be ({grid_thw.shape[0]},), got {tuple(merge_sizes.shape)}")
-        if ((grid_thw[:, 1] % merge_sizes) != 0).any() or ((grid_thw[:, 2] % merge_sizes) != 0).any():
-            raise ValueError(
-                f"every item's patch grid must be divisible by its merge size: grid_thw={grid_thw.tolist()}, "
-                f"merge_sizes={merge_sizes.tolist()}"
-            )
+        merge_sizes = self._merge_sizes(grid_thw, merge_sizes)
         validate_visual_inputs(pixel_values, grid_thw, self.config.vision_config.patch_dim, patch_positions)
         token_counts = grid_thw[:, 0] * (grid_thw[:, 1] // merge_sizes) * (grid_thw[:, 2] // merge_sizes)
         token_merge = torch.repeat_interleave(merge_sizes, token_counts)  # (T,)
@@ -519,16 +564,65 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
         if patch_positions is None:
             patch_positions = patch_positions_from_grid(grid_thw, merge_sizes)
 
+        # the projector may sit on another device than the tower (device_map): its input goes there explicitly, so
+        # the model is right without accelerate's hooks too
+        projector_device = self.projector.linear_1.weight.device
         if self.config.prune_stage == "pre_encoder" and not bool(visual_keep_mask.all()):
             patch_keep = patch_keep_mask(visual_keep_mask, grid_thw, merge_sizes)
             features = self.vision_tower(
                 pixel_values, grid_thw, patch_positions, patch_keep_mask=patch_keep, **kwargs
             ).last_hidden_state
-            features = self.projector(features, token_merge[visual_keep_mask])
+            features = self.projector(features.to(projector_device), token_merge[visual_keep_mask])
             return features, visual_keep_mask, int(patch_keep.sum())
         features = self.vision_tower(pixel_values, grid_thw, patch_positions, **kwargs).last_hidden_state
-        features = self.projector(features, token_merge)[visual_keep_mask]
+        features = self.projector(features.to(projector_device), token_merge)
+        if not bool(visual_keep_mask.all()):
+            # rows picked by index, found where the mask is: a boolean index would need the mask on this device
+            features = features.index_select(0, visual_keep_mask.nonzero().squeeze(-1).to(features.device))
         return features, visual_keep_mask, pixel_values.shape[0]
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        grid_thw: torch.Tensor,
+        merge_sizes: torch.Tensor | None = None,
+        patch_positions: torch.Tensor | None = None,
+        visual_keep_mask: torch.Tensor | None = None,
+        prune_threshold: float | None = None,
+        **kwargs,
+    ) -> "OmniVMedVisualOutput":
+        """The visual features split per media item (2D image, volume or video alike), in the form transformers'
+        `generate` encodes once and then repeats per beam / returned sequence (whole items of each prompt, see
+        `GenerationMixin._expand_multimodal_outputs`), and `forward` takes back as `mm_encoder_outputs={"image": ...}`.
+        The packed inputs (pixel_values, patch_positions, grid_thw, merge_sizes, visual_keep_mask) cannot be repeated
+        row by row, so they never reach that expansion."""
+        kwargs.pop("return_dict", None)  # generate asks for a ModelOutput, which this always is
+        grid_thw = grid_thw.to(pixel_values.device).long()
+        merge_sizes = self._merge_sizes(grid_thw, merge_sizes)
+        features, keep, tower_tokens = self.get_visual_features(
+            pixel_values, grid_thw, merge_sizes, patch_positions, visual_keep_mask, prune_threshold, **kwargs
+        )
+        token_counts = grid_thw[:, 0] * (grid_thw[:, 1] // merge_sizes) * (grid_thw[:, 2] // merge_sizes)
+        kept_per_item = [int(k.sum()) for k in keep.cpu().split(token_counts.tolist())]
+        return OmniVMedVisualOutput(
+            pooler_output=features.split(kept_per_item),
+            visual_keep_mask=keep,
+            grid_thw=grid_thw,
+            merge_sizes=merge_sizes,
+            num_tower_tokens=tower_tokens,
+        )
+
+    def _merge_sizes(self, grid_thw: torch.Tensor, merge_sizes: torch.Tensor | None) -> torch.Tensor:
+        merge_sizes = self.default_merge_sizes(grid_thw) if merge_sizes is None else merge_sizes.long()
+        merge_sizes = merge_sizes.to(grid_thw.device)
+        if merge_sizes.shape != (grid_thw.shape[0],):
+            raise ValueError(f"merge_sizes must be ({grid_thw.shape[0]},), got {tuple(merge_sizes.shape)}")
+        if ((grid_thw[:, 1] % merge_sizes) != 0).any() or ((grid_thw[:, 2] % merge_sizes) != 0).any():
+            raise ValueError(
+                f"every item's patch grid must be divisible by its merge size: grid_thw={grid_thw.tolist()}, "
+                f"merge_sizes={merge_sizes.tolist()}"
+            )
+        return merge_sizes
 
     def forward(
         self,
@@ -546,15 +640,22 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
         prune_threshold: float | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
         media_metadata: list | None = None,
+        mm_encoder_outputs: dict | None = None,
         **kwargs,
     ) -> OmniVMedModelOutputWithPast:
-        """mm_token_type_ids and media_metadata come with the processor's outputs; placeholders are found by id."""
+        """mm_token_type_ids and media_metadata come with the processor's outputs and are not read (placeholders are
+        found by id; metadata is for the caller). mm_encoder_outputs: {"image": get_image_features(...)}, visual
+        features encoded beforehand (generate does this), in place of the pixel inputs."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Give exactly one of input_ids and inputs_embeds")
+        visual = (mm_encoder_outputs or {}).get("image")
+        if pixel_values is not None and visual is not None:
+            raise ValueError("Give either pixel_values or mm_encoder_outputs, not both")
         # transformers 5 renamed past_key_values to cache; accept the old name from older callers
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
         if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
+            embed = self.get_input_embeddings()
+            inputs_embeds = embed(input_ids.to(embed.weight.device))
         # RoPE runs past max_position_embeddings without complaint, on positions the LLM never saw: refuse them
         limit = getattr(self.config.text_config, "max_position_embeddings", None)
         length = inputs_embeds.shape[1] + (cache.get_seq_length() if cache is not None else 0)
@@ -564,27 +665,30 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
                 f"max_position_embeddings={limit}; shorten the prompt or lower max_new_tokens"
             )
         placeholders = self._placeholder_mask(input_ids, inputs_embeds)
-        keep, tower_tokens = None, None
         if pixel_values is not None:
             if grid_thw is None:
                 raise ValueError("pixel_values were given without grid_thw")
-            features, keep, tower_tokens = self.get_visual_features(
+            visual = self.get_image_features(
                 pixel_values, grid_thw, merge_sizes, patch_positions, visual_keep_mask, prune_threshold
             )
+            check_visual_text(placeholders, visual, self.config.image_token_id)
+        keep, tower_tokens = None, None
+        if visual is not None:
+            # a pre-encoded output may be a chunk of a prompt (chunked prefill) or repeated per beam, so only the
+            # total is checked here; generate checks the whole batch against the text before it expands it
+            pieces = list(visual.pooler_output)
+            features = torch.cat(pieces) if pieces else inputs_embeds.new_zeros(0, inputs_embeds.shape[-1])
             n_placeholders = int(placeholders.sum())
             if n_placeholders != features.shape[0]:
                 raise ValueError(
                     f"The text has {n_placeholders} image placeholder tokens (id {self.config.image_token_id}) but "
-                    f"the pixels give {features.shape[0]} visual tokens after pruning "
-                    f"({keep.numel()} before); the processor expands placeholders to the kept count, so use the "
-                    "same prune_threshold / visual_keep_mask for both"
+                    f"the media give {features.shape[0]} visual tokens"
                 )
-            if input_ids is not None:
-                merges = self.default_merge_sizes(grid_thw.long()) if merge_sizes is None else merge_sizes
-                check_placeholder_runs(placeholders, keep, grid_thw, merges)
             inputs_embeds = inputs_embeds.masked_scatter(
-                placeholders[..., None].to(inputs_embeds.device), features.to(inputs_embeds.dtype)
+                placeholders[..., None].to(inputs_embeds.device),
+                features.to(inputs_embeds.device, inputs_embeds.dtype),
             )
+            keep, tower_tokens = visual.visual_keep_mask, visual.num_tower_tokens
         elif placeholders.any():
             raise ValueError(
                 f"The text has {int(placeholders.sum())} image placeholder tokens but no pixel_values were given"
@@ -607,28 +711,59 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
         )
 
     def _placeholder_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
-        if input_ids is not None:
+        if input_ids is not None and input_ids.numel():
             return input_ids == self.config.image_token_id
-        token = self.get_input_embeddings()(torch.tensor(self.config.image_token_id, device=inputs_embeds.device))
-        return (inputs_embeds == token).all(-1)
+        embed = self.get_input_embeddings()
+        token = embed(torch.tensor(self.config.image_token_id, device=embed.weight.device))
+        return (inputs_embeds == token.to(inputs_embeds.device)).all(-1)
+
+
+def check_visual_text(placeholders: torch.Tensor, visual: "OmniVMedVisualOutput", image_token_id: int):
+    """The text's placeholders (B, L) against the media of the whole batch: the total, then (when the output knows its
+    keep mask and grids) that every prompt holds whole items and every run of placeholders whole frames."""
+    n_placeholders = int(placeholders.sum())
+    n_visual = sum(len(f) for f in visual.pooler_output)
+    keep = visual.visual_keep_mask
+    if n_placeholders != n_visual:
+        before = f" ({keep.numel()} before)" if keep is not None else ""
+        raise ValueError(
+            f"The text has {n_placeholders} image placeholder tokens (id {image_token_id}) but the pixels give "
+            f"{n_visual} visual tokens after pruning{before}. The processor expands each placeholder to the kept "
+            "count: pass the model the visual_keep_mask the processor returned (or the same prune_threshold), and "
+            "load processor and model from the same folder, whose config.json holds the pruning settings"
+        )
+    if keep is not None and visual.grid_thw is not None and visual.merge_sizes is not None:
+        check_placeholder_runs(placeholders, keep, visual.grid_thw, visual.merge_sizes)
 
 
 def check_placeholder_runs(placeholders, keep, grid_thw, merge_sizes):
-    """Each run of consecutive placeholders in the text must hold whole frames: with frame separators one run per
-    frame, without them (e.g. converted checkpoints' formats) several consecutive frames or items. A keep mask that
-    merely has the right total would otherwise put visual tokens into the wrong frames silently."""
+    """Each prompt of the batch must hold whole media items, and each run of consecutive placeholders in the text
+    whole frames: with frame separators one run per frame, without them (e.g. converted checkpoints' formats) several
+    consecutive frames or items. A keep mask that merely has the right total would otherwise put visual tokens into
+    the wrong frames, or one item's tokens into two prompts (and so into the wrong beams of generate), silently."""
+    per_frame = tokens_per_frame(keep, grid_thw.cpu(), merge_sizes.cpu())
+    item_ends = set(itertools.accumulate(sum(item) for item in per_frame))
+    row_ends = set(itertools.accumulate(placeholders.sum(-1).tolist())) - {0}
+    if not row_ends <= item_ends:
+        raise ValueError(
+            f"the prompts of the batch hold {placeholders.sum(-1).tolist()} image placeholders each, which do not "
+            f"split the media into whole items (kept tokens per item: {[sum(item) for item in per_frame]}); give "
+            "each prompt its own media, in order"
+        )
     runs = []
     for row in placeholders.int():
         edges = torch.diff(torch.nn.functional.pad(row, (1, 1)))
         runs += ((edges == -1).nonzero()[:, 0] - (edges == 1).nonzero()[:, 0]).tolist()
-    frames = [n for item in tokens_per_frame(keep, grid_thw.cpu(), merge_sizes.cpu()) for n in item]
+    frames = [n for item in per_frame for n in item]
     frame_ends = set(itertools.accumulate(frames))
     if not set(itertools.accumulate(runs)) <= frame_ends:
         raise ValueError(
             f"visual_keep_mask disagrees with input_ids: the text's runs of placeholders have lengths {runs[:16]}"
             f"{'...' if len(runs) > 16 else ''}, which do not end at frame boundaries of the mask's kept tokens "
-            f"per frame {frames[:16]}{'...' if len(frames) > 16 else ''}; process the text and the pixels with the "
-            "same prune_threshold"
+            f"per frame {frames[:16]}{'...' if len(frames) > 16 else ''}; the text was expanded with other pruning "
+            "settings than the mask's: pass the model the visual_keep_mask the processor returned (or the same "
+            "prune_threshold), and load processor and model from the same folder, whose config.json holds the "
+            "pruning settings"
         )
 
 
@@ -653,6 +788,9 @@ class OmniVMedForConditionalGeneration(OmniVMedPreTrainedModel, GenerationMixin)
 
     def set_output_embeddings(self, value):
         self.lm_head = value
+
+    def get_image_features(self, pixel_values, grid_thw, **kwargs) -> OmniVMedVisualOutput:
+        return self.model.get_image_features(pixel_values, grid_thw, **kwargs)
 
     @property
     def vision_tower(self):
@@ -680,6 +818,7 @@ class OmniVMedForConditionalGeneration(OmniVMedPreTrainedModel, GenerationMixin)
         logits_to_keep: int | torch.Tensor = 0,
         mm_token_type_ids: torch.Tensor | None = None,
         media_metadata: list | None = None,
+        mm_encoder_outputs: dict | None = None,
         **kwargs,
     ) -> OmniVMedCausalLMOutputWithPast:
         """labels: (B, L) token ids, -100 where no loss is taken (prompt, visual tokens, padding).
@@ -697,6 +836,7 @@ class OmniVMedForConditionalGeneration(OmniVMedPreTrainedModel, GenerationMixin)
             patch_positions=patch_positions,
             visual_keep_mask=visual_keep_mask,
             prune_threshold=prune_threshold,
+            mm_encoder_outputs=mm_encoder_outputs,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -717,8 +857,40 @@ class OmniVMedForConditionalGeneration(OmniVMedPreTrainedModel, GenerationMixin)
             num_tower_tokens=outputs.num_tower_tokens,
         )
 
-    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None,
+                                      **model_kwargs):  # fmt: skip
+        # generate has encoded the media once (`mm_encoder_outputs`, because forward takes it) and now repeats each
+        # prompt `expand_size` times (beams, returned sequences); transformers repeats the features of each prompt's
+        # items with it, finding the prompts' items by counting placeholders. Check here, on the batch as given, that
+        # those counts split the media into whole items and frames, so no beam can get another prompt's pixels.
+        visual = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if visual is not None and visual.pooler_output is not None:
+            embeds = model_kwargs.get("inputs_embeds")
+            ids = input_ids if input_ids is not None and input_ids.numel() else None
+            if ids is None and embeds is None:
+                raise ValueError("generate got media but no input_ids or inputs_embeds to find their placeholders in")
+            placeholders = self.model._placeholder_mask(ids, embeds)
+            check_visual_text(placeholders, visual, self.config.image_token_id)
+            metadata = model_kwargs.get("media_metadata")
+            if expand_size > 1 and isinstance(metadata, list) and len(metadata) == len(visual.pooler_output):
+                # per-item metadata follows its items into every copy of their prompt, as the features do
+                ends = list(itertools.accumulate(len(f) for f in visual.pooler_output))
+                rows, start = [], 0
+                for row_end in itertools.accumulate(placeholders.sum(-1).tolist()):
+                    stop = bisect.bisect_right(ends, row_end)
+                    rows.append(metadata[start:stop])
+                    start = stop
+                model_kwargs["media_metadata"] = [m for row in rows for _ in range(expand_size) for m in row]
+        return super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+
+    def prepare_inputs_for_generation(
+        self, input_ids, inputs_embeds=None, is_first_iteration: bool | None = False, **kwargs
+    ):  # inputs_embeds named: generate accepts them only from models whose signature shows it
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
+        )
         # the pixels are consumed by the prefill; later steps only feed the new token against the KV cache
         if not is_first_iteration and kwargs.get("use_cache", True):
             for name in VISUAL_INPUT_NAMES:

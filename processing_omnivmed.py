@@ -20,6 +20,7 @@ cannot happen: every frame keeps >= `prune_min_tokens` >= 1 tokens).
 """
 
 import bisect
+import json
 import math
 import os
 import re
@@ -36,6 +37,7 @@ from transformers.processing_utils import ImagesKwargs, ProcessorMixin, TextKwar
 from transformers.utils import logging
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from .configuration_omnivmed import PROCESSOR_SETTINGS, OmniVMedConfig
 from .media_omnivmed import Media, MediaError, load_media
 from .pruning_omnivmed import compute_keep_mask, patch_grid_positions, pruning_report, tokens_per_frame
 
@@ -225,7 +227,9 @@ class OmniVMedImageProcessor(BaseImageProcessor):
             before any patch is allocated.
         prune_threshold / prune_reference / prune_unit / prune_keep_first_frame / prune_min_tokens /
             prune_min_tokens_pick: the pruning rule of `pruning_omnivmed.compute_keep_mask` (threshold 0 disables
-            pruning; 2D images are never pruned).
+            pruning; 2D images are never pruned). `from_pretrained` on a model folder takes these and image_mean /
+            image_std from its config.json, the one source the model shares (`OmniVMedConfig.processor_settings`);
+            saved beside that config.json, the processor files do not repeat the pruning rule.
         window, slice_axis, min_slice_spacing_mm, max_slices, fps, max_frames, percentiles: forwarded to
             `media_omnivmed.load_media` when an item is not a `Media` (a path, DICOM folder, PIL image, array).
         resample: "bicubic" (default), "bilinear" or "nearest".
@@ -296,6 +300,22 @@ class OmniVMedImageProcessor(BaseImageProcessor):
         self.image_mean = [float(m) for m in image_mean]
         self.image_std = [float(s) for s in image_std]
         self._check_settings(self._settings())
+
+    # ------------------------------------------------------------------------------------------- loading and saving
+    @classmethod
+    def get_image_processor_dict(cls, pretrained_model_name_or_path, **kwargs):
+        # the pruning rule and image_mean / image_std come from the folder's config.json, the model's one source
+        hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if kwargs.get(k) is not None}
+        subfolder = kwargs.get("subfolder", "")
+        image_processor_dict, kwargs = super().get_image_processor_dict(pretrained_model_name_or_path, **kwargs)
+        folder = (pretrained_model_name_or_path, subfolder, hub_kwargs)
+        return with_model_settings(image_processor_dict, *folder), kwargs
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        check_against_model_config(self, save_directory)
+        files = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        drop_model_settings(save_directory)
+        return files
 
     # ---------------------------------------------------------------------------------------------------------- setup
     def _settings(self, **overrides) -> dict:
@@ -545,6 +565,98 @@ _TEXT_KWARGS = set(TextKwargs.__annotations__) - {
     "sanitize_control_tokens",
 }
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision")
+# written to the processor files only where no OmniV-Med config.json holds them; image_mean / image_std stay in
+# preprocessor_config.json for tools that read only that file (on loading, config.json's values win)
+_PRUNING_SETTINGS = tuple(name for name in PROCESSOR_SETTINGS if name.startswith("prune_"))
+
+
+def model_config_settings(pretrained_model_name_or_path, subfolder: str = "", hub_kwargs: dict | None = None):
+    """PROCESSOR_SETTINGS as the model of this folder / Hub repo sees them (its config.json, with the config's
+    defaults for keys an older file lacks), or None where there is no OmniV-Med config.json."""
+    from transformers.utils import cached_file
+
+    path = os.fspath(pretrained_model_name_or_path)
+    if os.path.isfile(path):  # a single processor JSON file: no folder, no model config
+        return None
+    try:
+        resolved = cached_file(path, "config.json", subfolder=subfolder, _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False, **(hub_kwargs or {}))  # fmt: skip
+    except OSError:
+        return None
+    if not resolved:
+        return None
+    with open(resolved, encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("model_type") != OmniVMedConfig.model_type:
+        return None
+    try:
+        return OmniVMedConfig.from_dict(config).processor_settings()
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{resolved}: not a valid OmniV-Med config ({error})") from error
+
+
+def _same(a, b) -> bool:
+    plain = lambda v: [float(x) for x in v] if isinstance(v, (list, tuple)) else v  # noqa: E731
+    return plain(a) == plain(b)
+
+
+def with_model_settings(image_processor_dict: dict, pretrained_model_name_or_path, subfolder="", hub_kwargs=None):
+    """The saved image processor settings with PROCESSOR_SETTINGS taken from the folder's config.json.
+
+    Folders written before config.json became their one source also carry them in the processor files. Where such a
+    copy differs, config.json wins with a warning rather than an error: the model recomputes keep masks from its
+    config, so a processor that followed the other copy would expand the text to a different token count (the silent
+    disagreement this rule exists to end), and refusing to load would lock users out of old folders. A deliberate other
+    setting stays possible explicitly (from_pretrained(..., prune_threshold=...) or per call): the processor's
+    visual_keep_mask carries it to the model."""
+    settings = model_config_settings(pretrained_model_name_or_path, subfolder, hub_kwargs)
+    if settings is None:
+        return image_processor_dict
+    differ = {k: (image_processor_dict[k], v) for k, v in settings.items()
+              if k in image_processor_dict and not _same(image_processor_dict[k], v)}  # fmt: skip
+    if differ:
+        logger.warning(
+            "%s: the processor files hold pruning / normalisation settings that differ from config.json, the model's "
+            "and so the one source: using config.json's (processor file -> config.json: %s)",
+            pretrained_model_name_or_path,
+            {k: f"{a!r} -> {b!r}" for k, (a, b) in differ.items()},
+        )
+    return {**image_processor_dict, **settings}
+
+
+def check_against_model_config(image_processor, save_directory):
+    """Saving beside an OmniV-Med config.json whose settings differ would leave the folder's processor and model
+    disagreeing (the processor's copy is not written there, and would lose on loading anyway): refuse, and say how."""
+    settings = model_config_settings(save_directory)
+    if settings is None:
+        return
+    ours = {k: getattr(image_processor, k) for k in settings}
+    differ = {k: (ours[k], v) for k, v in settings.items() if not _same(ours[k], v)}
+    if differ:
+        raise ValueError(
+            f"the processor's settings {{name: (processor, config.json)}} = {differ} differ from the model's "
+            f"config.json in {save_directory}, which is their one source (the model recomputes keep masks from it): "
+            "set them on model.config and save the model, or pass them per call to the processor"
+        )
+
+
+def drop_model_settings(save_directory):
+    """Remove the pruning rule from the processor files just written beside an OmniV-Med config.json, which holds it."""
+    if model_config_settings(save_directory) is None:
+        return
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        path = os.path.join(save_directory, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        target = data.get("image_processor", data) if name == "processor_config.json" else data
+        if not isinstance(target, dict) or not any(k in target for k in _PRUNING_SETTINGS):
+            continue
+        for key in _PRUNING_SETTINGS:
+            target.pop(key, None)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 class OmniVMedProcessor(ProcessorMixin):
@@ -584,16 +696,18 @@ class OmniVMedProcessor(ProcessorMixin):
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
         # The image processor is this file's class (no Auto lookup, so the folder loads with or without
         # trust_remote_code once this module is imported); settings come from processor_config.json, else
-        # preprocessor_config.json.
+        # preprocessor_config.json, except the pruning rule and image_mean / image_std: config.json's.
         from transformers import AutoTokenizer
 
         overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in SETTINGS}
         subfolder = kwargs.pop("subfolder", "")
         image_config = (processor_dict or {}).get("image_processor")
+        hub_kwargs = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS and v is not None}
         if isinstance(image_config, dict):
+            # the pruning rule and image_mean / image_std from config.json (see with_model_settings), then overrides
+            image_config = with_model_settings(image_config, pretrained_model_name_or_path, subfolder, hub_kwargs)
             image_processor = OmniVMedImageProcessor.from_dict({**image_config, **overrides})
         else:
-            hub_kwargs = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS}
             image_processor = OmniVMedImageProcessor.from_pretrained(
                 pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs, **overrides
             )
@@ -609,8 +723,10 @@ class OmniVMedProcessor(ProcessorMixin):
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         # processor_config.json (image processor nested) + tokenizer + chat_template.jinja + this code, and also a
         # stand-alone preprocessor_config.json for tools that read only that file
+        check_against_model_config(self.image_processor, save_directory)
         files = super().save_pretrained(save_directory)
         files = files + self.image_processor.save_pretrained(save_directory)
+        drop_model_settings(save_directory)  # config.json beside them holds the pruning rule
         if push_to_hub:  # push_to_hub saves into a fresh folder through this method, so every file goes up
             repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(os.fspath(save_directory))))
             kwargs.pop("max_shard_size", None)

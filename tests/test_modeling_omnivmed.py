@@ -456,3 +456,89 @@ def test_sequence_past_max_position_embeddings_is_refused():
     assert out.shape[1] == 17
     with pytest.raises(ValueError, match="max_position_embeddings=16"):
         model.generate(input_ids=prompt, max_new_tokens=6, do_sample=False)
+
+
+# --- devices: tower and LLM on different devices (device_map) -------------------------------------------------------
+
+
+class DeviceMixRecorder(torch.overrides.TorchFunctionMode):
+    """Records every torch op whose tensor arguments sit on more than one device (0-d CPU tensors are scalars and
+    may go anywhere). Some ops accept such a mix on the meta device without complaint, so the check is this record,
+    not an exception."""
+
+    def __init__(self):
+        super().__init__()
+        self.mixed, self.calls = [], []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+        devices = {t.device for t in tensors if not (t.device.type == "cpu" and t.dim() == 0)}
+        name = getattr(func, "__name__", str(func))
+        if len(devices) > 1:
+            self.mixed.append((name, sorted(str(d) for d in devices)))
+        self.calls.append((name, {str(d) for d in devices}))
+        return func(*args, **kwargs)
+
+
+def _dispatched(device_map, **overrides):
+    """The tiny model dispatched by accelerate as from_pretrained(device_map=...) does; "meta" stands in for a second
+    device on this CPU-only machine (its ops run on shapes only, which is all a placement check needs)."""
+    from accelerate import dispatch_model
+
+    model = dispatch_model(make_model(**overrides), device_map=device_map, main_device="cpu")
+    model._hf_hook.io_same_device = False  # the logits stay on the LLM's device (no data to copy back from meta)
+    return model
+
+
+@pytest.mark.parametrize("stage", ["post_encoder", "pre_encoder"])
+@pytest.mark.parametrize("device_map", [
+    # tower and projector on one device, the LLM on another
+    {"model.vision_tower": "cpu", "model.projector": "cpu", "model.language_model": "meta", "lm_head": "meta"},
+    # the tower split between two devices (its segments must follow its layers), projector and LLM on the second
+    {"model.vision_tower.patch_embedding": "cpu", "model.vision_tower.layers.0": "cpu",
+     "model.vision_tower.layers.1": "meta", "model.vision_tower.post_layernorm": "meta", "model.projector": "meta",
+     "model.language_model": "meta", "lm_head": "meta"},
+])  # fmt: skip
+def test_device_map_over_two_devices_never_mixes_devices(device_map, stage):
+    """Every op of a forward (a 2D image and a pruned volume, packed) has all its tensors on one device, the visual
+    features reach the LLM's device before the scatter, and the logits come out there; the same through the
+    pre-encoded path generate uses. Inputs come from the processor's side, on the CPU."""
+    model = _dispatched(device_map, prune_stage=stage)
+    grids = [[1, 4, 6], [4, 4, 4]]
+    pv, grid = visual_inputs(grids)
+    pv[24 + 16 : 24 + 32] = pv[24:40]  # the volume's second slice repeats its first: pruned
+    keep = model.model.visual_keep_mask(pv, grid, torch.tensor([2, 2]))
+    assert int(keep.sum()) < keep.numel()
+    runs = [6] + [int(k.sum()) for k in keep[6:].view(4, 4)]
+    ids = torch.tensor([[1, 2, START] + [IMG] * runs[0] + [END, START] + [t for n in runs[1:] for t in [8] + [IMG] * n]
+                        + [END, 3]])  # fmt: skip
+    recorder = DeviceMixRecorder()
+    with torch.no_grad(), recorder:
+        out = model(input_ids=ids, pixel_values=pv, grid_thw=grid, visual_keep_mask=keep)
+        visual = model.get_image_features(pv, grid, visual_keep_mask=keep)
+        # the base model (no root hook, which would copy the meta features back to the main device)
+        pre_encoded = model.model(input_ids=ids, mm_encoder_outputs={"image": visual})
+    assert recorder.mixed == []
+    llm_device = str(model.lm_head.weight.device)
+    assert out.logits.device.type == pre_encoded.last_hidden_state.device.type == "meta"
+    scatters = [devices for name, devices in recorder.calls if name == "masked_scatter"]
+    assert scatters == [{llm_device}, {llm_device}]
+    # the tower's attention ran on each of its layers' devices
+    assert all(f.device == model.model.projector.linear_1.weight.device for f in visual.pooler_output)
+
+
+def test_tower_on_another_device_than_its_inputs():
+    """Without accelerate's hooks (a model moved by hand, inputs left on the CPU), the tower takes its inputs to
+    its own device and every index tensor with them."""
+    model = make_model()
+    model.model.vision_tower.to("meta")
+    model.model.projector.to("meta")
+    model.model.language_model.to("meta")
+    model.lm_head.to("meta")
+    pv, grid = visual_inputs([[2, 4, 4]])
+    recorder = DeviceMixRecorder()
+    with torch.no_grad(), recorder:
+        out = model(input_ids=torch.tensor([prompt_ids(8)]), pixel_values=pv, grid_thw=grid, prune_threshold=0.0)
+    assert recorder.mixed == [] and out.logits.device.type == "meta"
