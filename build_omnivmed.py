@@ -263,6 +263,7 @@ REMOTE_CODE_FILES = (
     "processing_omnivmed.py",
     "pruning_omnivmed.py",
     "media_omnivmed.py",
+    "compat_omnivmed.py",
 )
 AUTO_MAP = {
     "AutoConfig": "configuration_omnivmed.OmniVMedConfig",

@@ -1,8 +1,8 @@
 """Convert the public Hulu-Med and VideoLLaMA3 checkpoints into complete OmniV-Med Hub folders, by a pure weight map.
 
     python convert_omnivmed.py --from hulumed --src ZJU-AI4H/Hulu-Med-7B --out Hulu-Med-7B-omnivmed
-    python convert_omnivmed.py --from videollama3 --src DAMO-NLP-SG/VideoLLaMA3-7B --out VideoLLaMA3-7B-omnivmed \
-        --compat-pruning
+    python convert_omnivmed.py --from videollama3 --src DAMO-NLP-SG/VideoLLaMA3-7B --out VideoLLaMA3-7B-omnivmed
+    python convert_omnivmed.py --from hulumed --src ZJU-AI4H/Hulu-Med-7B --out H7-ours --processing omnivmed
     python convert_omnivmed.py --from hulumed --src ./fixture --out ./converted --tiny-tokenizer   # tokenizer-less
 
 Both families share one tower (a SigLIP-shaped NaViT over packed 14x14 patches with 2D RoPE), a 2x2 average merge
@@ -12,7 +12,8 @@ behaviour is carried by the config:
 
     vision_config.rope_axes_dims = [0, head_dim/4, head_dim/4]   (t gets no frequencies; [row | col] repeated twice)
     image_merge_size = 1, video_merge_size = 2, merge_kind = "average", projector_hidden_act = "gelu" (exact erf)
-    prune_* = OmniV-Med's rule by default; `--compat-pruning` reproduces the source's token compression instead.
+    prune_* = the source's token compression (compatibility mode, the default) or OmniV-Med's rule
+    (`--processing omnivmed`); the processor's `compat_mode` reproduces the source's input path (compat_omnivmed.py).
 
 Key layouts read (`model.safetensors` or sharded with `model.safetensors.index.json`):
     remote   Hulu-Med (`hulumed_qwen2`, Qwen2.5 or Qwen3 LLM) and the original VideoLLaMA3 remote-code checkpoints
@@ -56,6 +57,7 @@ from build_omnivmed import (
     token_ids,
     write_model_card,
 )
+from omnivmed.compat_omnivmed import chat_template as compat_chat_template
 from omnivmed.configuration_omnivmed import OmniVMedConfig
 from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration
 from omnivmed.processing_omnivmed import (
@@ -73,6 +75,16 @@ from omnivmed.processing_omnivmed import (
 logger = logging.getLogger("convert_omnivmed")
 
 FAMILIES = ("hulumed", "videollama3")
+# "compat": the folder processes inputs as the source does (sizes, prompt text, volumes, pruning: compat_omnivmed.py);
+# "omnivmed": OmniV-Med's own processing (RAS volumes, HU windows, frame separators, last-kept pruning)
+PROCESSING = ("compat", "omnivmed")
+# transformers 5.24 video_llama_3 class defaults, for a native folder without processor files:
+# VideoLlama3ImageProcessorPil.size and VideoLlama3VideoProcessor.size / max_frames
+VL3_IMAGE_SIZE = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}
+VL3_VIDEO_SIZE = {"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768}
+VL3_MAX_FRAMES = 180
+# Hulu-Med a0060ad: mm_utils.load_images' nii_num_slices default; constants.MAX_FRAMES
+HULUMED_NII_NUM_SLICES, HULUMED_MAX_FRAMES = 180, 768
 # config model_type -> (family, key layout)
 SOURCE_MODEL_TYPES = {
     "hulumed_qwen2": ("hulumed", "remote"),
@@ -253,6 +265,18 @@ def vision_config_dict(source: Source) -> dict:
     return out
 
 
+def compat_mode_for(source: Source) -> str | None:
+    """The compatibility mode whose published rules this source's checkpoints were made with: Hulu-Med's own code, or
+    transformers' VideoLLaMA3 port for its native folders. The original VideoLLaMA3 remote-code checkpoints have no
+    mode yet (their processor is Hulu-Med's without its PIL size swap and with timestamps: not reproduced here)."""
+    if source.family == "hulumed":
+        return "hulumed"
+    if source.layout == "native":
+        return "videollama3"
+    logger.warning("no compatibility mode for %s remote-code checkpoints: using OmniV-Med's processing", source.family)
+    return None
+
+
 def source_uses_token_compression(source: Source) -> bool:
     if source.layout == "native":  # transformers' port: a video processor setting, on by default
         video = _read_json(source.folder / "video_preprocessor_config.json")
@@ -273,11 +297,11 @@ def pruning_settings(source: Source, compat: bool) -> dict:
     if not source_uses_token_compression(source):
         return dict(ours, prune_threshold=0.0)
     threshold = 0.1 if source.family == "hulumed" else 0.1 / 255.0
-    # VideoLLaMA3 fills a frame below min_tokens with its first tokens; Hulu-Med's ties make "first" and
-    # "most_changed" agree on the first frame, and its later frames keep their most changed token
+    # both fill a frame below min_tokens with its first tokens (`mask[padding_ids, :min_tokens] = 1` in Hulu-Med
+    # a0060ad hulumed_arch.py `_get_compression_mask` and in transformers' VideoLLaMA3 video processor)
     return dict(prune_threshold=threshold, prune_reference="previous", prune_unit="normalized",
                 prune_keep_first_frame=source.family != "hulumed", prune_min_tokens=1,
-                prune_min_tokens_pick="first" if source.family == "videollama3" else "most_changed")  # fmt: skip
+                prune_min_tokens_pick="first")  # fmt: skip
 
 
 def omnivmed_config(source: Source, token_ids: dict, mean_std, compat_pruning: bool, dtype: str) -> OmniVMedConfig:
@@ -318,7 +342,7 @@ def image_statistics(source: Source) -> tuple[list, list]:
     return FAMILY_MEAN_STD[source.family]
 
 
-def image_processor_settings(source: Source, config: OmniVMedConfig) -> dict:
+def image_processor_settings(source: Source, config: OmniVMedConfig, mode: str | None = None) -> dict:
     """Their preprocessing as far as OmniV-Med's per-item settings express it: sides multiples of patch * merge
     (images merge 1, videos 2), bicubic, rescale 1/255, their mean/std, pixel bounds from their token budget
     (min_tokens * factor**2 per item; max_tokens * factor**2 shared by all frames of a call). Exact where no resize
@@ -344,11 +368,17 @@ def image_processor_settings(source: Source, config: OmniVMedConfig) -> dict:
         size = pre.get("size") or {}
         video = _read_json(source.folder / "video_preprocessor_config.json")
         video_size = video.get("size") or {}
+        default_video_max = VL3_VIDEO_SIZE["longest_edge"] if mode else 28 * 28 * 1280
         settings.update(
-            min_pixels=int(size.get("shortest_edge", pre.get("min_pixels", 56 * 56))),
-            max_pixels=int(size.get("longest_edge", pre.get("max_pixels", 28 * 28 * 1280))),
-            video_max_pixels=int(video_size.get("longest_edge", video.get("max_pixels", 28 * 28 * 1280))),
+            min_pixels=int(size.get("shortest_edge", pre.get("min_pixels", VL3_IMAGE_SIZE["shortest_edge"]))),
+            max_pixels=int(size.get("longest_edge", pre.get("max_pixels", VL3_IMAGE_SIZE["longest_edge"]))),
+            # compat: the whole clip's budget, divided by its frame count per call (compat_omnivmed.videollama3_size)
+            video_max_pixels=int(video_size.get("longest_edge", video.get("max_pixels", default_video_max))),
         )
+        if mode:
+            settings["video_min_pixels"] = int(video_size.get("shortest_edge", video.get(
+                "min_pixels", VL3_VIDEO_SIZE["shortest_edge"])))  # fmt: skip
+            max_frames = int(video.get("max_frames", VL3_MAX_FRAMES))
     else:
         min_tokens = int(pre.get("min_tokens", DEFAULT_MIN_TOKENS))
         max_tokens = int(pre.get("max_tokens", DEFAULT_MAX_TOKENS))
@@ -363,11 +393,16 @@ def image_processor_settings(source: Source, config: OmniVMedConfig) -> dict:
             video_max_pixels=max(min_tokens * image_factor**2, max_tokens * video_factor**2 // max_frames),
             max_total_visual_tokens=max_tokens,
         )
+        if mode == "hulumed":
+            max_frames = HULUMED_MAX_FRAMES
+            settings["max_slices"] = HULUMED_NII_NUM_SLICES
     settings["max_frames"] = max_frames
+    settings["compat_mode"] = mode
     return settings
 
 
-def load_tokenizer(source: Source, tokenizer_dir: str | None, tiny: bool, vocab_rows: int):
+def load_tokenizer(source: Source, tokenizer_dir: str | None, tiny: bool, vocab_rows: int,
+                   chat_template: str = CHAT_TEMPLATE):
     """The source folder's tokenizer, else --tokenizer DIR, else (--tiny-tokenizer) OmniV-Med's tiny offline one.
     OmniV-Med's media tokens are added as special tokens where missing (Qwen2.5 has all but <|frame_sep|>); their ids
     must fall inside the checkpoint's embedding rows (Qwen pads the vocabulary, so they do)."""
@@ -396,7 +431,7 @@ def load_tokenizer(source: Source, tokenizer_dir: str | None, tiny: bool, vocab_
             f"the tokenizer ({len(tokenizer)} tokens; media tokens {too_large}) does not fit the checkpoint's "
             f"{vocab_rows} embedding rows"
         )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template
     return tokenizer
 
 
@@ -571,9 +606,11 @@ training. The source's licence (Apache-2.0) applies to these weights.
 - Tower: their NaViT with 2D RoPE, expressed as `rope_axes_dims = {rope}` (no t frequencies); images merge
   {image_merge}x{image_merge}, videos / volumes {video_merge}x{video_merge} by averaging; projector Linear-GELU-Linear.
 - Pruning: {pruning}.
+- Processing: {processing}.
 - Verified: on tiny random checkpoints in the source format, logits equal the source code's to 1e-5 (float32, sdpa)
-  from raw pixels through this processor. Not verified here: these real weights' outputs against the original code,
-  and answer quality with OmniV-Med's prompt format (frame separators, chat template), which differs from theirs.
+  from raw media through this folder's processor in compatibility mode. Not verified here: these real weights' outputs
+  against the original code, and answer quality (in `--processing omnivmed` folders the prompt format differs from
+  the one these weights were trained on).
 """
 
 
@@ -596,6 +633,7 @@ def convert(
     tokenizer: str | None = None,
     tiny_tokenizer: bool = False,
     compat_pruning: bool = False,
+    processing: str = "compat",
     max_shard_size: str | int = "5GB",
     dtype: str | None = None,
     revision: str | None = None,
@@ -604,9 +642,14 @@ def convert(
     push_to_hub: str | None = None,
     private: bool = False,
 ) -> Path:
-    """Convert one checkpoint; returns the output folder (a complete OmniV-Med Hub repo)."""
+    """Convert one checkpoint; returns the output folder (a complete OmniV-Med Hub repo).
+
+    processing "compat" (default): the folder reproduces the source's input path (compat_omnivmed.py) and its token
+    compression; "omnivmed": OmniV-Med's own processing, with the source's compression only if `compat_pruning`."""
     if family not in FAMILIES:
         raise ConversionError(f"--from must be one of {FAMILIES}, got {family!r}")
+    if processing not in PROCESSING:
+        raise ConversionError(f"--processing must be one of {PROCESSING}, got {processing!r}")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConversionError(f"{out} exists and is not empty (pass --overwrite to replace it)")
@@ -621,7 +664,10 @@ def convert(
     embed = next((t for k, t in source.tensors.items() if k.endswith("embed_tokens.weight")), None)
     if embed is None:
         raise ConversionError(f"{folder}: no embed_tokens.weight among the tensors")
-    tok = load_tokenizer(source, tokenizer, tiny_tokenizer, vocab_rows=embed.shape[0])
+    mode = compat_mode_for(source) if processing == "compat" else None
+    compat_pruning = compat_pruning or processing == "compat"
+    template = compat_chat_template(mode) if mode else CHAT_TEMPLATE
+    tok = load_tokenizer(source, tokenizer, tiny_tokenizer, vocab_rows=embed.shape[0], chat_template=template)
     config = omnivmed_config(source, token_ids(tok), image_statistics(source), compat_pruning,
                              output_dtype(source, torch_dtype))  # fmt: skip
     plan = plan_weights(source, config)  # raises before anything is written
@@ -633,8 +679,8 @@ def convert(
     config.save_pretrained(out)
     eos = sorted({i for i in (tok.convert_tokens_to_ids(IM_END), tok.eos_token_id) if isinstance(i, int) and i >= 0})
     GenerationConfig(eos_token_id=eos, pad_token_id=tok.pad_token_id, do_sample=False).save_pretrained(out)
-    image_processor = OmniVMedImageProcessor(**image_processor_settings(source, config))
-    OmniVMedProcessor(image_processor=image_processor, tokenizer=tok, chat_template=CHAT_TEMPLATE).save_pretrained(out)
+    image_processor = OmniVMedImageProcessor(**image_processor_settings(source, config, mode))
+    OmniVMedProcessor(image_processor=image_processor, tokenizer=tok, chat_template=template).save_pretrained(out)
     for name in REMOTE_CODE_FILES:
         shutil.copyfile(ROOT / name, out / name)
 
@@ -654,6 +700,8 @@ def convert(
             image_merge=config.image_merge_size,
             video_merge=config.video_merge_size,
             pruning=describe_pruning(config, compat_pruning),
+            processing=f"compatibility mode `{mode}` (the source's frame sizes, prompt text and volume reading; "
+            "README: Converting checkpoints)" if mode else "OmniV-Med's own (frame separators, RAS volumes, HU windows)",
         ),
         repo=push_to_hub or out.name,
         extra_meta=f"base_model: {base_model}\n" if base_model else "",
@@ -672,7 +720,10 @@ def main(argv=None):
     parser.add_argument("--revision", default=None, help="Hub revision of --src")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder when the source has none")
     parser.add_argument("--tiny-tokenizer", action="store_true", help="OmniV-Med's tiny offline tokenizer (tests)")
-    parser.add_argument("--compat-pruning", action="store_true", help="reproduce the source's token compression")
+    parser.add_argument("--processing", choices=PROCESSING, default="compat",
+                        help="compat: process inputs as the source does (default); omnivmed: OmniV-Med's own")
+    parser.add_argument("--compat-pruning", action="store_true",
+                        help="with --processing omnivmed: still reproduce the source's token compression")
     parser.add_argument("--max-shard-size", default="5GB")
     parser.add_argument("--dtype", default=None, help="cast floating tensors (float32, bfloat16, float16)")
     parser.add_argument("--base-model", default=None, help="Hub id for the card's base_model (default: --src)")
@@ -684,7 +735,7 @@ def main(argv=None):
     try:
         folder = convert(
             args.family, args.src, args.out, tokenizer=args.tokenizer, tiny_tokenizer=args.tiny_tokenizer,
-            compat_pruning=args.compat_pruning, max_shard_size=args.max_shard_size, dtype=args.dtype,
+            compat_pruning=args.compat_pruning, processing=args.processing, max_shard_size=args.max_shard_size, dtype=args.dtype,
             revision=args.revision, base_model=args.base_model, overwrite=args.overwrite,
             push_to_hub=args.push_to_hub, private=args.private,
         )  # fmt: skip

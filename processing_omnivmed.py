@@ -37,6 +37,7 @@ from transformers.processing_utils import ImagesKwargs, ProcessorMixin, TextKwar
 from transformers.utils import logging
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from .compat_omnivmed import from_pil, is_nifti_path, media_text, normalize_mode, read_hulumed_nifti, target_sizes
 from .configuration_omnivmed import PROCESSOR_SETTINGS, OmniVMedConfig
 from .media_omnivmed import Media, MediaError, load_media
 from .pruning_omnivmed import compute_keep_mask, patch_grid_positions, pruning_report, tokens_per_frame
@@ -144,6 +145,7 @@ class OmniVMedImagesKwargs(ImagesKwargs, total=False):
     fps: float
     max_frames: int
     percentiles: list[float]
+    compat_mode: str | None
 
 
 # settings a call may override (all saved); LOAD_SETTINGS are forwarded to `load_media`
@@ -234,6 +236,9 @@ class OmniVMedImageProcessor(BaseImageProcessor):
             `media_omnivmed.load_media` when an item is not a `Media` (a path, DICOM folder, PIL image, array).
         resample: "bicubic" (default), "bilinear" or "nearest".
         image_mean / image_std: per-channel normalisation (SigLIP: 0.5 / 0.5).
+        compat_mode: None (OmniV-Med's processing) or "hulumed" / "videollama3": the source's frame sizes (a budget
+            shared among the media of one prompt), per-frame prompt text and, for "hulumed", NIfTI reading, as
+            `compat_omnivmed` documents; converted folders save it. "off" selects our processing explicitly.
 
     Call: `processor(media, kind=None, return_tensors=None, **overrides)` -> `BatchFeature` with
         pixel_values (N_patches, 3 * p * p) float32, patch_positions (N_patches, 3) int64 (t, h, w),
@@ -271,6 +276,7 @@ class OmniVMedImageProcessor(BaseImageProcessor):
         resample: str = "bicubic",
         image_mean: list[float] = (0.5, 0.5, 0.5),
         image_std: list[float] = (0.5, 0.5, 0.5),
+        compat_mode: str | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -299,6 +305,7 @@ class OmniVMedImageProcessor(BaseImageProcessor):
         self.resample = resample
         self.image_mean = [float(m) for m in image_mean]
         self.image_std = [float(s) for s in image_std]
+        self.compat_mode = normalize_mode(compat_mode)
         self._check_settings(self._settings())
 
     # ------------------------------------------------------------------------------------------- loading and saving
@@ -349,6 +356,7 @@ class OmniVMedImageProcessor(BaseImageProcessor):
             raise ValueError(f"prune_threshold must be >= 0, got {s['prune_threshold']}")
         if s["prune_min_tokens"] < 1:
             raise ValueError("prune_min_tokens must be >= 1 (every frame keeps at least one token)")
+        normalize_mode(s["compat_mode"])
 
     def get_resized_size(self, height: int, width: int, kind: str = "image", **overrides) -> tuple[int, int, int]:
         """(resized height, resized width, merge size) of a frame of `kind` under the current settings."""
@@ -396,6 +404,9 @@ class OmniVMedImageProcessor(BaseImageProcessor):
         load_kwargs.update({k: options[k] for k in LOAD_OPTIONS if options.get(k) is not None})
         if isinstance(item, os.PathLike):
             item = os.fspath(item)
+        if normalize_mode(options.get("compat_mode", self.compat_mode)) == "hulumed" and is_nifti_path(item):
+            # the source's own NIfTI reading (no reorientation, per-slice min-max, max_slices evenly spaced slices)
+            return read_hulumed_nifti(item, load_kwargs["max_slices"], load_kwargs["slice_axis"])
         return load_media(item, kind=kind, **load_kwargs)
 
     @staticmethod
@@ -427,17 +438,26 @@ class OmniVMedImageProcessor(BaseImageProcessor):
         media,
         kind: str | None = None,
         return_tensors: str | None = None,
+        groups: list[int] | None = None,
         **overrides,
     ) -> BatchFeature:
         """Process a list of media items (or one item). `kind` tells what non-`Media` inputs are (None: let
         `load_media` decide); `overrides` are per-call settings (e.g. `prune_threshold=0`, `max_frames=16`) and
-        `load_media` options (LOAD_OPTIONS, e.g. `modality="CT"`)."""
+        `load_media` options (LOAD_OPTIONS, e.g. `modality="CT"`). `groups`: how many consecutive items belong to each
+        prompt (None: all one prompt), the unit whose media share a budget in compatibility mode."""
         load_options = {k: overrides.pop(k) for k in LOAD_OPTIONS if k in overrides}
         s = self._settings(**overrides)
         self._check_settings(s)
+        mode = normalize_mode(s["compat_mode"])
         items = list(media) if isinstance(media, (list, tuple)) else [media]
         load_settings = {k: v for k, v in overrides.items() if k in LOAD_SETTINGS and v is not None}
+        if "compat_mode" in overrides:
+            load_settings["compat_mode"] = mode
         medias = [self.to_media(item, kind=kind, **load_settings, **load_options) for item in items]
+        compat_sizes = None
+        if mode is not None:
+            shapes = [(m.kind, *self._validated_frames(m).shape[:3], from_pil(m)) for m in medias]
+            compat_sizes = target_sizes(mode, shapes, s, groups)
 
         # plan every item (validation and the token budget) before allocating any patch
         plans = []
@@ -445,7 +465,13 @@ class OmniVMedImageProcessor(BaseImageProcessor):
             frames = self._validated_frames(m)
             t, height, width = frames.shape[:3]
             try:
-                h, w, merge = self.get_resized_size(height, width, m.kind, **overrides)
+                if compat_sizes is None:
+                    h, w, merge = self.get_resized_size(height, width, m.kind, **overrides)
+                else:
+                    h, w, merge = compat_sizes[index]
+                    if min(h, w) < 1:
+                        raise ValueError(f"the {mode} sizing rule gives a {h}x{w} frame (no pixels left): give fewer "
+                                         "or smaller media in this prompt")  # fmt: skip
             except ValueError as e:  # smart_resize's size limits know nothing of the file: name it
                 raise ValueError(f"media item {index} ({m.source}, {m.kind}): {e}") from e
             p = s["patch_size"]
@@ -807,10 +833,15 @@ class OmniVMedProcessor(ProcessorMixin):
         data: dict[str, Any] = {}
         replacements: list[str] = []
         if items:
-            visual = self.image_processor(items, kind=kind, return_tensors="pt", **image_kwargs)
+            # the media of each prompt share a budget in compatibility mode
+            groups = counts if texts is not None else per_sample
+            visual = self.image_processor(items, kind=kind, return_tensors="pt", groups=groups, **image_kwargs)
             kept = tokens_per_frame(visual["visual_keep_mask"], visual["grid_thw"], visual["merge_sizes"])
+            mode = normalize_mode(image_kwargs.get("compat_mode") or self.image_processor.compat_mode)
             for meta, per_frame in zip(visual["media_metadata"], kept):
-                if meta["kind"] == "image":
+                if mode is not None:
+                    replacements.append(media_text(mode, meta["kind"], per_frame, IMAGE_TOKEN, meta["timestamps_s"]))
+                elif meta["kind"] == "image":
                     replacements.append(IMAGE_TOKEN * per_frame[0])
                 else:
                     replacements.append("".join(FRAME_TOKEN + IMAGE_TOKEN * k for k in per_frame))

@@ -49,14 +49,14 @@ def case_info(folder, name):
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """Both fixtures converted in compatibility mode, and the qwen2 one in OmniV-Med's default mode."""
+    """Both fixtures converted in compatibility mode (the default), and the qwen2 one with OmniV-Med's processing."""
     if not (QWEN2.is_dir() and QWEN3.is_dir()):
         pytest.skip(f"the Hulu-Med reference fixtures are not at {FIXTURES}")
     root = tmp_path_factory.mktemp("converted")
     return {
-        "qwen2": convert("hulumed", str(QWEN2), root / "q2", tiny_tokenizer=True, compat_pruning=True),
-        "qwen3": convert("hulumed", str(QWEN3), root / "q3", tiny_tokenizer=True, compat_pruning=True),
-        "qwen2-default": convert("hulumed", str(QWEN2), root / "q2d", tiny_tokenizer=True),
+        "qwen2": convert("hulumed", str(QWEN2), root / "q2", tiny_tokenizer=True),
+        "qwen3": convert("hulumed", str(QWEN3), root / "q3", tiny_tokenizer=True),
+        "qwen2-default": convert("hulumed", str(QWEN2), root / "q2d", tiny_tokenizer=True, processing="omnivmed"),
     }
 
 
@@ -83,11 +83,12 @@ def raw_media(cases, name, info):
 
 
 def their_call_settings(info):
-    """Per-call settings for their resize rule where one processor config cannot hold it: their min is min_tokens
-    (16) tokens at the item's own merge, i.e. 16 * (14 * merge)**2 pixels; the fixtures switch compression per case."""
+    """Per-call settings where a fixture case calls their processor unlike their inference code: one image case uses
+    merge 2 for an image; the fixtures switch compression per case. The sizes come from the folder's compatibility
+    mode (their budget rule), with no per-call pixel bounds."""
     merge = info["merge_size"]
-    settings = {"min_pixels": 16 * (14 * merge) ** 2}
-    if info["modal"] == "image":
+    settings = {}
+    if info["modal"] == "image" and merge != 1:
         settings["image_merge_size"] = merge
     if not info["token_compression"]:
         settings["prune_threshold"] = 0.0
@@ -353,9 +354,11 @@ def test_cli_writes_card_metadata_and_sharded_output(tmp_path):
     card = (out / "README.md").read_text()
     front = card.split("---")[1]
     assert "license: apache-2.0" in front and "base_model: example-org/source-model" in front
-    # default mode: OmniV-Med's own pruning rule
+    # the default: compatibility mode, the source's token compression and input path
     config = json.loads((out / "config.json").read_text())
-    assert (config["prune_reference"], config["prune_keep_first_frame"]) == ("last_kept", True)
+    assert (config["prune_reference"], config["prune_keep_first_frame"]) == ("previous", False)
+    assert json.loads((out / "processor_config.json").read_text())["image_processor"]["compat_mode"] == "hulumed"
+    assert "compatibility mode `hulumed`" in card
 
 
 # ------------------------------------------------------------------------------------------------------ refusals

@@ -1,0 +1,295 @@
+"""Compatibility mode: the input path of the checkpoints that `convert_omnivmed.py` converts, reproduced.
+
+A converted Hulu-Med / VideoLLaMA3 model computes exactly what its source computes given the same pixels and tokens
+(tests/test_convert_omnivmed.py). This module makes the processor give it those pixels and tokens: the source's frame
+sizes, prompt text and volume reading, selected by the image processor setting `compat_mode` that the converter saves
+in the folders it writes (None: OmniV-Med's own processing, the default of our own models). The pruning rule is the
+model's config.json (`convert_omnivmed.pruning_settings`); the chat template is the processor's saved template
+(`chat_template(mode)`).
+
+Modes and the published code each rule follows (no code is copied; the file and version are named at each rule):
+    "hulumed"      Hulu-Med, github.com/ZJUI-AI4H/Hulu-Med at commit a0060ad (the version the reference fixtures in
+                   shared/fixtures were made with): src/hulumed/model/hulumed_encoder/image_processing_hulumed.py
+                   (sizes), src/hulumed/model/processor.py (chat template, placeholder expansion),
+                   src/hulumed/mm_utils.py (NIfTI slices), src/hulumed/model/hulumed_arch.py (token compression).
+    "videollama3"  transformers 5.24 `models/video_llama_3/`: image_processing_pil_video_llama_3.py (image sizes),
+                   video_processing_video_llama_3.py (video sizes), processing_video_llama_3.py (per-frame text).
+
+Batches: the source processes one conversation per call and shares its token budget among the media of that call, so
+the budget here is shared among the media of one prompt (`groups`), never across the prompts of a batch: a batch gives
+each sample what it gives alone.
+"""
+
+import math
+import os
+
+import numpy as np
+
+from .media_omnivmed import Media, MediaError
+
+
+COMPAT_MODES = ("hulumed", "videollama3")
+# spellings that select OmniV-Med's own processing explicitly (None is the default)
+OFF = (None, "off", "omnivmed")
+
+
+def normalize_mode(mode):
+    """None for OmniV-Med's own processing, else one of COMPAT_MODES; anything else is a ValueError."""
+    if mode in OFF:
+        return None
+    if mode not in COMPAT_MODES:
+        raise ValueError(f"compat_mode must be one of {COMPAT_MODES} or None / 'off', got {mode!r}")
+    return mode
+
+
+# ------------------------------------------------------------------------------------------------------------ sizes
+def _round(x: float) -> int:
+    # Python's round (half to even), as the sources call it
+    return round(x)
+
+
+def _hulumed_one_budget(sides, factor, min_tokens, max_tokens, n_frames):
+    """image_processing_hulumed.py (a0060ad) `simple_batched_resize`: every item of the call has one merge size; the
+    pixel budget max_tokens * factor**2 is divided by the number of frames in the call (an image is one frame), then
+    each item is fitted to its share (floor) and lifted to min_tokens * factor**2 (ceil); no lower bound of one block
+    on the first rounding, so only the minimum keeps a side positive."""
+    min_pixels = min_tokens * factor * factor
+    share = (max_tokens * factor * factor) // n_frames
+    out = []
+    for height, width in sides:
+        h_bar = _round(height / factor) * factor
+        w_bar = _round(width / factor) * factor
+        if h_bar * w_bar > share:
+            beta = math.sqrt((height * width) / share)
+            h_bar = math.floor(height / beta / factor) * factor
+            w_bar = math.floor(width / beta / factor) * factor
+        if h_bar * w_bar < min_pixels:
+            beta = math.sqrt(min_pixels / (height * width))
+            h_bar = math.ceil(height * beta / factor) * factor
+            w_bar = math.ceil(width * beta / factor) * factor
+        out.append((h_bar, w_bar))
+    return out
+
+
+def _hulumed_mixed_merges(sides, factors, frames, max_tokens):
+    """image_processing_hulumed.py (a0060ad) `batched_resize`, used when the call mixes merge sizes (images 1, videos
+    2): the call's token count at ceil-divided sides is scaled down as a whole to max_tokens (floor), else each side is
+    rounded; this rule has no minimum."""
+    total = sum(t * math.ceil(h / f) * math.ceil(w / f) for (h, w), f, t in zip(sides, factors, frames))
+    if total > max_tokens:
+        beta = math.sqrt(total / max_tokens)
+        return [(math.floor(h / beta / f) * f, math.floor(w / beta / f) * f) for (h, w), f in zip(sides, factors)]
+    return [(_round(h / f) * f, _round(w / f) * f) for (h, w), f in zip(sides, factors)]
+
+
+def hulumed_sizes(items, patch_size, image_merge, video_merge, min_tokens, max_tokens):
+    """Target (height, width, merge) of each item of ONE call. items: (kind, frames, height, width, from_pil).
+
+    `from_pil`: the source would hold this item as PIL images (its `load_images` returns PIL for image files and for
+    NIfTI slices, mm_utils.py a0060ad). image_processing_hulumed.py a0060ad reads a PIL image's `.size`, which is
+    (width, height), as `height, width` (VideoLLaMA3's original of the same function reads `width, height`), so for
+    such items the rule runs on exchanged sides and its result is applied as (height, width): a non-square image is
+    resized to the transposed aspect ratio. Arrays (decoded video frames, numpy images) are sized as they are."""
+    merges = [image_merge if kind == "image" else video_merge for kind, *_ in items]
+    sides = [(w, h) if from_pil else (h, w) for _, _, h, w, from_pil in items]
+    frames = [t for _, t, *_ in items]
+    factors = [patch_size * m for m in merges]
+    if len(set(merges)) == 1:
+        sizes = _hulumed_one_budget(sides, factors[0], min_tokens, max_tokens, sum(frames))
+    else:
+        sizes = _hulumed_mixed_merges(sides, factors, frames, max_tokens)
+    return [(h, w, m) for (h, w), m in zip(sizes, merges)]
+
+
+def videollama3_smart_resize(height, width, factor, min_pixels, max_pixels):
+    """transformers 5.24 video_llama_3 `smart_resize` (image_processing_pil_video_llama_3.py and
+    video_processing_video_llama_3.py hold the same rule): round to the factor, then fit into max_pixels (floor, at
+    least one factor) or lift to min_pixels (ceil)."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio must be at most 200, got {height}x{width}")
+    h_bar = _round(height / factor) * factor
+    w_bar = _round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def videollama3_size(kind, frames, height, width, s):
+    """transformers 5.24: an image by VideoLlama3ImageProcessorPil.resize (its own [min_pixels, max_pixels], merge 1);
+    a video by VideoLlama3VideoProcessor.resize, whose max_pixels (size.longest_edge) is the whole clip's budget,
+    divided by the clip's frame count (`size.longest_edge // videos.shape[1]`). Volumes are videos there."""
+    p = s["patch_size"]
+    if kind == "image":
+        h, w = videollama3_smart_resize(height, width, p * s["image_merge_size"], s["min_pixels"], s["max_pixels"])
+        return h, w, s["image_merge_size"]
+    min_pixels = s["min_pixels"] if s["video_min_pixels"] is None else s["video_min_pixels"]
+    merge = s["video_merge_size"]
+    h, w = videollama3_smart_resize(height, width, p * merge, min_pixels, s["video_max_pixels"] // frames)
+    return h, w, merge
+
+
+def hulumed_token_budget(s) -> tuple[int, int]:
+    """(min_tokens, max_tokens) of Hulu-Med's image processor (preprocessor_config.json's names there) as the converter
+    saves them: min_pixels = min_tokens patches (min_tokens * patch_size**2, tokens at merge 1, whatever merge a call
+    asks for), max_total_visual_tokens = max_tokens."""
+    return s["min_pixels"] // (s["patch_size"] ** 2), s["max_total_visual_tokens"]
+
+
+def target_sizes(mode, items, settings, groups=None):
+    """(height, width, merge) for every item under `mode`; `groups`: items per prompt (None: one group), the unit
+    that shares a budget. items: (kind, frames, height, width, from_pil)."""
+    groups = [len(items)] if groups is None else list(groups)
+    if sum(groups) != len(items):
+        raise ValueError(f"groups {groups} do not cover the {len(items)} media items")
+    if mode == "videollama3":
+        return [videollama3_size(kind, t, h, w, settings) for kind, t, h, w, _ in items]
+    min_tokens, max_tokens = hulumed_token_budget(settings)
+    out, start = [], 0
+    for n in groups:
+        if n:
+            out += hulumed_sizes(items[start : start + n], settings["patch_size"], settings["image_merge_size"],
+                                 settings["video_merge_size"], min_tokens, max_tokens)  # fmt: skip
+        start += n
+    return out
+
+
+def from_pil(media: Media) -> bool:
+    """Would the source hold this item as PIL images? Files and PIL images: yes (Hulu-Med's `load_images`); arrays,
+    and videos (decord frames are arrays): no."""
+    if media.kind == "video":
+        return False
+    if media.metadata.get("compat_reader") == "hulumed_nifti":
+        return True
+    return media.source == "<PIL.Image>" or (isinstance(media.source, str) and os.path.isfile(media.source))
+
+
+# ------------------------------------------------------------------------------------------------------------ text
+def media_text(mode, kind, kept_per_frame, image_token, timestamps=None) -> str:
+    """What one medium's placeholder becomes in the prompt (pruned tokens already left out, as both sources drop the
+    placeholders of compressed tokens).
+
+    hulumed (processor.py a0060ad): the chat template writes `<image>` + "\\n" for an image and, for a video (volumes
+    are given as videos there), one `<image>` per frame joined by "," and ended by "\\n"; each `<image>` is then
+    expanded to the frame's tokens, and hulumed_arch.py `_compress_visual_tokens` removes the pruned ones.
+    videollama3 (transformers 5.24 processing_video_llama_3.py `replace_image_token` / `replace_video_token`): an image
+    is its tokens; a video is `Time {t:.1f}s:` + the frame's kept tokens per frame, joined by ","; without timestamps
+    its processor assumes fps 1 (frame i at i seconds)."""
+    if mode == "hulumed":
+        if kind == "image":
+            return image_token * kept_per_frame[0] + "\n"
+        return ",".join(image_token * k for k in kept_per_frame) + "\n"
+    if kind == "image":
+        return image_token * kept_per_frame[0]
+    if timestamps is None or len(timestamps) != len(kept_per_frame):
+        timestamps = [float(i) for i in range(len(kept_per_frame))]
+    return ",".join(f"Time {t:.1f}s:" + image_token * k for k, t in zip(kept_per_frame, timestamps))
+
+
+def chat_template(mode) -> str:
+    """The source's conversation format as a template of ours: each media block is ONE `<|image_pad|>`, which the
+    processor expands with `media_text`.
+
+    hulumed (processor.py a0060ad DEFAULT_CHAT_TEMPLATE, rendered with transformers' trim_blocks / lstrip_blocks):
+    `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, no system message unless given, text blocks verbatim,
+    `<|im_start|>assistant\\n` as the generation prompt.
+    videollama3: the same ChatML frame (UNVERIFIED: the checkpoints' own chat_template.jinja is on the Hub, not in
+    transformers, and was not available here)."""
+    normalize_mode(mode)
+    return (
+        "{%- macro render_content(content) -%}"
+        "{%- if content is string -%}"
+        "{{- content -}}"
+        "{%- else -%}"
+        "{%- for block in content -%}"
+        "{%- if block['type'] in ['image', 'video', 'volume'] -%}"
+        "{{- '<|image_pad|>' -}}"
+        "{%- elif block['type'] == 'text' -%}"
+        "{{- block['text'] -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- endif -%}"
+        "{%- endmacro -%}"
+        "{%- for message in messages -%}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+        "{%- if message['role'] == 'assistant' -%}"
+        "{%- generation -%}"
+        "{{- render_content(message['content']) + '<|im_end|>' -}}"
+        "{%- endgeneration -%}"
+        "{{- '\\n' -}}"
+        "{%- else -%}"
+        "{{- render_content(message['content']) + '<|im_end|>\\n' -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}"
+        "{{- '<|im_start|>assistant\\n' -}}"
+        "{%- endif -%}"
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------ volumes
+HULUMED_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # mm_utils.py a0060ad slice_nifti_to_images' axis_map
+
+
+def is_nifti_path(item) -> bool:
+    if not isinstance(item, (str, os.PathLike)):
+        return False
+    name = os.fspath(item).lower()
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+def read_hulumed_nifti(path, num_slices: int, axis: str | int = "axial") -> Media:
+    """A NIfTI volume as Hulu-Med reads it (mm_utils.py a0060ad `slice_nifti_to_images`): nibabel `get_fdata()` (scale
+    slope / intercept applied) in the file's own voxel order (no reorientation), `num_slices` indices
+    `np.linspace(0, n - 1, num_slices, dtype=int)` along the axis (indices repeat when num_slices > n), each slice
+    min-max scaled to [0, 255] on its own (a constant slice is left as is) and cast to uint8 (truncation), then the
+    same grey value in R, G and B. Frames are that uint8 / 255.
+
+    Where theirs prints an error and returns no slices (a missing file, a 4D volume), this raises a ValueError that
+    names the file."""
+    try:
+        import nibabel as nib
+    except ImportError as error:  # pragma: no cover - nibabel is a requirement
+        raise ImportError("reading NIfTI needs nibabel: pip install nibabel") from error
+    label = os.fspath(path)
+    axis_index = HULUMED_AXES.get(axis, axis) if isinstance(axis, str) else int(axis)
+    if axis_index not in (0, 1, 2):
+        raise ValueError(f"{label}: slice axis must be one of {sorted(HULUMED_AXES)} or 0, 1, 2, got {axis!r}")
+    if num_slices < 1:
+        raise ValueError(f"{label}: the number of slices must be >= 1, got {num_slices}")
+    if not os.path.isfile(label):
+        raise MediaError(f"{label}: no such file")
+    try:
+        data = nib.load(label).get_fdata()
+    except Exception as error:  # nibabel raises many types for a broken file
+        raise MediaError(f"{label}: not a readable NIfTI file ({error})") from error
+    if data.ndim != 3:
+        raise MediaError(f"{label}: Hulu-Med's reader takes 3D volumes, this one has shape {data.shape}")
+    if not np.isfinite(data).all():
+        raise MediaError(f"{label}: the volume holds NaN or infinite values")
+    indices = np.linspace(0, data.shape[axis_index] - 1, num_slices, dtype=int)
+    frames = []
+    for index in indices:
+        plane = np.take(data, int(index), axis=axis_index)
+        lo, hi = plane.min(), plane.max()
+        if hi > lo:
+            plane = (plane - lo) / (hi - lo) * 255.0
+        else:
+            # theirs casts a constant slice's raw value; values outside 0..255 have no defined uint8, refuse them
+            if lo < 0 or lo > 255:
+                raise MediaError(f"{label}: slice {int(index)} is constant at {lo}, which Hulu-Med's reader cannot "
+                                 "cast to 8 bits")  # fmt: skip
+        frames.append(plane.astype(np.uint8))
+    gray = np.stack(frames).astype(np.float32) / np.float32(255.0)
+    return Media(
+        frames=np.repeat(gray[..., None], 3, axis=-1),
+        kind="volume",
+        source=label,
+        slice_indices=[int(i) for i in indices],
+        metadata={"compat_reader": "hulumed_nifti", "axis": int(axis_index)},
+    )
