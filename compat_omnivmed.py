@@ -176,14 +176,13 @@ def media_text(mode, kind, kept_per_frame, image_token, timestamps=None) -> str:
 
     hulumed (processor.py a0060ad): the chat template writes `<image>` + "\\n" for an image and, for a video (volumes
     are given as videos there), one `<image>` per frame joined by "," and ended by "\\n"; each `<image>` is then
-    expanded to the frame's tokens, and hulumed_arch.py `_compress_visual_tokens` removes the pruned ones.
+    expanded to the frame's tokens, and hulumed_arch.py `_compress_visual_tokens` removes the pruned ones. The "\\n"
+    is written by `chat_template("hulumed")` after the placeholder, so only the frames are expanded here.
     videollama3 (transformers 5.24 processing_video_llama_3.py `replace_image_token` / `replace_video_token`): an image
     is its tokens; a video is `Time {t:.1f}s:` + the frame's kept tokens per frame, joined by ","; without timestamps
     its processor assumes fps 1 (frame i at i seconds)."""
     if mode == "hulumed":
-        if kind == "image":
-            return image_token * kept_per_frame[0] + "\n"
-        return ",".join(image_token * k for k in kept_per_frame) + "\n"
+        return ",".join(image_token * k for k in kept_per_frame)
     if kind == "image":
         return image_token * kept_per_frame[0]
     if timestamps is None or len(timestamps) != len(kept_per_frame):
@@ -197,10 +196,12 @@ def chat_template(mode) -> str:
 
     hulumed (processor.py a0060ad DEFAULT_CHAT_TEMPLATE, rendered with transformers' trim_blocks / lstrip_blocks):
     `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, no system message unless given, text blocks verbatim,
-    `<|im_start|>assistant\\n` as the generation prompt.
+    a medium as its placeholder + "\\n", `<|im_start|>assistant\\n` as the generation prompt. For images and text the
+    rendered string is theirs with `<image>` spelled `<|image_pad|>`; their video's per-frame list is one placeholder
+    here until the processor expands it.
     videollama3: the same ChatML frame (UNVERIFIED: the checkpoints' own chat_template.jinja is on the Hub, not in
     transformers, and was not available here)."""
-    normalize_mode(mode)
+    after_medium = "\\n" if normalize_mode(mode) == "hulumed" else ""
     return (
         "{%- macro render_content(content) -%}"
         "{%- if content is string -%}"
@@ -208,7 +209,7 @@ def chat_template(mode) -> str:
         "{%- else -%}"
         "{%- for block in content -%}"
         "{%- if block['type'] in ['image', 'video', 'volume'] -%}"
-        "{{- '<|image_pad|>' -}}"
+        "{{- '<|image_pad|>" + after_medium + "' -}}"
         "{%- elif block['type'] == 'text' -%}"
         "{{- block['text'] -}}"
         "{%- endif -%}"

@@ -390,7 +390,7 @@ def image_processor_settings(source: Source, config: OmniVMedConfig, mode: str |
             video_min_pixels=min_tokens * video_factor**2,
             max_pixels=max_tokens * image_factor**2,
             # their budget max_tokens * factor**2 is shared by all frames of a call: per frame of a max_frames clip
-            video_max_pixels=max(min_tokens * image_factor**2, max_tokens * video_factor**2 // max_frames),
+            video_max_pixels=max(min_tokens * video_factor**2, max_tokens * video_factor**2 // max_frames),
             max_total_visual_tokens=max_tokens,
         )
         if mode == "hulumed":
