@@ -316,11 +316,11 @@ def media(tmp_path_factory):
     return {
         "png": png,
         "nii": root / "ct.nii.gz",
-        "image_a": u8(40, 58, 3),
+        "image_a": u8(120, 174, 3),
         "image_b": u8(33, 29, 3),
         "video4": moving_clip(4, 50, 64),
-        "video16": moving_clip(16, 36, 48),
-        "video64": moving_clip(64, 30, 40),
+        "video16": moving_clip(16, 84, 112),
+        "video64": moving_clip(64, 60, 80),
     }
 
 
@@ -366,9 +366,10 @@ def checkpoints(tmp_path_factory):
     if QWEN2.is_dir() and QWEN3.is_dir():
         sources += [("fixture-qwen2", QWEN2), ("fixture-qwen3", QWEN3)]
     sources += [
-        # a small budget, so its sharing among frames and images decides every size
-        ("random-qwen2-gqa", make_hulumed_checkpoint(root / "r1", seed=3, text_type="qwen2", max_tokens=160,
-                                                     min_tokens=4, compression=True)),
+        # a small budget: its sharing among the frames and images of a prompt decides the sizes of two_images,
+        # video16, video64 and image_and_video (each alone would get more)
+        ("random-qwen2-gqa", make_hulumed_checkpoint(root / "r1", seed=3, text_type="qwen2", max_tokens=96,
+                                                     min_tokens=2, compression=True)),
         ("random-qwen3", make_hulumed_checkpoint(root / "r2", seed=4, text_type="qwen3", max_tokens=700,
                                                  min_tokens=16, compression=False)),
     ]  # fmt: skip
@@ -484,14 +485,14 @@ def test_the_issue_example_an_8_frame_480x640_clip_gets_17x23_tokens_per_frame(c
 
 
 def test_two_images_share_the_budget_and_files_are_sized_like_the_source(checkpoints, media):
-    _, processor, _ = loaded(checkpoints, "random-qwen2-gqa")  # max_tokens 160, min_tokens 4
+    _, processor, _ = loaded(checkpoints, "random-qwen2-gqa")  # max_tokens 96, min_tokens 2
     settings = processor.image_processor._settings()
     one = target_sizes("hulumed", [("image", 1, 300, 420, False)], settings)
     two = target_sizes("hulumed", [("image", 1, 300, 420, False)] * 2, settings)
-    assert two[0][0] * two[0][1] < one[0][0] * one[0][1] <= 160 * 196
+    assert two[0][0] * two[0][1] < one[0][0] * one[0][1] <= 96 * 196
     # a PNG file: the source holds it as a PIL image and sizes it with its sides exchanged
     out = processor.image_processor([str(media["png"])], return_tensors="pt")
-    [(h, w)], _ = ref_sizes([("image", np.zeros((1, 45, 70, 3), np.uint8), True)], 4, 160)
+    [(h, w)], _ = ref_sizes([("image", np.zeros((1, 45, 70, 3), np.uint8), True)], 2, 96)
     assert out["media_metadata"][0]["resized_size"] == [h, w] and h > w  # a wide photo comes out tall, as theirs
 
 
