@@ -25,7 +25,7 @@ import os
 
 import numpy as np
 
-from .media_omnivmed import Media, MediaError
+from .media_omnivmed import VIDEO_EXTENSIONS, Media, MediaError
 
 
 COMPAT_MODES = ("hulumed", "videollama3")
@@ -293,4 +293,44 @@ def read_hulumed_nifti(path, num_slices: int, axis: str | int = "axial") -> Medi
         source=label,
         slice_indices=[int(i) for i in indices],
         metadata={"compat_reader": "hulumed_nifti", "axis": int(axis_index)},
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------ videos
+def is_video_path(item) -> bool:
+    return isinstance(item, (str, os.PathLike)) and os.fspath(item).lower().endswith(VIDEO_EXTENSIONS)
+
+
+def read_hulumed_video(path, fps: float | None, max_frames: int | None) -> Media:
+    """A video file as Hulu-Med reads it (mm_utils.py a0060ad `load_video`, no start / end time): decord, every
+    `max(1, int(avg_fps / fps))`-th frame from frame 0; when that is more than max_frames,
+    `np.linspace(0, n - 1, max_frames, dtype=int)` instead; timestamps index / avg_fps. Frames are the decoded uint8 /
+    255."""
+    label = os.fspath(path)
+    if not os.path.isfile(label):
+        raise MediaError(f"{label}: no such file")
+    try:
+        import decord
+
+        reader = decord.VideoReader(label, ctx=decord.cpu(0))
+        video_fps, total = float(reader.get_avg_fps()), len(reader)
+    except Exception as error:  # decord raises its own error types for unreadable files
+        raise MediaError(f"{label}: decord cannot read this video ({error})") from error
+    if total < 1:
+        raise MediaError(f"{label}: the video has no frames")
+    indices = list(range(total))
+    if fps is not None:
+        indices = indices[:: max(1, int(video_fps / fps))]
+    if max_frames is not None and len(indices) > max_frames:
+        indices = [int(i) for i in np.linspace(0, total - 1, max_frames, dtype=int)]
+    try:
+        frames = reader.get_batch(indices).asnumpy()
+    except Exception as error:
+        raise MediaError(f"{label}: decord cannot decode frames {indices[:3]}... ({error})") from error
+    return Media(
+        frames=frames.astype(np.float32) / np.float32(255.0),
+        kind="video",
+        source=label,
+        timestamps_s=[i / video_fps for i in indices],
+        metadata={"compat_reader": "hulumed_video", "frame_indices": indices, "fps_native": video_fps},
     )

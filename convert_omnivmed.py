@@ -83,8 +83,9 @@ PROCESSING = ("compat", "omnivmed")
 VL3_IMAGE_SIZE = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}
 VL3_VIDEO_SIZE = {"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768}
 VL3_MAX_FRAMES = 180
-# Hulu-Med a0060ad: mm_utils.load_images' nii_num_slices default; constants.MAX_FRAMES
-HULUMED_NII_NUM_SLICES, HULUMED_MAX_FRAMES = 180, 768
+# Hulu-Med a0060ad: mm_utils.load_images' nii_num_slices default; README "Video Example" (load_video at fps 1,
+# max_frames 1800)
+HULUMED_NII_NUM_SLICES, HULUMED_MAX_FRAMES = 180, 1800
 # config model_type -> (family, key layout)
 SOURCE_MODEL_TYPES = {
     "hulumed_qwen2": ("hulumed", "remote"),

@@ -37,7 +37,8 @@ from transformers.processing_utils import ImagesKwargs, ProcessorMixin, TextKwar
 from transformers.utils import logging
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from .compat_omnivmed import from_pil, is_nifti_path, media_text, normalize_mode, read_hulumed_nifti, target_sizes
+from .compat_omnivmed import from_pil, is_nifti_path, is_video_path, media_text, normalize_mode, target_sizes
+from .compat_omnivmed import read_hulumed_nifti, read_hulumed_video
 from .configuration_omnivmed import PROCESSOR_SETTINGS, OmniVMedConfig
 from .media_omnivmed import Media, MediaError, load_media
 from .pruning_omnivmed import compute_keep_mask, patch_grid_positions, pruning_report, tokens_per_frame
@@ -404,9 +405,13 @@ class OmniVMedImageProcessor(BaseImageProcessor):
         load_kwargs.update({k: options[k] for k in LOAD_OPTIONS if options.get(k) is not None})
         if isinstance(item, os.PathLike):
             item = os.fspath(item)
-        if normalize_mode(options.get("compat_mode", self.compat_mode)) == "hulumed" and is_nifti_path(item):
-            # the source's own NIfTI reading (no reorientation, per-slice min-max, max_slices evenly spaced slices)
-            return read_hulumed_nifti(item, load_kwargs["max_slices"], load_kwargs["slice_axis"])
+        if normalize_mode(options.get("compat_mode", self.compat_mode)) == "hulumed":
+            # the source's own readers: NIfTI (no reorientation, per-slice min-max, max_slices evenly spaced slices)
+            # and video files (every int(native / fps)-th frame, at most max_frames)
+            if is_nifti_path(item) and kind in (None, "volume"):
+                return read_hulumed_nifti(item, load_kwargs["max_slices"], load_kwargs["slice_axis"])
+            if is_video_path(item) and kind in (None, "video"):
+                return read_hulumed_video(item, load_kwargs["fps"], load_kwargs["max_frames"])
         return load_media(item, kind=kind, **load_kwargs)
 
     @staticmethod

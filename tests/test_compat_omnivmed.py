@@ -213,6 +213,32 @@ def ref_nifti_slices(path, num_slices, axis=2):
     return np.stack(frames)
 
 
+def ref_video_file(path, fps, max_frames):
+    """mm_utils.py a0060ad `load_video` (no start / end): decord, every int(avg_fps / fps)-th frame from 0, or
+    np.linspace over all frames when that exceeds max_frames."""
+    import decord
+
+    reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
+    video_fps, total = reader.get_avg_fps(), len(reader)
+    indices = list(range(0, total))[:: max(1, int(video_fps / fps))]
+    if len(indices) > max_frames:
+        indices = np.linspace(0, total - 1, max_frames, dtype=int)
+    return reader.get_batch(indices).asnumpy()
+
+
+def write_mp4(path, frames, rate):
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
 def ref_prompt(messages, frame_tokens):
     """processor.py a0060ad DEFAULT_CHAT_TEMPLATE's output (add_generation_prompt=True) after its placeholder expansion:
     an image is `<image>\\n`, a video `<image>,` per frame but the last, then `<image>\\n`; each `<image>` becomes its
@@ -313,7 +339,9 @@ def media(tmp_path_factory):
     image = nib.Nifti1Image(volume, np.diag([0.8, 0.8, 3.0, 1.0]))
     image.header.set_slope_inter(0.5, -1024)
     nib.save(image, root / "ct.nii.gz")
+    write_mp4(root / "clip.mp4", moving_clip(35, 64, 96), rate=10)  # 3.5 s at 10 fps: frames 0, 10, 20, 30 at fps 1
     return {
+        "mp4": root / "clip.mp4",
         "png": png,
         "nii": root / "ct.nii.gz",
         "image_a": u8(120, 174, 3),
@@ -324,7 +352,7 @@ def media(tmp_path_factory):
     }
 
 
-def case_conversations(media, num_slices):
+def case_conversations(media, num_slices, fps=1.0, max_frames=1800):
     """name -> (messages with our blocks, the source's raw media: (kind, uint8 frames, held as PIL))."""
     png = np.asarray(Image.open(media["png"]).convert("RGB"))
     slices = ref_nifti_slices(media["nii"], num_slices)
@@ -343,6 +371,8 @@ def case_conversations(media, num_slices):
         "video64": (user([{"type": "video", "video": media["video64"]}], "Describe."),
                     [("video", media["video64"], False)]),
         "volume": (user([{"type": "volume", "path": str(media["nii"])}], "Report."), [("volume", slices, True)]),
+        "video_file": (user([{"type": "video", "path": str(media["mp4"])}], "Describe."),
+                       [("video", ref_video_file(media["mp4"], fps, max_frames), False)]),
         "image_and_video": (user([{"type": "image", "image": media["image_a"]}, {"type": "video", "video": media["video4"]}],
                                  "Same patient?"),
                             [("image", media["image_a"][None], False), ("video", media["video4"], False)]),
@@ -394,7 +424,7 @@ def loaded(checkpoints, label):
 
 
 LABELS = ["fixture-qwen2", "fixture-qwen3", "random-qwen2-gqa", "random-qwen3"]
-CASES = ["one_image", "two_images", "video4", "video16", "video64", "volume", "image_and_video"]
+CASES = ["one_image", "two_images", "video4", "video16", "video64", "video_file", "volume", "image_and_video"]
 
 
 def _need(checkpoints, label):
@@ -407,7 +437,8 @@ def _need(checkpoints, label):
 def test_raw_media_through_the_saved_processor_give_the_source_logits(checkpoints, media, label, case):
     _need(checkpoints, label)
     model, processor, reference = loaded(checkpoints, label)
-    messages, raw = case_conversations(media, processor.image_processor.max_slices)[case]
+    ip = processor.image_processor
+    messages, raw = case_conversations(media, ip.max_slices, ip.fps, ip.max_frames)[case]
     ours, inputs = our_logits(model, processor, messages)
     expected, expected_ids = reference.logits(messages, raw)
     # the same tokens (the source's video placeholders carry the reference model's video id)
@@ -424,7 +455,7 @@ def test_a_batch_mixing_media_gives_each_sample_the_source_logits(checkpoints, m
     _need(checkpoints, label)
     model, processor, reference = loaded(checkpoints, label)
     cases = case_conversations(media, processor.image_processor.max_slices)
-    names = ["image_and_video", "volume", "two_images", "video16"]
+    names = ["image_and_video", "volume", "two_images", "video_file"]
     ours, inputs = our_logits(model, processor, [cases[n][0] for n in names])
     for row, name in enumerate(names):
         expected, _ = reference.logits(*cases[name])
@@ -514,7 +545,7 @@ def test_rendered_prompt_is_the_source_chat_template_output(checkpoints):
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"  # fmt: skip
 
 
-def test_volume_reader_follows_the_source_and_ours_stays_available(checkpoints, media):
+def test_volume_and_video_readers_follow_the_source_and_ours_stays_available(checkpoints, media):
     _, processor, _ = loaded(checkpoints, "fixture-qwen2")
     n = processor.image_processor.max_slices
     assert n == 180  # mm_utils.load_images' nii_num_slices default
@@ -522,6 +553,10 @@ def test_volume_reader_follows_the_source_and_ours_stays_available(checkpoints, 
     expected = ref_nifti_slices(media["nii"], n)
     assert volume.frames.shape == expected.shape and np.array_equal(np.round(volume.frames * 255), expected)
     assert read_hulumed_nifti(media["nii"], 5, "sagittal").frames.shape == (5, 44, 9, 3)
+    # a video file: every 10th frame of a 10 fps clip at fps 1, the decoded bytes as they are
+    clip = processor.image_processor.to_media(str(media["mp4"]))
+    assert clip.metadata["frame_indices"] == [0, 10, 20, 30] and clip.timestamps_s == [0.0, 1.0, 2.0, 3.0]
+    assert np.array_equal(np.round(clip.frames * 255), ref_video_file(media["mp4"], 1.0, 1800))
     # OmniV-Med's processing explicitly: RAS reorientation, our slice sampling, frame separators
     ours = processor.image_processor.to_media(str(media["nii"]), compat_mode="off")
     assert ours.frames.shape[0] == 9 and ours.metadata.get("compat_reader") is None
