@@ -658,3 +658,25 @@ def test_videollama3_native_folder_matches_transformers_processor_and_model(tmp_
                              image_merge_sizes=image_inputs["image_merge_sizes"], pixel_values_videos=video,
                              video_grid_thw=grid, video_merge_sizes=merges, video_compression_mask=keep).logits  # fmt: skip
     torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
+
+
+def test_pipeline_uses_the_folder_mode_without_flags(checkpoints, media):
+    """transformers' image-text-to-text pipeline on a converted folder generates what apply_chat_template + generate
+    give through the compatibility mode."""
+    from transformers import pipeline
+
+    _need(checkpoints, "random-qwen2-gqa")
+    folder = checkpoints["random-qwen2-gqa"][1]
+    model, processor, _ = loaded(checkpoints, "random-qwen2-gqa")
+    messages = [{"role": "user", "content": [{"type": "image", "path": str(media["png"])},
+                                             {"type": "text", "text": "What is shown?"}]}]  # fmt: skip
+    pipe = pipeline("image-text-to-text", model=str(folder), trust_remote_code=True)
+    assert pipe.processor.image_processor.compat_mode == "hulumed"
+    out = pipe(text=messages, max_new_tokens=4, do_sample=False, return_full_text=False)
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")  # fmt: skip
+    inputs.pop("media_metadata")
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    expected = processor.tokenizer.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert out[0]["generated_text"] == expected
