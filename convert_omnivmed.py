@@ -701,8 +701,9 @@ def convert(
             image_merge=config.image_merge_size,
             video_merge=config.video_merge_size,
             pruning=describe_pruning(config, compat_pruning),
-            processing=f"compatibility mode `{mode}` (the source's frame sizes, prompt text and volume reading; "
-            "README: Converting checkpoints)" if mode else "OmniV-Med's own (frame separators, RAS volumes, HU windows)",
+            processing=(f"compatibility mode `{mode}` (the source's frame sizes, prompt text and volume reading; "
+                        "README: Converting checkpoints)") if mode else
+            "OmniV-Med's own (frame separators, RAS volumes, HU windows)",
         ),
         repo=push_to_hub or out.name,
         extra_meta=f"base_model: {base_model}\n" if base_model else "",
@@ -736,7 +737,8 @@ def main(argv=None):
     try:
         folder = convert(
             args.family, args.src, args.out, tokenizer=args.tokenizer, tiny_tokenizer=args.tiny_tokenizer,
-            compat_pruning=args.compat_pruning, processing=args.processing, max_shard_size=args.max_shard_size, dtype=args.dtype,
+            compat_pruning=args.compat_pruning, processing=args.processing, max_shard_size=args.max_shard_size,
+            dtype=args.dtype,
             revision=args.revision, base_model=args.base_model, overwrite=args.overwrite,
             push_to_hub=args.push_to_hub, private=args.private,
         )  # fmt: skip

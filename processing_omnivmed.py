@@ -17,6 +17,10 @@ processor expands it to the number of visual tokens the model produces after pru
 image, and for a volume/video, per slice/frame f, `<|frame_sep|>` followed by `<|image_pad|>` * kept(f). The frame
 separators let the LLM tell which slice/frame each visual token came from (a frame whose tokens were all pruned
 cannot happen: every frame keeps >= `prune_min_tokens` >= 1 tokens).
+
+Compatibility mode (`compat_mode` "hulumed" / "videollama3", saved by `convert_omnivmed.py` in the folders it writes):
+frame sizes, a medium's prompt text and Hulu-Med's volume / video file reading follow the source instead, as
+`compat_omnivmed.py` documents; the hooks here only route to it.
 """
 
 import bisect

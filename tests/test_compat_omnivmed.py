@@ -128,10 +128,12 @@ def make_hulumed_checkpoint(folder: Path, seed: int, text_type: str, max_tokens:
     flat = {k: v for k, v in text.items() if k not in ("model_type", "rope_parameters")}
     config = dict(flat, rope_theta=10000.0, rope_scaling=None, model_type="hulumed_qwen2",
                   architectures=["HulumedQwen2ForCausalLM"], mm_projector_type="mlp2x_gelu", image_token_index=500,
-                  use_token_compression=compression, vision_encoder_config=dict(vision, model_type="hulumed_vision_encoder"))  # fmt: skip
+                  use_token_compression=compression,
+                  vision_encoder_config=dict(vision, model_type="hulumed_vision_encoder"))  # fmt: skip
     (folder / "config.json").write_text(json.dumps(config))
-    pre = dict(image_processor_type="HulumedImageProcessor", image_mean=CLIP_MEAN.tolist(), image_std=CLIP_STD.tolist(),
-               min_tokens=min_tokens, max_tokens=max_tokens, patch_size=PATCH, resample=3, rescale_factor=1 / 255)  # fmt: skip
+    pre = dict(image_processor_type="HulumedImageProcessor", image_mean=CLIP_MEAN.tolist(),
+               image_std=CLIP_STD.tolist(), min_tokens=min_tokens, max_tokens=max_tokens, patch_size=PATCH,
+               resample=3, rescale_factor=1 / 255)  # fmt: skip
     (folder / "preprocessor_config.json").write_text(json.dumps(pre))
     return folder
 
@@ -165,7 +167,8 @@ def ref_sizes(items, min_tokens, max_tokens):
     total = sum(len(f) * math.ceil(h / fa) * math.ceil(w / fa) for (h, w), fa, (_, f, _) in zip(dims, factors, items))
     if total > max_tokens:
         beta = math.sqrt(total / max_tokens)
-        return [(math.floor(h / beta / fa) * fa, math.floor(w / beta / fa) * fa) for (h, w), fa in zip(dims, factors)], merges
+        sizes = [(math.floor(h / beta / fa) * fa, math.floor(w / beta / fa) * fa) for (h, w), fa in zip(dims, factors)]
+        return sizes, merges
     return [(round(h / fa) * fa, round(w / fa) * fa) for (h, w), fa in zip(dims, factors)], merges
 
 
@@ -264,7 +267,8 @@ class HulumedReference:
     """The source pipeline for one conversation (their processor takes one conversation per call)."""
 
     def __init__(self, folder: Path, tokenizer, use_compression: bool):
-        pre = json.loads((folder / "preprocessor_config.json").read_text()) if (folder / "preprocessor_config.json").is_file() else {}
+        path = folder / "preprocessor_config.json"  # absent: their image processor's defaults
+        pre = json.loads(path.read_text()) if path.is_file() else {}
         self.min_tokens, self.max_tokens = pre.get("min_tokens", 16), pre.get("max_tokens", 16384)
         self.mean = np.array(pre.get("image_mean", CLIP_MEAN), dtype=np.float32)
         self.std = np.array(pre.get("image_std", CLIP_STD), dtype=np.float32)
@@ -361,11 +365,13 @@ def case_conversations(media, num_slices, fps=1.0, max_frames=1800):
         return [{"role": "user", "content": blocks + [{"type": "text", "text": text}]}]
 
     return {
-        "one_image": (user([{"type": "image", "path": str(media["png"])}], "What is this?"), [("image", png[None], True)]),
-        "two_images": (user([{"type": "image", "image": media["image_a"]}, {"type": "image", "image": media["image_b"]}],
-                            "Compare them."),
+        "one_image": (user([{"type": "image", "path": str(media["png"])}], "What is this?"),
+                      [("image", png[None], True)]),
+        "two_images": (user([{"type": "image", "image": media["image_a"]},
+                             {"type": "image", "image": media["image_b"]}], "Compare them."),
                        [("image", media["image_a"][None], False), ("image", media["image_b"][None], False)]),
-        "video4": (user([{"type": "video", "video": media["video4"]}], "Describe."), [("video", media["video4"], False)]),
+        "video4": (user([{"type": "video", "video": media["video4"]}], "Describe."),
+                   [("video", media["video4"], False)]),
         "video16": (user([{"type": "video", "video": media["video16"]}], "Describe."),
                     [("video", media["video16"], False)]),
         "video64": (user([{"type": "video", "video": media["video64"]}], "Describe."),
@@ -373,8 +379,8 @@ def case_conversations(media, num_slices, fps=1.0, max_frames=1800):
         "volume": (user([{"type": "volume", "path": str(media["nii"])}], "Report."), [("volume", slices, True)]),
         "video_file": (user([{"type": "video", "path": str(media["mp4"])}], "Describe."),
                        [("video", ref_video_file(media["mp4"], fps, max_frames), False)]),
-        "image_and_video": (user([{"type": "image", "image": media["image_a"]}, {"type": "video", "video": media["video4"]}],
-                                 "Same patient?"),
+        "image_and_video": (user([{"type": "image", "image": media["image_a"]},
+                                  {"type": "video", "video": media["video4"]}], "Same patient?"),
                             [("image", media["image_a"][None], False), ("video", media["video4"], False)]),
     }  # fmt: skip
 
@@ -656,7 +662,8 @@ def test_videollama3_native_folder_matches_transformers_processor_and_model(tmp_
         expected = reference(input_ids=torch.tensor([ids]), pixel_values=image_inputs["pixel_values"],
                              image_grid_thw=image_inputs["image_grid_thw"],
                              image_merge_sizes=image_inputs["image_merge_sizes"], pixel_values_videos=video,
-                             video_grid_thw=grid, video_merge_sizes=merges, video_compression_mask=keep).logits  # fmt: skip
+                             video_grid_thw=grid, video_merge_sizes=merges,
+                             video_compression_mask=keep).logits  # fmt: skip
     torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
 
 
