@@ -344,6 +344,11 @@ def media(tmp_path_factory):
     image.header.set_slope_inter(0.5, -1024)
     nib.save(image, root / "ct.nii.gz")
     write_mp4(root / "clip.mp4", moving_clip(35, 64, 96), rate=10)  # 3.5 s at 10 fps: frames 0, 10, 20, 30 at fps 1
+    video16 = moving_clip(16, 84, 112)
+    # frame 9: frame 8 with a faint change in a later block, below the threshold everywhere: compression keeps the
+    # frame's FIRST token (their `mask[padding_ids, :min_tokens] = 1`), not its most changed one
+    video16[9] = video16[8]
+    video16[9, 5:15, 60:70] = np.clip(video16[9, 5:15, 60:70].astype(int) + 3, 0, 255).astype(np.uint8)
     return {
         "mp4": root / "clip.mp4",
         "png": png,
@@ -351,7 +356,7 @@ def media(tmp_path_factory):
         "image_a": u8(120, 174, 3),
         "image_b": u8(33, 29, 3),
         "video4": moving_clip(4, 50, 64),
-        "video16": moving_clip(16, 84, 112),
+        "video16": video16,
         "video64": moving_clip(64, 60, 80),
     }
 
