@@ -622,7 +622,7 @@ def test_videollama3_native_folder_matches_transformers_processor_and_model(tmp_
     reference.model.config.image_token_id, reference.model.config.video_token_id = image_id, video_id
     reference.set_attn_implementation("sdpa")
 
-    image = u8(61, 90, 3)  # resized by transformers' own PIL image processor
+    image, image2 = u8(61, 90, 3), u8(300, 170, 3)  # resized by transformers' own PIL image processor
     # a 4-frame clip already at its target size: transformers' video resize needs torchvision (not installable here).
     # Its default budget (size.longest_edge 28*28*768 for the clip, shortest_edge 128*28*28 per frame) leaves
     # 280 x 392 (10 x 14 tokens) as is for 4 frames
@@ -631,11 +631,12 @@ def test_videollama3_native_folder_matches_transformers_processor_and_model(tmp_
     assert target_sizes("videollama3", [("video", frames, vh, vw, False)], settings) == [(vh, vw, 2)]
     clip = moving_clip(frames, vh, vw)
     clip[3] = clip[2]  # a repeated frame: compression keeps one token of it
-    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "video", "video": clip},
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "image", "image": image2},
+                                             {"type": "video", "video": clip},
                                              {"type": "text", "text": "Describe."}]}]  # fmt: skip
     ours, inputs = our_logits(model, processor, messages)
 
-    image_inputs = VideoLlama3ImageProcessorPil()(images=[image], return_tensors="pt")
+    image_inputs = VideoLlama3ImageProcessorPil()(images=[image, image2], return_tensors="pt")
     video = (clip.astype(np.float32) / 255 - 0.5) / 0.5  # IMAGENET_STANDARD mean / std, rescale 1/255
     gh, gw = vh // PATCH, vw // PATCH  # t, c, gh/m, m, p, gw/m, m, p -> t, gh/m, gw/m, m, m, c, p, p
     video = video.transpose(0, 3, 1, 2).reshape(frames, 3, gh // 2, 2, PATCH, gw // 2, 2, PATCH)
@@ -657,7 +658,7 @@ def test_videollama3_native_folder_matches_transformers_processor_and_model(tmp_
     this = types.SimpleNamespace(video_token="<|frame_sep|>", image_token=IMAGE_TOKEN,
                                  image_processor=types.SimpleNamespace(merge_size=1))  # fmt: skip
     video_text = VideoLlama3Processor.replace_video_token(this, video_inputs, 0)
-    image_text = VideoLlama3Processor.replace_image_token(this, image_inputs, 0)
+    image_text = "".join(VideoLlama3Processor.replace_image_token(this, image_inputs, i) for i in range(2))
     prompt = f"<|im_start|>user\n{image_text}{video_text}Describe.<|im_end|>\n<|im_start|>assistant\n"
     ids = processor.tokenizer(prompt)["input_ids"]
     assert [image_id if t == video_id else t for t in ids] == inputs["input_ids"][0].tolist()
@@ -692,3 +693,18 @@ def test_pipeline_uses_the_folder_mode_without_flags(checkpoints, media):
         generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     expected = processor.tokenizer.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert out[0]["generated_text"] == expected
+
+
+def test_videollama3_video_sizes_follow_transformers_rule(tmp_path):
+    """Its video budget is the clip's, divided by the frames present (`size.longest_edge // videos.shape[1]`); the
+    video processor module imports torchvision, so the rule is checked with the identical `smart_resize` of its PIL
+    image processor module."""
+    from transformers.models.video_llama_3.image_processing_pil_video_llama_3 import smart_resize
+
+    tiny_native_videollama3(tmp_path / "vl3", seed=2)
+    out = convert("videollama3", str(tmp_path / "vl3"), tmp_path / "out", tiny_tokenizer=True)
+    settings = OmniVMedProcessor.from_pretrained(out, trust_remote_code=True).image_processor._settings()
+    for frames in (4, 16, 64, 180):
+        for height, width in ((480, 640), (1080, 1920), (96, 100)):
+            expected = smart_resize(height, width, 28, min_pixels=128 * 28 * 28, max_pixels=28 * 28 * 768 // frames)
+            assert target_sizes("videollama3", [("video", frames, height, width, False)], settings) == [(*expected, 2)]
