@@ -160,12 +160,12 @@ def target_sizes(mode, items, settings, groups=None):
 
 
 def from_pil(media: Media) -> bool:
-    """Would the source hold this item as PIL images? Files and PIL images: yes (Hulu-Med's `load_images`); arrays,
-    and videos (decord frames are arrays): no."""
-    if media.kind == "video":
+    """Would the source hold this item as PIL images? Image files, PIL images and NIfTI slices: yes (Hulu-Med's
+    `load_images`); arrays, videos (decord frames are arrays) and DICOM (which it does not read): no."""
+    if media.metadata.get("compat_reader") == "hulumed_nifti" or media.metadata.get("compat_read_as_pil"):
+        return True  # marked where the processor read it (a path relative to data_root included)
+    if media.kind != "image":
         return False
-    if media.metadata.get("compat_reader") == "hulumed_nifti":
-        return True
     return media.source == "<PIL.Image>" or (isinstance(media.source, str) and os.path.isfile(media.source))
 
 

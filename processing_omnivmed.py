@@ -416,6 +416,12 @@ class OmniVMedImageProcessor(BaseImageProcessor):
                 return read_hulumed_nifti(item, load_kwargs["max_slices"], load_kwargs["slice_axis"])
             if is_video_path(item) and kind in (None, "video"):
                 return read_hulumed_video(item, load_kwargs["fps"], load_kwargs["max_frames"])
+            media = load_media(item, kind=kind, **load_kwargs)
+            # an image file or PIL image is a PIL image in the source, which sizes it differently
+            # (compat_omnivmed.from_pil); DICOM, which the source does not read, is sized as an array
+            if media.kind == "image" and (isinstance(item, str) or type(item).__module__.startswith("PIL.")):
+                media.metadata["compat_read_as_pil"] = True
+            return media
         return load_media(item, kind=kind, **load_kwargs)
 
     @staticmethod
