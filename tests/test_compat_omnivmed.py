@@ -536,6 +536,12 @@ def test_two_images_share_the_budget_and_files_are_sized_like_the_source(checkpo
     out = processor.image_processor([str(media["png"])], return_tensors="pt")
     [(h, w)], _ = ref_sizes([("image", np.zeros((1, 45, 70, 3), np.uint8), True)], 2, 96)
     assert out["media_metadata"][0]["resized_size"] == [h, w] and h > w  # a wide photo comes out tall, as theirs
+    relative = processor.image_processor(["photo.png"], data_root=str(media["png"].parent), return_tensors="pt")
+    assert relative["media_metadata"][0]["resized_size"] == [h, w]
+    # the same pixels as an array: the source sizes arrays as they are
+    array = processor.image_processor([np.asarray(Image.open(media["png"]))], kind="image", return_tensors="pt")
+    [(ah, aw)], _ = ref_sizes([("image", np.zeros((1, 45, 70, 3), np.uint8), False)], 2, 96)
+    assert array["media_metadata"][0]["resized_size"] == [ah, aw] and ah < aw
 
 
 def test_rendered_prompt_is_the_source_chat_template_output(checkpoints):
