@@ -288,7 +288,7 @@ def test_converted_folder_loads_through_auto_classes_in_a_new_process(converted,
     for required in ("config.json", "model.safetensors", "generation_config.json", "processor_config.json",
                      "preprocessor_config.json", "tokenizer.json", "chat_template.jinja", "README.md",
                      "modeling_omnivmed.py", "configuration_omnivmed.py", "processing_omnivmed.py",
-                     "pruning_omnivmed.py", "media_omnivmed.py"):  # fmt: skip
+                     "pruning_omnivmed.py", "media_omnivmed.py", "compat_omnivmed.py"):  # fmt: skip
         assert required in names, f"{required} missing from {sorted(names)}"
     config = json.loads((folder / "config.json").read_text())
     assert config["vision_config"]["rope_axes_dims"] == [0, 9, 9] and config["merge_kind"] == "average"
