@@ -14,6 +14,13 @@ Modes and the published code each rule follows (no code is copied; the file and 
                    src/hulumed/mm_utils.py (NIfTI slices), src/hulumed/model/hulumed_arch.py (token compression).
     "videollama3"  transformers 5.24 `models/video_llama_3/`: image_processing_pil_video_llama_3.py (image sizes),
                    video_processing_video_llama_3.py (video sizes), processing_video_llama_3.py (per-frame text).
+    "videollama3_remote"
+                   the original VideoLLaMA3 remote code (`model_type` videollama3_qwen2, DAMO-NLP-SG/VideoLLaMA3-2B /
+                   -7B), github.com/DAMO-NLP-SG/VideoLLaMA3 at commit 05cee23, inference/transformers_api/ (the copy
+                   of the Hub repos' code): image_processing_videollama3.py (sizes: Hulu-Med's rules, which forked
+                   them, PIL size order included), processing_videollama3.py (video file reading, placeholder
+                   expansion, fps 1 / max_frames 128 defaults), the chat template its processor takes from the tokenizer
+                   (the comment at VL3_SYSTEM_PROMPT), modeling_videollama3.py (token compression: the converter's pruning rule).
 
 Batches: the source processes one conversation per call and shares its token budget among the media of that call, so
 the budget here is shared among the media of one prompt (`groups`), never across the prompts of a batch: a batch gives
@@ -28,7 +35,7 @@ import numpy as np
 from .media_omnivmed import VIDEO_EXTENSIONS, Media, MediaError
 
 
-COMPAT_MODES = ("hulumed", "videollama3")
+COMPAT_MODES = ("hulumed", "videollama3", "videollama3_remote")
 # spellings that select OmniV-Med's own processing explicitly (None is the default)
 OFF = (None, "off", "omnivmed")
 
@@ -89,7 +96,12 @@ def hulumed_sizes(items, patch_size, image_merge, video_merge, min_tokens, max_t
     NIfTI slices, mm_utils.py a0060ad). image_processing_hulumed.py a0060ad reads a PIL image's `.size`, which is
     (width, height), as `height, width` (VideoLLaMA3's original of the same function reads `width, height`), so for
     such items the rule runs on exchanged sides and its result is applied as (height, width): a non-square image is
-    resized to the transposed aspect ratio. Arrays (decoded video frames, numpy images) are sized as they are."""
+    resized to the transposed aspect ratio. Arrays (decoded video frames, numpy images) are sized as they are.
+
+    The original VideoLLaMA3 remote code has the same two functions with the same rules, the (W, H)-as-(height, width)
+    read included (inference/transformers_api/image_processing_videollama3.py at 05cee23; only the training copy,
+    videollama3/model/videollama3_encoder/image_processing_videollama3.py, reads `width, height` since c28335a), and
+    its processor holds image files as PIL too (processing_videollama3.py `load_images`: `Image.open(...).convert`)."""
     merges = [image_merge if kind == "image" else video_merge for kind, *_ in items]
     sides = [(w, h) if from_pil else (h, w) for _, _, h, w, from_pil in items]
     frames = [t for _, t, *_ in items]
@@ -149,6 +161,7 @@ def target_sizes(mode, items, settings, groups=None):
         raise ValueError(f"groups {groups} do not cover the {len(items)} media items")
     if mode == "videollama3":
         return [videollama3_size(kind, t, h, w, settings) for kind, t, h, w, _ in items]
+    # "hulumed" and "videollama3_remote": one rule (hulumed_sizes), min_tokens / max_tokens from the same settings
     min_tokens, max_tokens = hulumed_token_budget(settings)
     out, start = [], 0
     for n in groups:
@@ -161,7 +174,8 @@ def target_sizes(mode, items, settings, groups=None):
 
 def from_pil(media: Media) -> bool:
     """Would the source hold this item as PIL images? Image files, PIL images and NIfTI slices: yes (Hulu-Med's
-    `load_images`); arrays, videos (decord frames are arrays) and DICOM (which it does not read): no."""
+    `load_images`; VideoLLaMA3's `load_images` for files, and a PIL image given directly stays PIL there); arrays,
+    videos (decord / ffmpeg frames are arrays) and DICOM (which neither reads): no."""
     if media.metadata.get("compat_reader") == "hulumed_nifti" or media.metadata.get("compat_read_as_pil"):
         return True  # marked where the processor read it (a path relative to data_root included)
     if media.kind != "image":
@@ -180,14 +194,47 @@ def media_text(mode, kind, kept_per_frame, image_token, timestamps=None) -> str:
     is written by `chat_template("hulumed")` after the placeholder, so only the frames are expanded here.
     videollama3 (transformers 5.24 processing_video_llama_3.py `replace_image_token` / `replace_video_token`): an image
     is its tokens; a video is `Time {t:.1f}s:` + the frame's kept tokens per frame, joined by ","; without timestamps
-    its processor assumes fps 1 (frame i at i seconds)."""
+    its processor assumes fps 1 (frame i at i seconds).
+    videollama3_remote: `videollama3_remote_text`."""
     if mode == "hulumed":
         return ",".join(image_token * k for k in kept_per_frame)
+    if mode == "videollama3_remote":
+        return videollama3_remote_text(kind, kept_per_frame, image_token, timestamps)
     if kind == "image":
         return image_token * kept_per_frame[0]
     if timestamps is None or len(timestamps) != len(kept_per_frame):
         timestamps = [float(i) for i in range(len(kept_per_frame))]
     return ",".join(f"Time {t:.1f}s:" + image_token * k for k, t in zip(kept_per_frame, timestamps))
+
+
+# The chat template of the original VideoLLaMA3 checkpoints (processing_videollama3.py 05cee23 takes it from the
+# tokenizer, `Videollama3Qwen2Processor.__init__`; its text as published on the Hub and as copied, unchanged, by
+# downstream projects; the same rules as videollama3/model/processor.py DEFAULT_CHAT_TEMPLATE of the training code):
+# `<|im_start|>{role}\n` ... `<|im_end|>\n` per message; with `add_system_prompt` (False in the processor's
+# `_defaults`) a system message VL3_SYSTEM_PROMPT before the first message unless it is a system one; text blocks
+# verbatim; an image `<image>\n`; a video, per frame i, `Time {round(t_i, 1)}s:` when the content carries
+# `timestamps`, then `<image>` followed by "," (not the last frame) or "\n" (the last); generation prompt
+# `<|im_start|>assistant\n`. Each `<image>` is one FRAME there, expanded to all its tokens (`process_text`); token
+# compression then drops the placeholders of compressed tokens with them (modeling_videollama3.py
+# `_compress_visual_tokens`), so the prompt the LLM reads is the one written here with pruned tokens left out.
+# Not reproduced: its "stream" role (`<|stream_start|>` / `<|stream_end|>`, a streaming training format).
+VL3_SYSTEM_PROMPT = (
+    "You are VideoLLaMA3 created by Alibaba DAMO Academy, a helpful assistant to help people understand images and "
+    "videos."
+)
+
+
+def videollama3_remote_text(kind, kept_per_frame, image_token, timestamps=None) -> str:
+    """A medium's expansion in the original VideoLLaMA3's prompt (the template's "\\n" after it is
+    `chat_template`'s). Timestamps are written as Jinja's `t | round(1) | string` writes them (Python's round and
+    str: "0.0", "1.5", "12.3"), and only where the medium has them (its template tests `'timestamps' in content`):
+    video files read by `read_videollama3_video` and `Media` given with timestamps_s; frames given as an array carry
+    none there either."""
+    if kind == "image":
+        return image_token * kept_per_frame[0]
+    if timestamps is None or len(timestamps) != len(kept_per_frame):
+        return ",".join(image_token * k for k in kept_per_frame)
+    return ",".join(f"Time {round(float(t), 1)}s:" + image_token * k for k, t in zip(kept_per_frame, timestamps))
 
 
 def chat_template(mode) -> str:
@@ -200,8 +247,16 @@ def chat_template(mode) -> str:
     rendered string is theirs with `<image>` spelled `<|image_pad|>`; their video's per-frame list is one placeholder
     here until the processor expands it.
     videollama3: the same ChatML frame (UNVERIFIED: the checkpoints' own chat_template.jinja is on the Hub, not in
-    transformers, and was not available here)."""
-    after_medium = "\\n" if normalize_mode(mode) == "hulumed" else ""
+    transformers, and was not available here).
+    videollama3_remote: the rules at VL3_SYSTEM_PROMPT (the same frame as Hulu-Med's, which forked it; a medium is followed by "\\n";
+    its default system prompt only with `add_system_prompt=True`, as its processor's default is False)."""
+    mode = normalize_mode(mode)
+    after_medium = "\\n" if mode in ("hulumed", "videollama3_remote") else ""
+    system = ""
+    if mode == "videollama3_remote":
+        system = ("{%- if add_system_prompt and loop.first and message['role'] != 'system' -%}"
+                  "{{- '<|im_start|>system\\n" + VL3_SYSTEM_PROMPT + "<|im_end|>\\n' -}}"
+                  "{%- endif -%}")  # fmt: skip
     return (
         "{%- macro render_content(content) -%}"
         "{%- if content is string -%}"
@@ -217,7 +272,8 @@ def chat_template(mode) -> str:
         "{%- endif -%}"
         "{%- endmacro -%}"
         "{%- for message in messages -%}"
-        "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+        + system
+        + "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
         "{%- if message['role'] == 'assistant' -%}"
         "{%- generation -%}"
         "{{- render_content(message['content']) + '<|im_end|>' -}}"
@@ -334,3 +390,104 @@ def read_hulumed_video(path, fps: float | None, max_frames: int | None) -> Media
         timestamps_s=[i / video_fps for i in indices],
         metadata={"compat_reader": "hulumed_video", "frame_indices": indices, "fps_native": video_fps},
     )
+
+
+def _fps_filter_picks(pts_s: list[float], end_s: float, fps: float) -> list[int]:
+    """Which decoded frames libavfilter's `fps` filter with `round=down` outputs (vf_fps.c): each frame's time is
+    rescaled to the output time base 1/fps rounding DOWN; output tick n (n = first tick, first + 1, ...) carries the
+    last frame whose rescaled time is <= n (earlier ones are dropped, a frame is repeated while no later one arrives);
+    at end of stream ticks continue while n < the end time rescaled with rounding to nearest (its default
+    eof_action=round), the end being the last frame's time plus its duration. Times are relative to the stream's
+    start, as ffmpeg's command line feeds them (no -copyts)."""
+    ticks = [math.floor(t * fps + 1e-9) for t in pts_s]  # 1e-9: pts / time_base products that are exact in ffmpeg
+    end_tick = math.floor(end_s * fps + 0.5)
+    picks, frame, n = [], 0, ticks[0]
+    while n < end_tick:
+        while frame + 1 < len(ticks) and ticks[frame + 1] <= n:
+            frame += 1
+        picks.append(frame)
+        n += 1
+    return picks
+
+
+def read_videollama3_video(path, fps: float | None, max_frames: int | None) -> Media:
+    """A video file as the original VideoLLaMA3 processor reads it (processing_videollama3.py 05cee23
+    `Videollama3Qwen2Processor.load_video`, no start / end time): ffmpeg decodes the whole stream through the `fps`
+    filter (`fps=fps, round="down"`, `_fps_filter_picks`) to rgb24; timestamps are NOT the frames' own times but
+    `np.arange(start, start + duration + 1 / fps, 1 / fps)[:n]` (start: the video stream's start_time, duration: the
+    container's); with more than max_frames frames, `np.linspace(0, n - 1, max_frames, dtype=int)` of them and of
+    their timestamps; without fps, every frame and `np.linspace(start, start + duration, n)`. Decoded here with PyAV
+    (FFmpeg's own libraries), frames uint8 / 255. Directories of frames and GIFs (its `load_video_from_ids`) are not
+    reproduced: they go through OmniV-Med's reader."""
+    label = os.fspath(path)
+    if not os.path.isfile(label):
+        raise MediaError(f"{label}: no such file")
+    if fps is not None and fps <= 0:
+        raise ValueError(f"{label}: fps must be > 0, got {fps}")
+    try:
+        import av
+
+        with av.open(label) as container:
+            if not container.streams.video:
+                raise MediaError(f"{label}: the file has no video stream")
+            stream = container.streams.video[0]
+            base = stream.time_base
+            start = float(stream.start_time * base) if stream.start_time is not None else 0.0
+            duration = container.duration / av.time_base if container.duration is not None else None
+            decoded = [(frame.pts, frame.duration, frame.to_ndarray(format="rgb24")) for frame in container.decode(stream)]
+    except MediaError:
+        raise
+    except Exception as error:  # PyAV raises its own error types for unreadable files
+        raise MediaError(f"{label}: FFmpeg (PyAV) cannot read this video ({error})") from error
+    if not decoded:
+        raise MediaError(f"{label}: the video has no frames")
+    if duration is None:
+        raise MediaError(f"{label}: the container does not state its duration, which VideoLLaMA3's reader needs")
+    decoded.sort(key=lambda item: item[0])
+    first = decoded[0][0]
+    times = [float((pts - first) * base) for pts, _, _ in decoded]
+    if fps is not None:
+        last_pts, last_duration, _ = decoded[-1]
+        frame_time = float(last_duration * base) if last_duration else (times[-1] / max(1, len(times) - 1))
+        indices = _fps_filter_picks(times, times[-1] + frame_time, fps)
+        timestamps = np.arange(start, start + duration + 1 / fps, 1 / fps)[: len(indices)]
+    else:
+        indices = list(range(len(decoded)))
+        timestamps = np.linspace(start, start + duration, len(indices))
+    if max_frames is not None and len(indices) > max_frames:
+        keep = np.linspace(0, len(indices) - 1, max_frames, dtype=int)
+        indices, timestamps = [indices[i] for i in keep], timestamps[keep]
+    frames = np.stack([decoded[i][2] for i in indices])
+    return Media(
+        frames=frames.astype(np.float32) / np.float32(255.0),
+        kind="video",
+        source=label,
+        timestamps_s=[float(t) for t in timestamps],
+        metadata={"compat_reader": "videollama3_video", "frame_indices": indices, "fps_sampled": fps},
+    )
+
+
+def compat_load(mode, item, kind, load_kwargs, load) -> Media | None:
+    """The source's own reader for `item` under `mode`, or None where OmniV-Med's `load` (load_media) reads it as the
+    source would. Image files and PIL images are marked as PIL-held (`from_pil`). load_kwargs: the processor's
+    LOAD_SETTINGS and options for this item."""
+    if mode not in ("hulumed", "videollama3_remote"):
+        return None
+    if mode == "hulumed":
+        # NIfTI (no reorientation, per-slice min-max, max_slices evenly spaced slices) and video files (every
+        # int(native / fps)-th frame, at most max_frames)
+        if is_nifti_path(item) and kind in (None, "volume"):
+            return read_hulumed_nifti(item, load_kwargs["max_slices"], load_kwargs["slice_axis"])
+        if is_video_path(item) and kind in (None, "video"):
+            return read_hulumed_video(item, load_kwargs["fps"], load_kwargs["max_frames"])
+    elif is_video_path(item) and kind in (None, "video"):
+        return read_videollama3_video(item, load_kwargs["fps"], load_kwargs["max_frames"])
+    if kind in (None, "video") and isinstance(item, (list, tuple, np.ndarray)) and len(item) > load_kwargs["max_frames"]:
+        # frames given as such are never sampled there (max_frames applies to its file readers only)
+        load_kwargs = {**load_kwargs, "max_frames": len(item)}
+    media = load(item, kind=kind, **load_kwargs)
+    # an image file or PIL image is a PIL image in the source, which sizes it differently (from_pil); DICOM, which the
+    # source does not read, and VideoLLaMA3 volumes (it has no volume reader: OmniV-Med's, given as frames) are arrays
+    if media.kind == "image" and (isinstance(item, str) or type(item).__module__.startswith("PIL.")):
+        media.metadata["compat_read_as_pil"] = True
+    return media

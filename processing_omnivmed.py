@@ -18,9 +18,9 @@ image, and for a volume/video, per slice/frame f, `<|frame_sep|>` followed by `<
 separators let the LLM tell which slice/frame each visual token came from (a frame whose tokens were all pruned
 cannot happen: every frame keeps >= `prune_min_tokens` >= 1 tokens).
 
-Compatibility mode (`compat_mode` "hulumed" / "videollama3", saved by `convert_omnivmed.py` in the folders it writes):
-frame sizes, a medium's prompt text and Hulu-Med's volume / video file reading follow the source instead, as
-`compat_omnivmed.py` documents; the hooks here only route to it.
+Compatibility mode (`compat_mode` "hulumed" / "videollama3" / "videollama3_remote", saved by `convert_omnivmed.py`
+in the folders it writes): frame sizes, a medium's prompt text and the source's volume / video file reading follow the
+source instead, as `compat_omnivmed.py` documents; the hooks here only route to it.
 """
 
 import bisect
@@ -41,8 +41,7 @@ from transformers.processing_utils import ImagesKwargs, ProcessorMixin, TextKwar
 from transformers.utils import logging
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from .compat_omnivmed import from_pil, is_nifti_path, is_video_path, media_text, normalize_mode, target_sizes
-from .compat_omnivmed import read_hulumed_nifti, read_hulumed_video
+from .compat_omnivmed import compat_load, from_pil, media_text, normalize_mode, target_sizes
 from .configuration_omnivmed import PROCESSOR_SETTINGS, OmniVMedConfig
 from .media_omnivmed import Media, MediaError, load_media
 from .pruning_omnivmed import compute_keep_mask, patch_grid_positions, pruning_report, tokens_per_frame
@@ -241,8 +240,8 @@ class OmniVMedImageProcessor(BaseImageProcessor):
             `media_omnivmed.load_media` when an item is not a `Media` (a path, DICOM folder, PIL image, array).
         resample: "bicubic" (default), "bilinear" or "nearest".
         image_mean / image_std: per-channel normalisation (SigLIP: 0.5 / 0.5).
-        compat_mode: None (OmniV-Med's processing) or "hulumed" / "videollama3": the source's frame sizes (a budget
-            shared among the media of one prompt), per-frame prompt text and, for "hulumed", NIfTI reading, as
+        compat_mode: None (OmniV-Med's processing) or "hulumed" / "videollama3" / "videollama3_remote": the source's
+            frame sizes (a budget shared among the media of one prompt), per-frame prompt text and file readers, as
             `compat_omnivmed` documents; converted folders save it. "off" selects our processing explicitly.
 
     Call: `processor(media, kind=None, return_tensors=None, **overrides)` -> `BatchFeature` with
@@ -409,20 +408,10 @@ class OmniVMedImageProcessor(BaseImageProcessor):
         load_kwargs.update({k: options[k] for k in LOAD_OPTIONS if options.get(k) is not None})
         if isinstance(item, os.PathLike):
             item = os.fspath(item)
-        if normalize_mode(options.get("compat_mode", self.compat_mode)) == "hulumed":
-            # the source's own readers: NIfTI (no reorientation, per-slice min-max, max_slices evenly spaced slices)
-            # and video files (every int(native / fps)-th frame, at most max_frames)
-            if is_nifti_path(item) and kind in (None, "volume"):
-                return read_hulumed_nifti(item, load_kwargs["max_slices"], load_kwargs["slice_axis"])
-            if is_video_path(item) and kind in (None, "video"):
-                return read_hulumed_video(item, load_kwargs["fps"], load_kwargs["max_frames"])
-            media = load_media(item, kind=kind, **load_kwargs)
-            # an image file or PIL image is a PIL image in the source, which sizes it differently
-            # (compat_omnivmed.from_pil); DICOM, which the source does not read, is sized as an array
-            if media.kind == "image" and (isinstance(item, str) or type(item).__module__.startswith("PIL.")):
-                media.metadata["compat_read_as_pil"] = True
-            return media
-        return load_media(item, kind=kind, **load_kwargs)
+        # compatibility mode: the source's own readers where it has them (compat_omnivmed.compat_load)
+        media = compat_load(normalize_mode(options.get("compat_mode", self.compat_mode)), item, kind, load_kwargs,
+                            load_media)  # fmt: skip
+        return media if media is not None else load_media(item, kind=kind, **load_kwargs)
 
     @staticmethod
     def _validated_frames(media: Media) -> np.ndarray:
