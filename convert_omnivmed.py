@@ -86,6 +86,10 @@ VL3_MAX_FRAMES = 180
 # Hulu-Med a0060ad: mm_utils.load_images' nii_num_slices default; README "Video Example" (load_video at fps 1,
 # max_frames 1800)
 HULUMED_NII_NUM_SLICES, HULUMED_MAX_FRAMES = 180, 1800
+# original VideoLLaMA3 (github.com/DAMO-NLP-SG/VideoLLaMA3 05cee23, inference/transformers_api/processing_videollama3.py
+# `Videollama3Qwen2Processor.__init__` defaults, overridden by a folder's processor_config.json): fps 1, max_frames 128,
+# image_merge_size 1, video_merge_size 2
+VL3_REMOTE_PROCESSOR = {"fps": 1, "max_frames": 128, "image_merge_size": 1, "video_merge_size": 2}
 # config model_type -> (family, key layout)
 SOURCE_MODEL_TYPES = {
     "hulumed_qwen2": ("hulumed", "remote"),
@@ -266,16 +270,13 @@ def vision_config_dict(source: Source) -> dict:
     return out
 
 
-def compat_mode_for(source: Source) -> str | None:
-    """The compatibility mode whose published rules this source's checkpoints were made with: Hulu-Med's own code, or
-    transformers' VideoLLaMA3 port for its native folders. The original VideoLLaMA3 remote-code checkpoints have no
-    mode yet (their processor is Hulu-Med's without its PIL size swap and with timestamps: not reproduced here)."""
+def compat_mode_for(source: Source) -> str:
+    """The compatibility mode whose published rules this source's checkpoints were made with: Hulu-Med's own code,
+    transformers' VideoLLaMA3 port for its native folders, the original VideoLLaMA3 remote code for
+    `videollama3_qwen2` folders (compat_omnivmed.py names the files and commits)."""
     if source.family == "hulumed":
         return "hulumed"
-    if source.layout == "native":
-        return "videollama3"
-    logger.warning("no compatibility mode for %s remote-code checkpoints: using OmniV-Med's processing", source.family)
-    return None
+    return "videollama3" if source.layout == "native" else "videollama3_remote"
 
 
 def source_uses_token_compression(source: Source) -> bool:
@@ -397,6 +398,15 @@ def image_processor_settings(source: Source, config: OmniVMedConfig, mode: str |
         if mode == "hulumed":
             max_frames = HULUMED_MAX_FRAMES
             settings["max_slices"] = HULUMED_NII_NUM_SLICES
+        elif mode == "videollama3_remote":
+            proc = {**VL3_REMOTE_PROCESSOR, **_read_json(source.folder / "processor_config.json")}
+            merges = (int(proc["image_merge_size"]), int(proc["video_merge_size"]))
+            if merges != (config.image_merge_size, config.video_merge_size):
+                raise ConversionError(f"the source processor merges images / videos by {merges}; only (1, 2) maps")
+            if proc["fps"] is None or float(proc["fps"]) <= 0:
+                raise ConversionError(f"the source processor samples videos at fps={proc['fps']!r}; only fps > 0 maps")
+            max_frames = int(proc["max_frames"])
+            settings["fps"] = float(proc["fps"])
     settings["max_frames"] = max_frames
     settings["compat_mode"] = mode
     return settings
