@@ -714,3 +714,333 @@ def test_videollama3_video_sizes_follow_transformers_rule(tmp_path):
         for height, width in ((480, 640), (1080, 1920), (96, 100)):
             expected = smart_resize(height, width, 28, min_pixels=128 * 28 * 28, max_pixels=28 * 28 * 768 // frames)
             assert target_sizes("videollama3", [("video", frames, height, width, False)], settings) == [(*expected, 2)]
+
+
+# ------------------------------------------------------------------------------------------------ VideoLLaMA3 original
+# The original VideoLLaMA3 remote-code checkpoints (`videollama3_qwen2`: DAMO-NLP-SG/VideoLLaMA3-2B / -7B) convert with
+# compat_mode "videollama3_remote". The reference below follows github.com/DAMO-NLP-SG/VideoLLaMA3 at commit 05cee23,
+# inference/transformers_api/ (the Hub repos' remote code), written here from its rules:
+# - sizes and pixels: image_processing_videollama3.py `simple_batched_resize` / `batched_resize` / `_preprocess`, the
+#   same rules (PIL `.size` read as (height, width) included) as Hulu-Med's, so `ref_sizes` / `ref_patches` serve;
+# - image files: processing_videollama3.py `load_images` (`Image.open(path).convert("RGB")`: PIL-held);
+# - video files: processing_videollama3.py `Videollama3Qwen2Processor.load_video`: ffmpeg's `fps` filter (fps=1,
+#   round=down; run here through PyAV's libavfilter, the filter itself), rgb24, timestamps `np.arange(start, start +
+#   duration + 1 / fps, 1 / fps)[:n]`, `np.linspace` down to max_frames (default 128, `__init__`);
+# - prompt: the chat template its processor takes from the tokenizer (its output written as Python in
+#   `ref_vl3_prompt`), `process_text` (each `<image>` is one frame, expanded to all its tokens);
+# - compression: modeling_videollama3.py `_get_compression_mask` (mean |delta| * 255 > 0.1, first frame kept whole,
+#   `mask[padding_ids, :min_tokens] = 1`) and `_compress_visual_tokens` (the placeholders of compressed tokens are
+#   removed from the ids);
+# - model: transformers' VideoLlama3ForConditionalGeneration, transformers' port of this model code, with the weights
+#   under its names (`reference_model`; its equality with the forked Hulu-Med code is proven by
+#   test_reference_model_gives_the_fixture_logits).
+VL3_SYSTEM = ("You are VideoLLaMA3 created by Alibaba DAMO Academy, a helpful assistant to help people understand "
+              "images and videos.")  # fmt: skip
+VL3_RNG = np.random.default_rng(21)
+
+
+def vl3_u8(*shape):
+    return VL3_RNG.integers(0, 256, shape, dtype=np.uint8)
+
+
+def make_vl3_checkpoint(folder: Path, seed: int, max_tokens: int, min_tokens: int, processor_config=None) -> Path:
+    """A random checkpoint in the original VideoLLaMA3 format: Hulu-Med's keys and flat config (the same layout,
+    test_convert_omnivmed.py) with VideoLLaMA3's model_type, image processor type and SigLIP mean / std."""
+    make_hulumed_checkpoint(folder, seed=seed, text_type="qwen2", max_tokens=max_tokens, min_tokens=min_tokens,
+                            compression=True)  # fmt: skip
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="videollama3_qwen2", architectures=["Videollama3Qwen2ForCausalLM"])
+    config["vision_encoder_config"]["model_type"] = "videollama3_vision_encoder"
+    (folder / "config.json").write_text(json.dumps(config))
+    pre = json.loads((folder / "preprocessor_config.json").read_text())
+    pre.update(image_processor_type="Videollama3ImageProcessor", image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    (folder / "preprocessor_config.json").write_text(json.dumps(pre))
+    if processor_config is not None:
+        (folder / "processor_config.json").write_text(json.dumps(processor_config))
+    return folder
+
+
+def ref_vl3_video_file(path, fps, max_frames):
+    """processing_videollama3.py 05cee23 `load_video`: (uint8 frames, timestamps)."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        start = float(stream.start_time * stream.time_base)  # ffmpeg.probe's stream start_time
+        duration = container.duration / av.time_base  # ffmpeg.probe's format duration
+        graph = av.filter.Graph()
+        source, sink = graph.add_buffer(template=stream), graph.add("buffersink")
+        fps_filter = graph.add("fps", f"fps={fps}:round=down")
+        source.link_to(fps_filter)
+        fps_filter.link_to(sink)
+        graph.configure()
+        frames = []
+        for frame in [*container.decode(stream), None]:
+            graph.push(frame)
+            while True:
+                try:
+                    frames.append(graph.pull().to_ndarray(format="rgb24"))
+                except (av.BlockingIOError, av.EOFError):
+                    break
+    frames = np.stack(frames)
+    timestamps = np.arange(start, start + duration + 1 / fps, 1 / fps)[: len(frames)]
+    if len(frames) > max_frames:
+        indices = np.linspace(0, len(frames) - 1, max_frames, dtype=int)
+        frames, timestamps = frames[indices], timestamps[indices]
+    return frames, [float(t) for t in timestamps]
+
+
+def ref_vl3_compression(patches, grid, merge, threshold=0.1, min_tokens=1):
+    """modeling_videollama3.py 05cee23 `_get_compression_mask` for a 'video' item of t > 1 frames."""
+    t, h, w = grid
+    if t == 1:
+        return torch.ones(h * w // merge**2, dtype=torch.bool)
+    blocks = patches.view(t, (h // merge) * (w // merge), -1)
+    diff = (blocks[1:] - blocks[:-1]).abs().mean(dim=-1) * 255
+    diff = torch.cat([torch.full_like(diff[0:1], threshold + 1), diff], dim=0)
+    mask = diff > threshold
+    mask[torch.nonzero(mask.sum(dim=1) < min_tokens)[:, 0], :min_tokens] = True
+    return mask.flatten()
+
+
+def ref_vl3_prompt(messages, media, add_system_prompt=False, image_token=IMAGE_TOKEN):
+    """The original checkpoints' chat template output, media blocks as its `_load_multimodal_data` leaves them (a
+    video carries num_frames and, read from a file, timestamps); media: per medium (kind, num_frames, timestamps or
+    None). `<image>` is spelled image_token."""
+    media = iter(media)
+    out = ""
+    for index, message in enumerate(messages):
+        if add_system_prompt and index == 0 and message["role"] != "system":
+            out += f"<|im_start|>system\n{VL3_SYSTEM}<|im_end|>\n"
+        out += f"<|im_start|>{message['role']}\n"
+        content = message["content"]
+        if isinstance(content, str):
+            out += content + "<|im_end|>\n"
+            continue
+        for block in content:
+            if block["type"] == "text":
+                out += block["text"]
+                continue
+            kind, frames, timestamps = next(media)
+            if kind == "image":
+                out += image_token + "\n"
+                continue
+            for f in range(frames):
+                if timestamps is not None:
+                    out += "Time " + str(round(timestamps[f], 1)) + "s:"  # `| round(1) | string`
+                out += image_token + ("," if f < frames - 1 else "\n")
+        out += "<|im_end|>\n"
+    return out + "<|im_start|>assistant\n"
+
+
+class Vl3RemoteReference:
+    """The original VideoLLaMA3 pipeline for one conversation (its compression asserts batch size 1)."""
+
+    def __init__(self, folder: Path, tokenizer):
+        pre = json.loads((folder / "preprocessor_config.json").read_text())
+        self.min_tokens, self.max_tokens = pre.get("min_tokens", 16), pre.get("max_tokens", 16384)
+        self.mean = np.array(pre["image_mean"], dtype=np.float32)
+        self.std = np.array(pre["image_std"], dtype=np.float32)
+        path = folder / "processor_config.json"
+        proc = json.loads(path.read_text()) if path.is_file() else {}
+        self.fps, self.max_frames = proc.get("fps", 1), proc.get("max_frames", 128)  # `__init__` defaults
+        self.tokenizer = tokenizer
+        self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.video_id = tokenizer.convert_tokens_to_ids("<|frame_sep|>")  # any id the text never holds
+        self.model = reference_model(folder, self.image_id, self.video_id)
+
+    def logits(self, messages, raw):
+        """raw: per medium (kind, uint8 frames, PIL-held, timestamps or None)."""
+        sizes, merges = ref_sizes([(k, f, pil) for k, f, pil, _ in raw], self.min_tokens, self.max_tokens)
+        images, videos, keeps = [], [], []
+        for (kind, frames, _, _), (h, w), merge in zip(raw, sizes, merges):
+            patches, grid = ref_patches(frames, h, w, merge, self.mean, self.std)
+            keep = ref_vl3_compression(patches, grid, merge) if kind != "image" else \
+                torch.ones(grid[1] * grid[2] // merge**2, dtype=torch.bool)  # fmt: skip
+            (images if kind == "image" else videos).append((patches, grid, merge, keep))
+            keeps.append((kind, keep))
+        prompt = ref_vl3_prompt(messages, [(k, len(f), ts) for k, f, _, ts in raw])
+        # process_text: each <image> (one frame) -> all its tokens
+        pieces = prompt.split(IMAGE_TOKEN)
+        counts = []
+        for (_, frames, _, _), (h, w), m in zip(raw, sizes, merges):
+            counts += [(h // PATCH // m) * (w // PATCH // m)] * len(frames)
+        assert len(pieces) == len(counts) + 1
+        text = pieces[0] + "".join(IMAGE_TOKEN * n + piece for n, piece in zip(counts, pieces[1:]))
+        ids = torch.tensor(self.tokenizer(text)["input_ids"])
+        # _compress_visual_tokens: the placeholders of compressed tokens leave the ids; the video media's kept
+        # placeholders get the reference model's video id
+        image_positions = (ids == self.image_id).nonzero()[:, 0]
+        mask = torch.cat([k for _, k in keeps])
+        kinds = torch.cat([torch.full((len(k),), kind != "image") for kind, k in keeps])
+        assert len(image_positions) == len(mask)
+        ids[image_positions[kinds]] = self.video_id
+        select = torch.ones(len(ids), dtype=torch.bool)
+        select[image_positions[~mask]] = False
+        ids = ids[select]
+        kwargs = {}
+        if images:
+            kwargs.update(pixel_values=torch.cat([p for p, *_ in images]),
+                          image_grid_thw=torch.tensor([g for _, g, _, _ in images]),
+                          image_merge_sizes=torch.tensor([m for _, _, m, _ in images]))  # fmt: skip
+        if videos:
+            kwargs.update(pixel_values_videos=torch.cat([p for p, *_ in videos]),
+                          video_grid_thw=torch.tensor([g for _, g, _, _ in videos]),
+                          video_merge_sizes=torch.tensor([m for _, _, m, _ in videos]),
+                          video_compression_mask=torch.cat([k for *_, k in videos]))  # fmt: skip
+        with torch.no_grad():
+            return self.model(input_ids=ids[None], **kwargs).logits, ids.tolist()
+
+
+@pytest.fixture(scope="module")
+def vl3_media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vl3-media")
+    png = root / "photo.png"
+    Image.fromarray(vl3_u8(50, 83, 3)).save(png)  # non-square: the PIL size order shows
+    rng_state = RNG.bit_generator.state  # moving_clip draws from the module RNG: keep the Hulu-Med tests' draws
+    # 40 frames at 10 fps (4 s): fps=1, round=down picks frames 9, 19, 29, 39 (the last of each second)
+    write_mp4(root / "clip4.mp4", moving_clip(40, 64, 96), rate=10)
+    # 64 frames at 4 fps (16 s): 16 frames at fps 1 (max_frames 8 in one checkpoint takes 8 of them)
+    write_mp4(root / "clip16.mp4", moving_clip(64, 56, 84), rate=4)
+    video4 = moving_clip(4, 50, 64)
+    video16 = moving_clip(16, 84, 112)
+    RNG.bit_generator.state = rng_state
+    video16[9] = video16[8]  # a static frame: compression keeps its FIRST token only
+    return {"png": png, "mp4_4": root / "clip4.mp4", "mp4_16": root / "clip16.mp4", "image_a": vl3_u8(120, 174, 3),
+            "image_b": vl3_u8(33, 29, 3), "video4": video4, "video16": video16}  # fmt: skip
+
+
+def vl3_cases(media, fps, max_frames):
+    """name -> (messages, the source's raw media: (kind, uint8 frames, PIL-held, timestamps or None))."""
+    png = np.asarray(Image.open(media["png"]).convert("RGB"))
+    clip4, times4 = ref_vl3_video_file(media["mp4_4"], fps, max_frames)
+    clip16, times16 = ref_vl3_video_file(media["mp4_16"], fps, max_frames)
+
+    def user(blocks, text):
+        return [{"role": "user", "content": blocks + [{"type": "text", "text": text}]}]
+
+    return {
+        "one_image": (user([{"type": "image", "path": str(media["png"])}], "What is this?"),
+                      [("image", png[None], True, None)]),
+        "two_images": (user([{"type": "image", "image": media["image_a"]},
+                             {"type": "image", "image": media["image_b"]}], "Compare them."),
+                       [("image", media["image_a"][None], False, None),
+                        ("image", media["image_b"][None], False, None)]),
+        "video4": (user([{"type": "video", "video": media["video4"]}], "Describe."),
+                   [("video", media["video4"], False, None)]),
+        "video16": (user([{"type": "video", "video": media["video16"]}], "Describe."),
+                    [("video", media["video16"], False, None)]),
+        "video4_file": (user([{"type": "video", "path": str(media["mp4_4"])}], "Describe."),
+                        [("video", clip4, False, times4)]),
+        "video16_file": (user([{"type": "video", "path": str(media["mp4_16"])}], "When does it move?"),
+                         [("video", clip16, False, times16)]),
+        "image_and_video": (user([{"type": "image", "image": media["image_a"]},
+                                  {"type": "video", "path": str(media["mp4_4"])}], "Same scene?"),
+                            [("image", media["image_a"][None], False, None), ("video", clip4, False, times4)]),
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def vl3_checkpoints(tmp_path_factory):
+    """label -> (converted model, its saved processor, the source reference)."""
+    root = tmp_path_factory.mktemp("vl3")
+    sources = {
+        # a small budget shared by the media of a prompt (two images, 16 frames, image + video)
+        "vl3-small-budget": make_vl3_checkpoint(root / "a", seed=8, max_tokens=96, min_tokens=2),
+        # the Hub defaults' min_tokens; a processor_config.json that lowers max_frames
+        "vl3-max-frames-8": make_vl3_checkpoint(root / "b", seed=9, max_tokens=700, min_tokens=16,
+                                                processor_config={"fps": 1, "max_frames": 8}),
+    }  # fmt: skip
+    out = {}
+    for label, folder in sources.items():
+        converted = convert("videollama3", str(folder), root / f"{label}-converted", tiny_tokenizer=True)
+        model = OmniVMedForConditionalGeneration.from_pretrained(converted, attn_implementation="sdpa").eval()
+        processor = OmniVMedProcessor.from_pretrained(converted, trust_remote_code=True)
+        out[label] = (model, processor, Vl3RemoteReference(folder, processor.tokenizer))
+    return out
+
+
+VL3_LABELS = ["vl3-small-budget", "vl3-max-frames-8"]
+VL3_CASES = ["one_image", "two_images", "video4", "video16", "video4_file", "video16_file", "image_and_video"]
+
+
+def _same_ids(ours, expected, reference):
+    assert [reference.image_id if t == reference.video_id else t for t in expected] == ours
+
+
+@pytest.mark.parametrize("label", VL3_LABELS)
+@pytest.mark.parametrize("case", VL3_CASES)
+def test_videollama3_original_raw_media_give_the_source_logits(vl3_checkpoints, vl3_media, label, case):
+    model, processor, reference = vl3_checkpoints[label]
+    assert processor.image_processor.compat_mode == "videollama3_remote"
+    messages, raw = vl3_cases(vl3_media, reference.fps, reference.max_frames)[case]
+    ours, inputs = our_logits(model, processor, messages)
+    expected, expected_ids = reference.logits(messages, raw)
+    _same_ids(inputs["input_ids"][0].tolist(), expected_ids, reference)
+    assert ours.shape == expected.shape
+    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("label", VL3_LABELS)
+def test_videollama3_original_batch_mixing_media_gives_each_sample_the_source_logits(vl3_checkpoints, vl3_media,
+                                                                                     label):  # fmt: skip
+    model, processor, reference = vl3_checkpoints[label]
+    cases = vl3_cases(vl3_media, reference.fps, reference.max_frames)
+    names = ["image_and_video", "two_images", "video16", "one_image", "video16_file"]
+    ours, inputs = our_logits(model, processor, [cases[n][0] for n in names])
+    for row, name in enumerate(names):
+        expected, expected_ids = reference.logits(*cases[name])
+        real = inputs["attention_mask"][row].bool()
+        _same_ids(inputs["input_ids"][row][real].tolist(), expected_ids, reference)
+        torch.testing.assert_close(ours[row][real], expected[0], atol=ATOL, rtol=0)
+
+
+def test_videollama3_original_rendered_prompt_is_the_source_template_output(vl3_checkpoints, vl3_media):
+    _, processor, reference = vl3_checkpoints["vl3-small-budget"]
+    conversation = [
+        {"role": "user", "content": [{"type": "image", "image": "x.png"}, {"type": "image", "image": "y.png"},
+                                     {"type": "text", "text": "Compare."}]},
+        {"role": "assistant", "content": "They differ."},
+        {"role": "user", "content": "Why?"},
+    ]  # fmt: skip
+    media = [("image", 1, None), ("image", 1, None)]  # an image's `<image>` stands for all its tokens there
+    assert processor.apply_chat_template(conversation, add_generation_prompt=True) == ref_vl3_prompt(conversation,
+                                                                                                     media)
+    # its processor's default leaves the system prompt out; asked for, it comes before the first (non-system) message
+    assert processor.apply_chat_template(conversation, add_generation_prompt=True, add_system_prompt=True) == \
+        ref_vl3_prompt(conversation, media, add_system_prompt=True)  # fmt: skip
+    with_system = [{"role": "system", "content": "Be brief."}] + conversation
+    assert processor.apply_chat_template(with_system, add_generation_prompt=True, add_system_prompt=True) == \
+        ref_vl3_prompt(with_system, media, add_system_prompt=True)  # fmt: skip
+    # a video file: the whole expanded prompt (timestamps from the fps-1 clock, frames joined by ",", then "\n")
+    messages, raw = vl3_cases(vl3_media, reference.fps, reference.max_frames)["video4_file"]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    text = processor.tokenizer.decode(inputs["input_ids"][0])
+    expected = ref_vl3_prompt(messages, [("video", 4, raw[0][3])])
+    assert raw[0][3] == [0.0, 1.0, 2.0, 3.0]
+    # the placeholders' counts are the logits tests' business; the text around them must be the template's
+    assert text.replace(IMAGE_TOKEN, "") == expected.replace(IMAGE_TOKEN, "")
+    assert "Time 0.0s:" in text and "Time 3.0s:" in text
+
+
+def test_videollama3_original_video_reader_follows_the_fps_filter(vl3_checkpoints, vl3_media):
+    """The frames the reader picks are the ones libavfilter's fps filter (round=down) outputs, pixel for pixel."""
+    _, processor, reference = vl3_checkpoints["vl3-small-budget"]
+    clip = processor.image_processor.to_media(str(vl3_media["mp4_16"]))
+    frames, times = ref_vl3_video_file(vl3_media["mp4_16"], 1, 128)
+    assert clip.metadata["frame_indices"] == list(range(3, 64, 4)) and clip.timestamps_s == times
+    assert np.array_equal(np.round(clip.frames * 255), frames)
+    # a processor_config.json's max_frames: evenly spaced among the sampled frames, timestamps with them
+    _, processor8, _ = vl3_checkpoints["vl3-max-frames-8"]
+    clip8 = processor8.image_processor.to_media(str(vl3_media["mp4_16"]))
+    assert clip8.timestamps_s == [times[i] for i in np.linspace(0, 15, 8, dtype=int)]
+    # frames given as an array are never sampled by the source, whatever max_frames says
+    assert processor8.image_processor.to_media(vl3_media["video16"], kind="video").frames.shape[0] == 16
+
+
+def test_videollama3_original_omnivmed_processing_stays_available(tmp_path):
+    folder = make_vl3_checkpoint(tmp_path / "src", seed=5, max_tokens=160, min_tokens=4)
+    out = convert("videollama3", str(folder), tmp_path / "ours", tiny_tokenizer=True, processing="omnivmed")
+    processor = OmniVMedProcessor.from_pretrained(out, trust_remote_code=True)
+    assert processor.image_processor.compat_mode is None and "Time" not in processor.chat_template
+    assert json.loads((out / "config.json").read_text())["prune_reference"] == "last_kept"
