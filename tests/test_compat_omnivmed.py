@@ -732,8 +732,11 @@ def test_videollama3_video_sizes_follow_transformers_rule(tmp_path):
 #   `mask[padding_ids, :min_tokens] = 1`) and `_compress_visual_tokens` (the placeholders of compressed tokens are
 #   removed from the ids);
 # - model: transformers' VideoLlama3ForConditionalGeneration, transformers' port of this model code, with the weights
-#   under its names (`reference_model`; its equality with the forked Hulu-Med code is proven by
-#   test_reference_model_gives_the_fixture_logits).
+#   under its names (`reference_model`). Its equality with Hulu-Med's code is proven by
+#   test_reference_model_gives_the_fixture_logits, and VideoLLaMA3's modeling_videollama3_encoder.py (05cee23) differs
+#   from Hulu-Med's modeling_hulumed_encoder.py (a0060ad) only in the class names and in its sdpa path calling
+#   `self.proj` (a module it does not have: that path raises; eager / flash-attention use `out_proj`); the projector is
+#   Linear-GELU-Linear (`build_mlp`) and the LLM Qwen2ForCausalLM in both.
 VL3_SYSTEM = ("You are VideoLLaMA3 created by Alibaba DAMO Academy, a helpful assistant to help people understand "
               "images and videos.")  # fmt: skip
 VL3_RNG = np.random.default_rng(21)
