@@ -907,10 +907,11 @@ def vl3_media(tmp_path_factory):
     write_mp4(root / "clip16.mp4", moving_clip(64, 56, 84), rate=4)
     video4 = moving_clip(4, 50, 64)
     video16 = moving_clip(16, 84, 112)
+    video64 = moving_clip(64, 60, 80)
     RNG.bit_generator.state = rng_state
     video16[9] = video16[8]  # a static frame: compression keeps its FIRST token only
     return {"png": png, "mp4_4": root / "clip4.mp4", "mp4_16": root / "clip16.mp4", "image_a": vl3_u8(120, 174, 3),
-            "image_b": vl3_u8(33, 29, 3), "video4": video4, "video16": video16}  # fmt: skip
+            "image_b": vl3_u8(33, 29, 3), "video4": video4, "video16": video16, "video64": video64}  # fmt: skip
 
 
 def vl3_cases(media, fps, max_frames):
@@ -933,6 +934,8 @@ def vl3_cases(media, fps, max_frames):
                    [("video", media["video4"], False, None)]),
         "video16": (user([{"type": "video", "video": media["video16"]}], "Describe."),
                     [("video", media["video16"], False, None)]),
+        "video64": (user([{"type": "video", "video": media["video64"]}], "Describe."),
+                    [("video", media["video64"], False, None)]),
         "video4_file": (user([{"type": "video", "path": str(media["mp4_4"])}], "Describe."),
                         [("video", clip4, False, times4)]),
         "video16_file": (user([{"type": "video", "path": str(media["mp4_16"])}], "When does it move?"),
@@ -964,7 +967,8 @@ def vl3_checkpoints(tmp_path_factory):
 
 
 VL3_LABELS = ["vl3-small-budget", "vl3-max-frames-8"]
-VL3_CASES = ["one_image", "two_images", "video4", "video16", "video4_file", "video16_file", "image_and_video"]
+VL3_CASES = ["one_image", "two_images", "video4", "video16", "video64", "video4_file", "video16_file",
+             "image_and_video"]
 
 
 def _same_ids(ours, expected, reference):
