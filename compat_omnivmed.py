@@ -19,8 +19,9 @@ Modes and the published code each rule follows (no code is copied; the file and 
                    -7B), github.com/DAMO-NLP-SG/VideoLLaMA3 at commit 05cee23, inference/transformers_api/ (the copy
                    of the Hub repos' code): image_processing_videollama3.py (sizes: Hulu-Med's rules, which forked
                    them, PIL size order included), processing_videollama3.py (video file reading, placeholder
-                   expansion, fps 1 / max_frames 128 defaults), the chat template its processor takes from the tokenizer
-                   (the comment at VL3_SYSTEM_PROMPT), modeling_videollama3.py (token compression: the converter's pruning rule).
+                   expansion, fps 1 / max_frames 128 defaults), the chat template its processor takes from the
+                   tokenizer (the comment at VL3_SYSTEM_PROMPT), modeling_videollama3.py (token compression: the
+                   converter's pruning rule).
 
 Batches: the source processes one conversation per call and shares its token budget among the media of that call, so
 the budget here is shared among the media of one prompt (`groups`), never across the prompts of a batch: a batch gives
@@ -248,8 +249,9 @@ def chat_template(mode) -> str:
     here until the processor expands it.
     videollama3: the same ChatML frame (UNVERIFIED: the checkpoints' own chat_template.jinja is on the Hub, not in
     transformers, and was not available here).
-    videollama3_remote: the rules at VL3_SYSTEM_PROMPT (the same frame as Hulu-Med's, which forked it; a medium is followed by "\\n";
-    its default system prompt only with `add_system_prompt=True`, as its processor's default is False)."""
+    videollama3_remote: the rules at VL3_SYSTEM_PROMPT (the same frame as Hulu-Med's, which forked it; a medium is
+    followed by "\\n"; its default system prompt only with `add_system_prompt=True`, its processor's default being
+    False)."""
     mode = normalize_mode(mode)
     after_medium = "\\n" if mode in ("hulumed", "videollama3_remote") else ""
     system = ""
@@ -434,7 +436,8 @@ def read_videollama3_video(path, fps: float | None, max_frames: int | None) -> M
             base = stream.time_base
             start = float(stream.start_time * base) if stream.start_time is not None else 0.0
             duration = container.duration / av.time_base if container.duration is not None else None
-            decoded = [(frame.pts, frame.duration, frame.to_ndarray(format="rgb24")) for frame in container.decode(stream)]
+            decoded = [(frame.pts, frame.duration, frame.to_ndarray(format="rgb24"))
+                       for frame in container.decode(stream)]  # fmt: skip
     except MediaError:
         raise
     except Exception as error:  # PyAV raises its own error types for unreadable files
@@ -482,7 +485,8 @@ def compat_load(mode, item, kind, load_kwargs, load) -> Media | None:
             return read_hulumed_video(item, load_kwargs["fps"], load_kwargs["max_frames"])
     elif is_video_path(item) and kind in (None, "video"):
         return read_videollama3_video(item, load_kwargs["fps"], load_kwargs["max_frames"])
-    if kind in (None, "video") and isinstance(item, (list, tuple, np.ndarray)) and len(item) > load_kwargs["max_frames"]:
+    frames_given = kind in (None, "video") and isinstance(item, (list, tuple, np.ndarray))
+    if frames_given and len(item) > load_kwargs["max_frames"]:
         # frames given as such are never sampled there (max_frames applies to its file readers only)
         load_kwargs = {**load_kwargs, "max_frames": len(item)}
     media = load(item, kind=kind, **load_kwargs)
