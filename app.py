@@ -1028,6 +1028,9 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
                 gr.update(value=strip_image(view)), slider, history, messages, "", stored, *controls_for(view), None,
                 gr.skip(), plane, window, stored.get("threshold", default_threshold), gr.skip())  # fmt: skip
 
+    for fn in (ask, stop, restore):  # `from __future__ import annotations` leaves "gr.Request" a string Gradio
+        fn.__annotations__["request"] = gr.Request  # cannot resolve (gr is imported here, not at module level)
+
     with gr.Blocks(title="OmniV-Med") as demo:
         with gr.Row(equal_height=False):
             gr.Markdown("### OmniV-Med · medical images, CT / MR volumes and videos: upload, look, ask")
@@ -1101,6 +1104,8 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
 
         def gone(request: gr.Request):  # a reloaded or closed page: its answer stops at the next token
             sessions.cancel(getattr(request, "session_hash", None))
+
+        gone.__annotations__["request"] = gr.Request
 
         demo.unload(gone)
         demo.load(restore, [stored], [*upload_outputs, upload, plane, window, threshold, question])

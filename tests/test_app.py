@@ -221,9 +221,290 @@ def test_examples_are_built_from_bundled_data_and_load(holder, tmp_path):
         view = app.build_view(path, holder.image_processor(), workdir=tmp_path)
         kinds[path.name] = (view.media.kind, view.frames.shape[0])
     assert kinds["mni152_t1.nii.gz"][0] == "volume" and kinds["ct_small.dcm"] == ("image", 1)
-    assert kinds["ct_series_ct5n.zip"] == ("volume", 5)
+    assert kinds["ct_chest_512.dcm"] == ("image", 1)
+    # the CT example is a real 512 x 512 slice shown at (about) its own size, not a 16 px crop blown up
+    chest = app.build_view(paths[1], holder.image_processor(), workdir=tmp_path)
+    assert chest.media.frames.shape[1:3] == (512, 512) and app.is_ct(chest.media)
+    assert min(chest.media.frames.shape[1:3]) >= app.VIEW_SIDE
     assert kinds["instrument_sweep.mp4"][0] == "video" and kinds["instrument_sweep.mp4"][1] > 1
     assert app.build_examples(tmp_path / "examples") == paths  # second start: reused, not rewritten
+
+
+# ------------------------------------------------------------------------------- issue 23: honest, bounded, readable
+def test_an_answer_of_invisible_characters_is_a_notice_not_an_empty_bubble():
+    import app
+
+    for raw in ("\x07\x1b\x00", "\u200b\u200d\ufeff", " \x0b\u2060 \n"):
+        shown = app.visible_answer(raw)
+        assert shown.startswith("(an empty answer") and "none visible" in shown, (raw, shown)
+    assert app.visible_answer("left\x07 side\u200b") == "left side"
+    assert app.visible_answer("a\nb") == "a\nb"
+
+
+def _write_video(path, width, height, seconds):
+    """Two black frames `seconds` apart: a tiny file whose header promises `seconds` of width x height video."""
+    import fractions
+
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=1)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "ultrafast"}
+        frame = np.zeros((height, width, 3), np.uint8)
+        for pts in (0, seconds - 1):
+            f = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            f.pts, f.time_base = pts, fractions.Fraction(1, 1)
+            for packet in stream.encode(f):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def test_a_video_promising_tens_of_gb_is_refused_from_its_header(holder, tmp_path):
+    import app
+
+    video = _write_video(tmp_path / "huge.mp4", 8000, 6000, 100)  # 48 MP frames over 100 s: ~50 KB on disk
+    assert video.stat().st_size < 1_000_000
+    processor = holder.image_processor()
+    start = time.time()
+    with pytest.raises(ValueError, match=r"huge\.mp4: 32 frames of 8000x6000 would decode to 18\.4 GB") as caught:
+        app.build_view(video, processor, workdir=tmp_path)
+    assert time.time() - start < 5 and "nothing was decoded" in str(caught.value)
+    small = _write_video(tmp_path / "small.mp4", 64, 48, 3)  # an ordinary video still loads
+    assert app.build_view(small, processor, workdir=tmp_path).media.kind == "video"
+
+
+def test_zip_bombs_and_huge_archives_are_refused_from_the_directory(holder, tmp_path, monkeypatch):
+    import app
+
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        with archive.open("CT/slice1.dcm", "w", force_zip64=True) as entry:
+            zeros = bytes(1024**2)
+            for _ in range(200):  # 200 MB of zeros: ~200 KB compressed, under the 1 GB total
+                entry.write(zeros)
+    assert bomb.stat().st_size < 2_000_000
+    start = time.time()
+    with pytest.raises(ValueError, match=r"bomb\.zip: entry 'CT/slice1\.dcm' inflates \d+ times"):
+        app.build_view(bomb, holder.image_processor(), workdir=tmp_path)
+    assert time.time() - start < 5 and not list(tmp_path.glob("series-*/CT"))  # nothing unpacked
+
+    many = tmp_path / "many.zip"
+    with zipfile.ZipFile(many, "w") as archive:
+        for i in range(app.ZIP_MAX_FILES + 1):
+            archive.writestr(f"s/{i}.dcm", b"")
+    with pytest.raises(ValueError, match=rf"many\.zip: {app.ZIP_MAX_FILES + 1} files in the archive"):
+        app.build_view(many, holder.image_processor(), workdir=tmp_path)
+    assert app.ZIP_MAX_FILES <= 2000 and app.ZIP_MAX_BYTES <= 1024**3 and app.MAX_UPLOAD_BYTES <= 1024**3
+
+    monkeypatch.setattr(app, "ZIP_MAX_BYTES", 3 * 1024**2)  # the total, with entries that do not compress
+    big = tmp_path / "big.zip"
+    with zipfile.ZipFile(big, "w") as archive:
+        for i in range(2):
+            archive.writestr(f"s/{i}.dcm", np.random.default_rng(i).bytes(2 * 1024**2))
+    with pytest.raises(ValueError, match=r"big\.zip: unpacks to 0\.00 GB|big\.zip: unpacks to"):
+        app.build_view(big, holder.image_processor(), workdir=tmp_path)
+
+
+def test_launch_bounds_uploads_and_share_warns_loudly(tiny_dir, monkeypatch, capsys):
+    import gradio as gr
+
+    import app
+
+    seen = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: seen.update(kwargs))
+    app.main(["--model", str(tiny_dir), "--no-examples", "--share"])
+    assert seen["max_file_size"] == app.MAX_UPLOAD_BYTES and seen["share"] is True
+    err = capsys.readouterr().err
+    assert "PUBLIC" in err and "patient data" in err
+
+
+def test_stop_cancels_the_answer_and_frees_the_model_at_once(holder, tmp_path):
+    import threading
+
+    import app
+
+    view = app.build_view(_mni_t1(), holder.image_processor(), "axial", "auto", 0.1, tmp_path)
+    messages = [{"role": "user", "content": [{"type": "volume", "volume": view.media},
+                                             {"type": "text", "text": "Describe."}]}]  # fmt: skip
+    cancel = threading.Event()
+    stream = holder.stream(messages, 2000, 0.1, cancel)
+    first = next(stream)
+    cancel.set()
+    stopped = time.time()
+    with pytest.raises(app.Cancelled):
+        for first in stream:
+            pass
+    assert holder.lock.acquire(timeout=1.0), "the generation lock was not released within 1 s of the stop"
+    holder.lock.release()
+    assert time.time() - stopped < 1.0
+    # a page that goes away closes its generator (Gradio cancels the event): that stops the answer too
+    stream = holder.stream(messages, 2000, 0.1)
+    next(stream)
+    stream.close()
+    assert holder.lock.acquire(timeout=1.0), "closing the answer's generator did not free the model within 1 s"
+    holder.lock.release()
+
+
+def test_one_slice_numbering_with_the_dicom_instance_number(holder, tmp_path):
+    import pydicom
+
+    import app
+
+    upload = tmp_path / "series.zip"
+    with zipfile.ZipFile(upload, "w") as archive:
+        for f in sorted(_ct_series().iterdir()):
+            archive.write(f, f"CT5N/{f.name}")
+    view = app.build_view(upload, holder.image_processor(), "axial", "auto", None, tmp_path)
+    # reference: pydicom's headers, sorted along the slice normal (z in LPS and RAS alike for axial slices)
+    headers = sorted((pydicom.dcmread(f, stop_before_pixels=True) for f in _ct_series().iterdir()),
+                     key=lambda ds: float(ds.ImagePositionPatient[2]))  # fmt: skip
+    assert view.instance_numbers == [int(ds.InstanceNumber) for ds in headers]
+    for i, ds in enumerate(headers):
+        z = float(ds.ImagePositionPatient[2])
+        label = app.slice_label(view, i)
+        assert label == (f"slice {view.media.slice_indices[i]} · {z:.1f} mm · DICOM InstanceNumber "
+                         f"{int(ds.InstanceNumber)}")  # fmt: skip
+        assert view.labels[i] == label.replace("InstanceNumber ", "#")  # the strip uses the same numbers
+        assert f"shown: **{label}**" in app.describe_view(view, i)
+    # coronal slices are resliced from every file: no InstanceNumber is claimed
+    coronal = app.build_view(upload, holder.image_processor(), "coronal", "auto", None, tmp_path)
+    assert coronal.instance_numbers is None and "DICOM" not in app.slice_label(coronal, 0)
+    # NIfTI: index in the volume and mm, the same in the label, the info line and the strip
+    mni = app.build_view(_mni_t1(), holder.image_processor(), "axial", "auto", 0.1, tmp_path)
+    k = 7
+    expected = f"slice {mni.media.slice_indices[k]} · {mni.media.slice_positions_mm[k]:.1f} mm"
+    assert mni.labels[k] == app.slice_label(mni, k) == expected and expected in app.describe_view(mni, k)
+
+
+def test_a_16_bit_png_is_not_washed_out_and_level_width_applies(holder, tmp_path):
+    from PIL import Image
+
+    import app
+
+    ramp = np.linspace(0, 4000, 96 * 96).reshape(96, 96).astype(np.uint16)  # an X-ray-like 12-bit range in 16 bits
+    path = tmp_path / "xray16.png"
+    Image.fromarray(ramp).save(path)
+    view = app.build_view(path, holder.image_processor(), workdir=tmp_path)
+    shown = np.asarray(app.scan_image(view, 0).convert("L"))
+    assert shown.max() >= 250 and shown.min() <= 5  # main showed it with its brightest pixel at 16/255
+    assert view.level_width is not None and "level" in app.describe_view(view, 0)
+    # a narrower window: more contrast, in what the model gets as well
+    narrow = app.build_view(path, holder.image_processor(), workdir=tmp_path, media=view.raw,
+                            level_width=(view.level_width[0], view.level_width[1] / 4))  # fmt: skip
+    assert (narrow.media.frames == 1).mean() > (view.media.frames == 1).mean() + 0.2
+    assert not np.allclose(narrow.frames, view.frames)
+    # MR: level / width in % of the loader's range; the identity leaves it as loaded
+    from pydicom.data import get_testdata_file
+
+    mr = app.build_view(get_testdata_file("MR_small.dcm"), holder.image_processor(), workdir=tmp_path)
+    assert mr.level_width == (50.0, 100.0) and np.array_equal(mr.media.frames, mr.raw.frames)
+    assert not app.is_ct(mr.media) and app.is_grayscale(mr.media)
+    # CT: a custom window in HU goes to the loader; "rgb" gets its legend
+    ct = app.build_view(get_testdata_file("CT_small.dcm"), holder.image_processor(), window="custom",
+                        level_width=(-600, 1500), workdir=tmp_path)  # fmt: skip
+    assert ct.media.metadata["intensity"]["windows"][0]["center"] == -600
+    rgb = app.build_view(get_testdata_file("CT_small.dcm"), holder.image_processor(), window="rgb", workdir=tmp_path)
+    assert "false colour: red = abdomen, green = lung, blue = bone" in app.describe_view(rgb, 0)
+
+
+def test_the_training_estimate_comes_from_measured_progress(tiny_dir, tmp_path):
+    import app
+
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER.replace("time.sleep(0.3)", "time.sleep(0.6)"))
+    out = tmp_path / "omnivmed-default"
+    holder = app.ModelHolder(None, output_dir=out, train_command=[sys.executable, str(script), str(out), str(tiny_dir)])
+    assert "8-10 min" not in holder.status() and "no estimate" in holder.status()
+    seen = set()
+    end = time.time() + 120
+    while holder.training.is_alive() and time.time() < end:
+        seen.add(holder.status())
+        time.sleep(0.05)
+    measured = [s for s in seen if "left at the measured" in s]
+    assert measured, seen
+    # the bar said 1/3 after 1 s -> 2 s left; the bar line itself is not pasted into the page
+    assert any("1/3 done, ~2 s left at the measured 1.0 s per step" in s for s in measured), measured
+    assert not any("it/s]" in s for s in seen)
+    assert holder.ready
+
+
+def test_a_trained_model_folder_is_served_without_training(tiny_dir):
+    import app
+
+    holder = app.ModelHolder(str(tiny_dir), output_dir=Path("/nonexistent"))
+    assert holder.training is None and holder.ready and holder.status() == f"Model: `{tiny_dir}`"
+
+
+def _question(view, text):
+    return [{"role": "user", "content": [{"type": view.media.kind, view.media.kind: view.media},
+                                         {"type": "text", "text": text}]}]  # fmt: skip
+
+
+def test_attention_shares_equal_transformers_attentions(holder, tmp_path):
+    """The hook-based shares against transformers' own output_attentions (eager) on the same prompt + answer."""
+    import torch
+
+    import app
+
+    view = app.build_view(_mni_t1(), holder.image_processor(), "axial", "auto", 0.1, tmp_path)
+    messages = _question(view, "Is there a lesion on the left?")
+    found = {}
+    *_, text = holder.stream(messages, 8, 0.1, attribution=found)
+    shares = found["attention_shares"]
+    assert shares["answer_tokens"] == 8 and abs(shares["visual"].sum() - 1) < 1e-9
+
+    inputs = holder._inputs(messages, 0.1)
+    with torch.inference_mode():
+        ids = holder.model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    lm = holder.model.model.language_model
+    previous = lm.config._attn_implementation
+    lm.config._attn_implementation = "eager"
+    try:
+        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        with torch.inference_mode():
+            out = holder.model(input_ids=ids, attention_mask=torch.ones_like(ids), output_attentions=True, **extra)
+    finally:
+        lm.config._attn_implementation = previous
+    prompt = inputs["input_ids"].shape[1]
+    visual = (inputs["input_ids"][0] == holder.model.config.image_token_id).nonzero().flatten()
+    stack = torch.stack([a[0].double() for a in out.attentions])  # (layers, heads, L, L)
+    rows = stack[:, :, prompt - 1 : ids.shape[1] - 1, :].mean((0, 1))  # (answer tokens, L)
+    reference = rows[:, visual].mean(0)
+    np.testing.assert_allclose(shares["visual"], (reference / reference.sum()).numpy(), rtol=1e-5, atol=1e-9)
+    assert abs(shares["visual_fraction"] - float(reference.sum())) < 1e-6
+    frames, blocks = app.attribution_maps(view, shares["visual"])
+    assert frames.shape == (view.frames.shape[0],) and abs(frames.sum() - 1) < 1e-9
+    assert (blocks[~view.keep] == 0).all()
+
+
+def test_the_heat_map_changes_when_the_question_is_about_another_slice(holder, tmp_path):
+    """A volume whose slices differ clearly (one bright square, moving through the slices), asked about two slices:
+    the per-slice shares and the strip / overlay drawn from them differ."""
+    import nibabel as nib
+
+    import app
+
+    data = np.zeros((64, 64, 8), np.uint8)
+    for z in range(8):
+        data[8 * (z % 4) : 8 * (z % 4) + 24, 8 * (z // 2) : 8 * (z // 2) + 24, z] = 40 + 25 * z
+    path = tmp_path / "moving_square.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([3.0, 3.0, 5.0, 1.0])), path)
+    view = app.build_view(path, holder.image_processor(), "axial", "auto", 0.0, tmp_path)
+    maps = []
+    for question in ("What is on slice 1?", "Describe the bright square on the last slice, slice 7, in detail."):
+        found = {}
+        list(holder.stream(_question(view, question), 6, 0.0, attribution=found))
+        maps.append(app.attribution_maps(view, found["attention_shares"]["visual"]))
+    (f1, b1), (f2, b2) = maps
+    assert np.abs(f1 - f2).sum() > 1e-3, (f1, f2)
+    strips = [np.asarray(app.strip_image(view, f, b), dtype=float) for f, b in maps]
+    assert np.abs(strips[0] - strips[1]).mean() > 0.01
+    overlays = [np.asarray(app.model_image(view, 7, b[7]), dtype=float) for _, b in maps]
+    plain = np.asarray(app.model_image(view, 7), dtype=float)
+    assert np.abs(overlays[0] - plain).mean() > 1 and np.abs(overlays[0] - overlays[1]).mean() > 0.01
 
 
 # ------------------------------------------------------------------------------------------------------ in a browser
