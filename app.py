@@ -363,9 +363,10 @@ def _font(size: int):
 
 
 def heat_colour(v: np.ndarray) -> np.ndarray:
-    """A black-red-yellow-white ramp ('hot') for v in [0, 1]: (..., 3) in [0, 1]."""
+    """A red -> yellow ramp for v in [0, 1] ((..., 3) in [0, 1]), blended with alpha ~ v: no attention leaves the
+    picture as it was, the most attention is bright yellow (never white, which grayscale anatomy already has)."""
     v = np.clip(v, 0, 1)[..., None]
-    return np.concatenate([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], axis=-1)
+    return np.concatenate([np.ones_like(v), v, np.zeros_like(v)], axis=-1)
 
 
 def scan_image(view: View, index: int) -> Image.Image:
@@ -391,26 +392,29 @@ def scan_image(view: View, index: int) -> Image.Image:
     return image
 
 
-def model_image(view: View, index: int, heat: np.ndarray | None = None) -> Image.Image:
+def model_image(view: View, index: int, heat: np.ndarray | None = None, top: float | None = None) -> Image.Image:
     """Frame `index` as the tower sees it, pruned blocks dimmed and kept blocks outlined; with `heat` (the share of
-    the last answer's attention per block of this frame, (h / block, w / block)) the kept blocks are tinted by it."""
+    the last answer's attention per block of this frame, (h / block, w / block)) the kept blocks are tinted by it,
+    relative to `top` (the largest block share of the whole volume / video, so slices compare; default: this
+    frame's own largest)."""
     frame, keep = view.frames[index], view.keep[index]
     h, w = frame.shape[:2]
-    scale = max(1, VIEW_SIDE // max(h, w))
+    scale = VIEW_SIDE / max(h, w)
     shade = np.repeat(np.repeat(np.where(keep, 1.0, 0.3), view.block, 0), view.block, 1)[..., None]
     rgb = frame * shade
-    if heat is not None and heat.max() > 0:
-        v = np.repeat(np.repeat(heat / heat.max(), view.block, 0), view.block, 1)
+    top = top if top is not None else (float(heat.max()) if heat is not None else 0.0)
+    if heat is not None and top > 0:
+        v = np.repeat(np.repeat(np.clip(heat / top, 0, 1), view.block, 0), view.block, 1)
         alpha = (0.65 * v)[..., None]
         rgb = rgb * (1 - alpha) + heat_colour(v) * alpha
-    image = Image.fromarray((rgb * 255).round().astype(np.uint8)).resize((w * scale, h * scale), Image.NEAREST)
+    size = (round(w * scale), round(h * scale))
+    image = Image.fromarray((rgb * 255).round().astype(np.uint8)).resize(size, Image.NEAREST)  # crisp blocks
     draw = ImageDraw.Draw(image)
     b = view.block * scale
     for r, c in zip(*np.nonzero(keep)):
-        draw.rectangle([c * b, r * b, (c + 1) * b - 1, (r + 1) * b - 1], outline=(0, 200, 255) if heat is None else
-                       (90, 90, 90))  # fmt: skip
-    title = f"model sees {int(keep.sum())}/{keep.size} tokens" + (" · heat = attention share" if heat is not None
-                                                                   else "")  # fmt: skip
+        draw.rectangle([round(c * b), round(r * b), round((c + 1) * b) - 1, round((r + 1) * b) - 1],
+                       outline=(0, 200, 255) if heat is None else (90, 90, 90))  # fmt: skip
+    title = f"{int(keep.sum())}/{keep.size} tokens kept" + (" · heat: attention" if heat is not None else "")
     draw.text((4, 4), title, fill="white", font=_font(LABEL_FONT), stroke_width=2, stroke_fill="black")
     return image
 
@@ -425,14 +429,15 @@ def strip_image(view: View, frame_share: np.ndarray | None = None, block_share: 
     columns = min(t, 8)
     rows = math.ceil(t / columns)
     label_h, bar_h, pad, title_h = LABEL_FONT + 6, 10 if frame_share is not None else 0, 6, LABEL_FONT + 12
-    canvas = Image.new("RGB", (columns * (tile_w + pad) + pad, title_h + rows * (tile_h + label_h + bar_h + pad)),
-                       (20, 20, 20))  # fmt: skip
-    draw, font = ImageDraw.Draw(canvas), _font(LABEL_FONT)
     r = view.report
     title = (f"{r['tokens_after']}/{r['tokens_before']} visual tokens kept ({100 * r['kept_fraction']:.0f} %) at "
              f"threshold {view.threshold:g}")  # fmt: skip
     if frame_share is not None:
-        title += " · heat: share of the answer's attention"
+        title += " · heat and bars: share of the answer's attention"
+    font = _font(LABEL_FONT)
+    width = max(columns * (tile_w + pad) + pad, round(font.getlength(title)) + 2 * pad)
+    canvas = Image.new("RGB", (width, title_h + rows * (tile_h + label_h + bar_h + pad)), (20, 20, 20))
+    draw = ImageDraw.Draw(canvas)
     draw.text((pad, 4), title, fill="white", font=font)
     top = float(frame_share.max()) if frame_share is not None and frame_share.max() > 0 else 1.0
     for f in range(t):
@@ -703,6 +708,8 @@ class ModelHolder:
         if failure:
             raise failure[0]
         if cancel.is_set():
+            logger.info("answer cancelled (page stopped, reloaded or closed) after %d pieces; the model is free",
+                        len(pieces))  # fmt: skip
             raise Cancelled()
         if attribution is not None:
             attribution["attention_shares"] = self.attention_shares(inputs, result["ids"])
@@ -801,6 +808,10 @@ CSS = """
 #strip img, #attribution img { max-width: none; }
 #chat .message-buttons, #chat .message-buttons-right { position: static !important; }
 footer { display: none !important; }
+/* error toasts at the bottom right, over the settings, not over the upload box, the answer or the Ask button */
+.toast-wrap { top: auto !important; bottom: 12px !important; }
+#header { min-height: 0; }
+#header p { margin: 0; }
 """
 
 
@@ -848,8 +859,8 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
     sessions = Sessions(workdir / "uploads")
     default_threshold = float(holder.image_processor().prune_threshold)
 
-    def alert(message: str) -> str:
-        return f"⚠ {message}" if message else ""
+    def alert(message: str):
+        return gr.update(value=f"⚠ {message}" if message else "", visible=bool(message))
 
     def controls_for(view: View | None, level_width=None):
         """Only the controls that apply: plane for volumes; CT window for CT; level/width for grayscale inputs (in
@@ -908,7 +919,7 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
                              name=name, level_width=lw)  # fmt: skip
         except ValueError as error:
             logger.info("unreadable upload %s: %s", name, error)
-            gr.Warning(f"Could not read {name}: {error}", duration=15)
+            gr.Warning(f"Could not read {name}: {error}", duration=8)
             return empty_outputs(f"**Could not read `{name}`**: {error}", f"Could not read {name}: {error}")
         t = new.frames.shape[0]
         index = t // 2 if new_file else int(min(max(0, index or 0), t - 1))
@@ -925,7 +936,7 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
         if fresh:
             stored["turns"] = []
         return (new, describe_view(new, index), scan_image(new, index), model_image(new, index),
-                gr.update(value=strip_image(new)), slider, *chat, "", stored, *controls_for(new),
+                gr.update(value=strip_image(new)), slider, *chat, alert(""), stored, *controls_for(new),
                 None if fresh else gr.skip())  # fmt: skip
 
     def show(index, view, attribution, stored):
@@ -933,10 +944,11 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         index = int(min(max(0, index or 0), view.frames.shape[0] - 1))
         heat = None
+        top = None
         if attribution is not None and attribution.get("key") == view.key:
-            heat = attribution["blocks"][index]
+            heat, top = attribution["blocks"][index], float(attribution["blocks"].max())
         stored = {**(stored or {}), "index": index}
-        return describe_view(view, index), scan_image(view, index), model_image(view, index, heat), stored
+        return describe_view(view, index), scan_image(view, index), model_image(view, index, heat, top), stored
 
     def ask(question, history, messages, view, max_tokens, text_only, stored, index, request: gr.Request):
         question = (question or "").strip()
@@ -945,14 +957,14 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
             yield nothing
             return
         if view is None and not text_only:
-            gr.Warning(NO_MEDIUM, duration=10)
+            gr.Warning(NO_MEDIUM, duration=8)
             yield history, messages, gr.skip(), alert(NO_MEDIUM), gr.skip(), gr.skip(), gr.skip()
             return
         history = [*history, {"role": "user", "content": question}]
         if not holder.ready:
             reply = ("The model is not ready yet, so nothing was generated. " +
                      (holder.error and f"Training failed: {holder.error}" or holder.estimate()))  # fmt: skip
-            yield [*history, {"role": "assistant", "content": reply}], messages, "", "", gr.skip(), gr.skip(), gr.skip()
+            yield [*history, {"role": "assistant", "content": reply}], messages, "", alert(""), gr.skip(), gr.skip(), gr.skip()
             return
         prefix = TEXT_ONLY_NOTE if view is None else ""
         content = [{"type": "text", "text": question}]
@@ -964,23 +976,25 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
         cancel = sessions.new_answer(session)
         found: dict = {}
         text = ""
+        pending = {**(stored or {}), "pending": question}  # a reload mid-answer can then say what was stopped
         try:
-            for text in holder.stream(turn, int(max_tokens), threshold, cancel, found if view is not None else None):
-                yield ([*history, {"role": "assistant", "content": prefix + visible_answer(text)}], messages, "", "",
-                       gr.skip(), gr.skip(), gr.skip())  # fmt: skip
+            for k, text in enumerate(holder.stream(turn, int(max_tokens), threshold, cancel,
+                                                   found if view is not None else None)):  # fmt: skip
+                yield ([*history, {"role": "assistant", "content": prefix + visible_answer(text)}], messages, "",
+                       alert(""), pending if k == 0 else gr.skip(), gr.skip(), gr.skip())  # fmt: skip
         except Cancelled:
             yield ([*history, {"role": "assistant", "content": prefix + visible_answer(text) + " [stopped]"}],
-                   messages, "", "", gr.skip(), gr.skip(), gr.skip())  # fmt: skip
+                   messages, "", alert(""), gr.skip(), gr.skip(), gr.skip())  # fmt: skip
             return
         except Exception as error:  # e.g. a conversation longer than the model's context
             logger.exception("generation failed")
-            gr.Warning(f"The answer failed: {error}", duration=15)
+            gr.Warning(f"The answer failed: {error}", duration=8)
             yield history, messages, gr.skip(), alert(f"The answer failed: {error}"), gr.skip(), gr.skip(), gr.skip()
             return
         text = prefix + visible_answer(text)
         history = [*history, {"role": "assistant", "content": text}]
         stored = {**(stored or {}), "turns": [*(stored or {}).get("turns", []), [question, text]],
-                  "text_only": view is None}  # fmt: skip
+                  "text_only": view is None, "pending": None}  # fmt: skip
         attribution, strip = None, gr.skip()
         if view is not None and "attention_shares" in found:
             shares = found["attention_shares"]
@@ -988,7 +1002,7 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
             attribution = {"key": view.key, "frames": frame_share, "blocks": blocks,
                            "visual_fraction": shares["visual_fraction"]}  # fmt: skip
             strip = strip_image(view, frame_share, blocks)
-        yield history, [*turn, {"role": "assistant", "content": text}], "", "", stored, attribution, strip
+        yield history, [*turn, {"role": "assistant", "content": text}], "", alert(""), stored, attribution, strip
 
     def stop(request: gr.Request):
         sessions.cancel(getattr(request, "session_hash", None))
@@ -1023,45 +1037,50 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
                 content = [{"type": view.media.kind, view.media.kind: view.media}, *content]
             messages += [{"role": "user", "content": content}, {"role": "assistant", "content": a}]
         slider = gr.Slider(minimum=0, maximum=max(1, view.frames.shape[0] - 1), value=index, step=1,
-                           visible=view.frames.shape[0] > 1)  # fmt: skip
+                           visible=view.frames.shape[0] > 1, label="slice / frame (its number is on the picture)")
+        note = "Restored after a reload: the upload, its settings and the finished answers."
+        if stored.get("pending"):
+            note += f" The answer to \"{stored['pending']}\" was stopped by the reload: ask it again."
+        stored = {**stored, "pending": None}
         return (view, describe_view(view, index), scan_image(view, index), model_image(view, index),
-                gr.update(value=strip_image(view)), slider, history, messages, "", stored, *controls_for(view), None,
+                gr.update(value=strip_image(view)), slider, history, messages, alert(note), stored, *controls_for(view), None,
                 gr.skip(), plane, window, stored.get("threshold", default_threshold), gr.skip())  # fmt: skip
 
     for fn in (ask, stop, restore):  # `from __future__ import annotations` leaves "gr.Request" a string Gradio
         fn.__annotations__["request"] = gr.Request  # cannot resolve (gr is imported here, not at module level)
 
     with gr.Blocks(title="OmniV-Med") as demo:
-        with gr.Row(equal_height=False):
-            gr.Markdown("### OmniV-Med · medical images, CT / MR volumes and videos: upload, look, ask")
-            model_status = gr.Markdown(holder.status(), elem_id="model-status")
         view_state = gr.State(None)
         messages_state = gr.State([])
         attribution_state = gr.State(None)
         stored = gr.BrowserState({}, storage_key="omnivmed-demo")
-        alert_box = gr.Markdown("", elem_id="alert", elem_classes=["alert-box"])
+        upload = gr.File(label="Image, NIfTI, DICOM file, zip of a DICOM series, or video", file_types=UPLOAD_TYPES,
+                         type="filepath", elem_id="upload", height=64, render=False)  # rendered in the right column
+        with gr.Row(equal_height=False, elem_id="header"):
+            gr.Markdown("**OmniV-Med** · medical images, CT / MR volumes and videos: upload, look, ask",
+                        elem_id="title")  # fmt: skip
+            model_status = gr.Markdown(holder.status(), elem_id="model-status")
         with gr.Row(equal_height=False):
-            with gr.Column(scale=3, min_width=640):
-                with gr.Row(equal_height=False):
-                    upload = gr.File(label="Image, NIfTI, DICOM file, zip of a DICOM series, or video",
-                                     file_types=UPLOAD_TYPES, type="filepath", elem_id="upload", height=90,
-                                     scale=3)  # fmt: skip
-                    info = gr.Markdown("Upload a scan or a video, or pick an example below.", elem_id="view-info")
-                index = gr.Slider(0, 1, value=0, step=1, label="slice", visible=False, elem_id="slice")
+            with gr.Column(scale=3, min_width=620):  # the picture: what a clinician looks at
                 with gr.Row(equal_height=False):
                     scan = gr.Image(label="scan (display orientation)", type="pil", interactive=False, format="png",
-                                    elem_id="scan", height=VIEW_SIDE + 20, buttons=[])  # fmt: skip
+                                    elem_id="scan", height=VIEW_SIDE + 16, buttons=[])  # fmt: skip
                     seen = gr.Image(label="what the model sees (kept blocks outlined)", type="pil",
-                                    interactive=False, format="png", elem_id="model-view", height=VIEW_SIDE + 20,
+                                    interactive=False, format="png", elem_id="model-view", height=VIEW_SIDE + 16,
                                     buttons=[])  # fmt: skip
+                index = gr.Slider(0, 1, value=0, step=1, label="slice", visible=False, elem_id="slice")
+                info = gr.Markdown("Upload a scan or a video, or pick an example.", elem_id="view-info")
                 with gr.Accordion("all slices / frames given to the model (and where the answer looked)", open=False,
                                   elem_id="strip-accordion"):  # fmt: skip
                     strip = gr.Image(label="all slices / frames", type="pil", interactive=False, format="png",
                                      elem_id="strip", buttons=[])  # fmt: skip
                 if examples:
-                    gr.Examples([[str(p)] for p in examples], inputs=[upload], label="examples (bundled real data)")
-            with gr.Column(scale=2, min_width=420):
-                chatbot = gr.Chatbot(label="answer", height=260, elem_id="chat", buttons=[],
+                    gr.Examples([[str(p)] for p in examples], inputs=[upload], label="examples (bundled real data)",
+                                elem_id="examples")  # fmt: skip
+            with gr.Column(scale=2, min_width=420):  # the file, the conversation and the settings
+                upload.render()
+                alert_box = gr.Markdown("", elem_id="alert", elem_classes=["alert-box"], visible=False)
+                chatbot = gr.Chatbot(label="answer", height=220, elem_id="chat", buttons=[],
                                      feedback_options=None)  # fmt: skip
                 with gr.Row(equal_height=True):
                     question = gr.Textbox(label="question", placeholder="e.g. Is there a lesion? Which side?",
