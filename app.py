@@ -392,21 +392,35 @@ def scan_image(view: View, index: int) -> Image.Image:
     return image
 
 
-def model_image(view: View, index: int, heat: np.ndarray | None = None, top: float | None = None) -> Image.Image:
+def heat_span(blocks: np.ndarray, keep: np.ndarray) -> tuple[float, float]:
+    """The colour scale of a heat map: least to largest block share over the kept blocks of the whole volume /
+    video, so slices compare and near-uniform attention still shows where it is higher (the numbers are printed
+    beside: the colours alone say nothing about how much higher)."""
+    kept = blocks[keep]
+    return (float(kept.min()), float(kept.max())) if kept.size else (0.0, 0.0)
+
+
+def _tint(rgb: np.ndarray, heat: np.ndarray, keep: np.ndarray, span, block: int) -> np.ndarray:
+    lo, hi = span
+    v = np.where(keep, np.clip((heat - lo) / (hi - lo), 0, 1) if hi > lo else 0.5, 0.0)
+    v = np.repeat(np.repeat(v, block, 0), block, 1)
+    alpha = (0.7 * v)[..., None]
+    return rgb * (1 - alpha) + heat_colour(v) * alpha
+
+
+def model_image(view: View, index: int, heat: np.ndarray | None = None, span: tuple | None = None,
+                share: float | None = None) -> Image.Image:  # fmt: skip
     """Frame `index` as the tower sees it, pruned blocks dimmed and kept blocks outlined; with `heat` (the share of
-    the last answer's attention per block of this frame, (h / block, w / block)) the kept blocks are tinted by it,
-    relative to `top` (the largest block share of the whole volume / video, so slices compare; default: this
-    frame's own largest)."""
+    the last answer's attention per block of this frame, (h / block, w / block)) the kept blocks are tinted by it on
+    the colour scale `span` (see heat_span; default: this frame's own), and `share` (this frame's part of the
+    answer's attention to the image) is printed."""
     frame, keep = view.frames[index], view.keep[index]
     h, w = frame.shape[:2]
     scale = VIEW_SIDE / max(h, w)
     shade = np.repeat(np.repeat(np.where(keep, 1.0, 0.3), view.block, 0), view.block, 1)[..., None]
     rgb = frame * shade
-    top = top if top is not None else (float(heat.max()) if heat is not None else 0.0)
-    if heat is not None and top > 0:
-        v = np.repeat(np.repeat(np.clip(heat / top, 0, 1), view.block, 0), view.block, 1)
-        alpha = (0.65 * v)[..., None]
-        rgb = rgb * (1 - alpha) + heat_colour(v) * alpha
+    if heat is not None:
+        rgb = _tint(rgb, heat, keep, span or heat_span(heat, keep), view.block)
     size = (round(w * scale), round(h * scale))
     image = Image.fromarray((rgb * 255).round().astype(np.uint8)).resize(size, Image.NEAREST)  # crisp blocks
     draw = ImageDraw.Draw(image)
@@ -414,7 +428,9 @@ def model_image(view: View, index: int, heat: np.ndarray | None = None, top: flo
     for r, c in zip(*np.nonzero(keep)):
         draw.rectangle([round(c * b), round(r * b), round((c + 1) * b) - 1, round((r + 1) * b) - 1],
                        outline=(0, 200, 255) if heat is None else (90, 90, 90))  # fmt: skip
-    title = f"{int(keep.sum())}/{keep.size} tokens kept" + (" · heat: attention" if heat is not None else "")
+    title = f"{int(keep.sum())}/{keep.size} tokens kept"
+    if share is not None:
+        title += f" · {100 * share:.1f} % of the attention"
     draw.text((4, 4), title, fill="white", font=_font(LABEL_FONT), stroke_width=2, stroke_fill="black")
     return image
 
@@ -428,24 +444,24 @@ def strip_image(view: View, frame_share: np.ndarray | None = None, block_share: 
     tile_w, tile_h = STRIP_TILE, max(1, round(h * scale))
     columns = min(t, 8)
     rows = math.ceil(t / columns)
-    label_h, bar_h, pad, title_h = LABEL_FONT + 6, 10 if frame_share is not None else 0, 6, LABEL_FONT + 12
+    label_h, bar_h, pad, title_h = LABEL_FONT + 6, 16 if frame_share is not None else 0, 6, LABEL_FONT + 12
     r = view.report
     title = (f"{r['tokens_after']}/{r['tokens_before']} visual tokens kept ({100 * r['kept_fraction']:.0f} %) at "
              f"threshold {view.threshold:g}")  # fmt: skip
     if frame_share is not None:
-        title += " · heat and bars: share of the answer's attention"
+        title += " · colour: attention per block (least to most) · bars: the slice's share of the answer's attention"
     font = _font(LABEL_FONT)
     width = max(columns * (tile_w + pad) + pad, round(font.getlength(title)) + 2 * pad)
     canvas = Image.new("RGB", (width, title_h + rows * (tile_h + label_h + bar_h + pad)), (20, 20, 20))
     draw = ImageDraw.Draw(canvas)
     draw.text((pad, 4), title, fill="white", font=font)
     top = float(frame_share.max()) if frame_share is not None and frame_share.max() > 0 else 1.0
+    span = heat_span(block_share, view.keep) if block_share is not None else None
     for f in range(t):
         shade = np.repeat(np.repeat(np.where(view.keep[f], 1.0, 0.3), view.block, 0), view.block, 1)[..., None]
         rgb = view.frames[f] * shade
-        if block_share is not None and block_share.max() > 0:
-            v = np.repeat(np.repeat(block_share[f] / block_share.max(), view.block, 0), view.block, 1)
-            rgb = rgb * (1 - 0.65 * v[..., None]) + heat_colour(v) * 0.65 * v[..., None]
+        if block_share is not None:
+            rgb = _tint(rgb, block_share[f], view.keep[f], span, view.block)
         tile = Image.fromarray((rgb * 255).round().astype(np.uint8)).resize((tile_w, tile_h), Image.BILINEAR)
         x0 = pad + (f % columns) * (tile_w + pad)
         y0 = title_h + (f // columns) * (tile_h + label_h + bar_h + pad)
@@ -458,10 +474,13 @@ def strip_image(view: View, frame_share: np.ndarray | None = None, block_share: 
             colour = tuple(int(255 * c) for c in heat_colour(np.array(float(frame_share[f]) / top)))
             if length > 0:
                 draw.rectangle([x0, y, x0 + length - 1, y + bar_h - 3], fill=colour)
+            draw.text((x0 + 3, y + (bar_h - 3) / 2), f"{100 * float(frame_share[f]):.1f} %", fill="white",
+                      font=_font(LABEL_FONT - 3), anchor="lm", stroke_width=2, stroke_fill="black")  # fmt: skip
     return canvas
 
 
-def describe_view(view: View, index: int) -> str:
+def describe_view(view: View, index: int, share: float | None = None, visual_fraction: float | None = None) -> str:
+    """The info lines under the pictures; with the last answer's attribution, this slice's share of it."""
     m, r = view.media, view.report
     t = view.frames.shape[0]
     lines = [f"**{view.name}**: {m.kind}"]
@@ -489,6 +508,11 @@ def describe_view(view: View, index: int) -> str:
     lines.append(f"{m.frames.shape[2]}x{m.frames.shape[1]} loaded -> {view.frames.shape[2]}x{view.frames.shape[1]} "
                  f"for the model; visual tokens kept: {r['tokens_after']}/{r['tokens_before']} "
                  f"({100 * r['kept_fraction']:.1f} %) at threshold {view.threshold:g}")  # fmt: skip
+    if share is not None:
+        where = "slice" if m.kind == "volume" else "frame" if m.kind == "video" else "image"
+        lines.append(f"**where the last answer looked**: {100 * share:.1f} % of its attention to the image went to "
+                     f"this {where}" + (f" ({100 * visual_fraction:.0f} % of all its attention went to the image)"
+                                        if visual_fraction is not None else ""))  # fmt: skip
     for warning in (m.metadata or {}).get("warnings", []):
         lines.append(f"note: {warning}")
     return "  \n".join(lines)
@@ -808,8 +832,9 @@ CSS = """
 #strip img, #attribution img { max-width: none; }
 #chat .message-buttons, #chat .message-buttons-right { position: static !important; }
 footer { display: none !important; }
-/* error toasts at the bottom right, over the settings, not over the upload box, the answer or the Ask button */
-.toast-wrap { top: auto !important; bottom: 12px !important; }
+/* error toasts top left, over the pictures (empty after a failed upload), not over the upload box, the answer or
+   the Ask button; the red alert box above the answer keeps the message after the toast goes */
+.toast-wrap { left: 12px !important; right: auto !important; align-items: start !important; }
 #header { min-height: 0; }
 #header p { margin: 0; }
 """
@@ -919,8 +944,8 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
                              name=name, level_width=lw)  # fmt: skip
         except ValueError as error:
             logger.info("unreadable upload %s: %s", name, error)
-            gr.Warning(f"Could not read {name}: {error}", duration=8)
-            return empty_outputs(f"**Could not read `{name}`**: {error}", f"Could not read {name}: {error}")
+            gr.Warning(f"Could not read the upload: {error}", duration=8)
+            return empty_outputs(f"**Could not read `{name}`**", f"Could not read the upload: {error}")
         t = new.frames.shape[0]
         index = t // 2 if new_file else int(min(max(0, index or 0), t - 1))
         label = "slice" if new.media.kind == "volume" else "frame"
@@ -944,11 +969,13 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         index = int(min(max(0, index or 0), view.frames.shape[0] - 1))
         heat = None
-        top = None
+        span = share = fraction = None
         if attribution is not None and attribution.get("key") == view.key:
-            heat, top = attribution["blocks"][index], float(attribution["blocks"].max())
+            heat, span = attribution["blocks"][index], heat_span(attribution["blocks"], view.keep)
+            share, fraction = float(attribution["frames"][index]), attribution["visual_fraction"]
         stored = {**(stored or {}), "index": index}
-        return describe_view(view, index), scan_image(view, index), model_image(view, index, heat, top), stored
+        return (describe_view(view, index, share, fraction), scan_image(view, index),
+                model_image(view, index, heat, span, share), stored)  # fmt: skip
 
     def ask(question, history, messages, view, max_tokens, text_only, stored, index, request: gr.Request):
         question = (question or "").strip()

@@ -692,12 +692,19 @@ def test_the_app_in_headless_chromium(served):
         assert shown.startswith("slice ") and " mm" in shown and "of 32" not in shown
 
         # ask: an answer (or the empty-answer notice), never an empty bubble; then where it looked
-        before = page.browser.find_element(By.CSS_SELECTOR, "#model-view img").get_attribute("src")
         page.ask("Is there a lesion?")
         answer = _wait(page.answers, 60, "an answer", log)[-1]
         assert answer.strip() and not answer.startswith("error")
-        _wait(lambda: page.browser.find_element(By.CSS_SELECTOR, "#model-view img").get_attribute("src") != before,
-              30, "the attention overlay", log)  # fmt: skip
+        _wait(lambda: "where the last answer looked" in page.text("view-info"), 30, "the attribution", log)
+        share = float(page.text("view-info").split("where the last answer looked: ")[1].split(" %")[0])
+        assert 0 < share <= 100
+        # another slice: its own share of the same answer's attention
+        slider = page.browser.find_element(By.CSS_SELECTOR, "#slice input[type=range]")
+        page.browser.execute_script("arguments[0].focus()", slider)
+        for _ in range(8):
+            slider.send_keys(Keys.ARROW_LEFT)
+        _wait(lambda: f"looked: {share:.1f} %" not in page.text("view-info")
+              and "looked" in page.text("view-info"), 30, "another slice's share", log)  # fmt: skip
         page.browser.find_element(By.XPATH, "//*[@id='strip-accordion']//button").click()
         _wait(lambda: page.shown("strip"), 10, "the strip", log)
         page.shot("answer_and_heat")
@@ -708,7 +715,7 @@ def test_the_app_in_headless_chromium(served):
         bad.write_bytes(b"not a nifti" * 20)
         page.clear_upload()
         page.upload(bad)
-        _wait(lambda: "Could not read broken.nii.gz" in page.text("alert"), 30, "the error alert", log)
+        _wait(lambda: "Could not read the upload: broken.nii.gz" in page.text("alert"), 30, "the error alert", log)
         alert = page.browser.find_element(By.ID, "alert")
         assert alert.is_displayed() and "NIfTI" in alert.text and alert.size["height"] >= 20
         assert not page.answers()  # a new file, a new chat
@@ -741,6 +748,11 @@ def test_the_app_in_headless_chromium(served):
         assert page.shown("window")
         assert not page.shown("plane")
         page.shot("ct_example")
+        # a video: no plane, no CT window, no level / width
+        page.browser.find_element(By.XPATH, "//button[contains(., 'instrument_sweep.mp4')]").click()
+        _wait(lambda: "instrument_sweep.mp4: video" in page.text("view-info"), 30, "the video example", log)
+        assert not any(page.shown(c) for c in ("plane", "window", "level", "width"))
+        assert "shown: frame at " in page.text("view-info")
         assert served["proc"].poll() is None
     except BaseException:
         page.shot("failure")
