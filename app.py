@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -88,7 +87,8 @@ ZIP_MAX_RATIO = 100
 # and max_frames), at full resolution as float32 RGB (what `Media.frames` holds), must fit in this.
 VIDEO_MAX_DECODED_BYTES = 2 * 1024**3
 VIEW_SIDE = 320  # longest side, in screen pixels, of the slice panels (two fit side by side at 1366 x 768)
-STRIP_TILE = 112  # width, in pixels, of a slice / frame in the strip
+STRIP_TILE = 124  # width, in pixels, of a slice / frame in the strip
+STRIP_COLUMNS = 5  # 5 tiles fit the picture column at 1366 px, so the strip is shown at its own size
 LABEL_FONT = 14  # px: strip labels and titles stay readable when the strip is shown at its own size
 # radiological display (media_omnivmed): the letters at the top / bottom / left / right edges of a slice
 ORIENTATION_LETTERS = {
@@ -442,16 +442,17 @@ def strip_image(view: View, frame_share: np.ndarray | None = None, block_share: 
     t, h, w = view.frames.shape[:3]
     scale = STRIP_TILE / w
     tile_w, tile_h = STRIP_TILE, max(1, round(h * scale))
-    columns = min(t, 8)
+    columns = min(t, STRIP_COLUMNS)
     rows = math.ceil(t / columns)
-    label_h, bar_h, pad, title_h = LABEL_FONT + 6, 16 if frame_share is not None else 0, 6, LABEL_FONT + 12
+    label_h, bar_h, pad = LABEL_FONT + 6, 16 if frame_share is not None else 0, 6
     r = view.report
     title = (f"{r['tokens_after']}/{r['tokens_before']} visual tokens kept ({100 * r['kept_fraction']:.0f} %) at "
              f"threshold {view.threshold:g}")  # fmt: skip
     if frame_share is not None:
-        title += " · colour: attention per block (least to most) · bars: the slice's share of the answer's attention"
+        title += "\ncolour: attention per block (least to most); bars: the slice's share of the answer's attention"
     font = _font(LABEL_FONT)
-    width = max(columns * (tile_w + pad) + pad, round(font.getlength(title)) + 2 * pad)
+    title_h = (LABEL_FONT + 4) * (title.count("\n") + 1) + 8
+    width = max(columns * (tile_w + pad) + pad, max(round(font.getlength(t)) for t in title.split("\n")) + 2 * pad)
     canvas = Image.new("RGB", (width, title_h + rows * (tile_h + label_h + bar_h + pad)), (20, 20, 20))
     draw = ImageDraw.Draw(canvas)
     draw.text((pad, 4), title, fill="white", font=font)
@@ -829,7 +830,8 @@ CSS = """
 .alert-box { border: 2px solid #d33; background: #fdecea; color: #7a1010; border-radius: 6px; padding: 6px 10px;
              font-size: 1.05em; font-weight: 600; }
 .alert-box:empty { display: none; }
-#strip img, #attribution img { max-width: none; }
+#strip img { max-width: none; max-height: none; width: auto; height: auto; object-fit: none; }  /* own size */
+#strip .image-frame, #strip .image-container { overflow: auto; justify-content: flex-start; }
 #chat .message-buttons, #chat .message-buttons-right { position: static !important; }
 footer { display: none !important; }
 /* error toasts top left, over the pictures (empty after a failed upload), not over the upload box, the answer or
@@ -850,7 +852,12 @@ class Sessions:
         self.uploads: dict[str, Path] = {}
         self.cancels: dict[str, threading.Event] = {}
 
-    def keep(self, upload: str | Path) -> str:
+    def keep(self, upload: str | Path, most: int = 64) -> str:
+        """Keep `upload` under a new random id; the oldest beyond `most` kept uploads are deleted (a reload of a
+        page that old then says it was reset)."""
+        while len(self.uploads) >= most:
+            old = self.uploads.pop(next(iter(self.uploads)))
+            shutil.rmtree(old.parent, ignore_errors=True)
         upload = Path(upload)
         key = secrets.token_hex(16)
         target = self.folder / key / upload.name
@@ -991,7 +998,8 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
         if not holder.ready:
             reply = ("The model is not ready yet, so nothing was generated. " +
                      (holder.error and f"Training failed: {holder.error}" or holder.estimate()))  # fmt: skip
-            yield [*history, {"role": "assistant", "content": reply}], messages, "", alert(""), gr.skip(), gr.skip(), gr.skip()
+            yield ([*history, {"role": "assistant", "content": reply}], messages, "", alert(""), gr.skip(), gr.skip(),
+                   gr.skip())  # fmt: skip
             return
         prefix = TEXT_ONLY_NOTE if view is None else ""
         content = [{"type": "text", "text": question}]
@@ -1070,7 +1078,8 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
             note += f" The answer to \"{stored['pending']}\" was stopped by the reload: ask it again."
         stored = {**stored, "pending": None}
         return (view, describe_view(view, index), scan_image(view, index), model_image(view, index),
-                gr.update(value=strip_image(view)), slider, history, messages, alert(note), stored, *controls_for(view), None,
+                gr.update(value=strip_image(view)), slider, history, messages, alert(note), stored,
+                *controls_for(view), None,
                 gr.skip(), plane, window, stored.get("threshold", default_threshold), gr.skip())  # fmt: skip
 
     for fn in (ask, stop, restore):  # `from __future__ import annotations` leaves "gr.Request" a string Gradio

@@ -662,6 +662,9 @@ def test_the_app_in_headless_chromium(served):
     log = served["log"]
     page = Page(served, "main")
     try:
+        # before any upload the two picture boxes already say what they will show
+        labels = page.text("scan") + " | " + page.text("model-view")
+        assert "scan" in labels and "what the model sees" in labels, labels
         # a question before any upload: the notice, not an answer
         page.ask("Is there a lesion?")
         _wait(lambda: "No readable image" in page.text("alert"), 20, "the no-medium notice", log)
@@ -705,8 +708,21 @@ def test_the_app_in_headless_chromium(served):
             slider.send_keys(Keys.ARROW_LEFT)
         _wait(lambda: f"looked: {share:.1f} %" not in page.text("view-info")
               and "looked" in page.text("view-info"), 30, "another slice's share", log)  # fmt: skip
+        # the chat's own buttons do not cover the newest question
+        covered = page.browser.execute_script(
+            "const q = [...document.querySelectorAll('#chat [data-testid=user]')].pop().getBoundingClientRect();"
+            "return [...document.querySelectorAll('#chat button')].filter(b => { const r = b.getBoundingClientRect();"
+            " return r.width > 0 && r.left < q.right && q.left < r.right && r.top < q.bottom && q.top < r.bottom; })"
+            ".map(b => b.outerHTML.slice(0, 80));")  # fmt: skip
+        assert not covered, covered
         page.browser.find_element(By.XPATH, "//*[@id='strip-accordion']//button").click()
         _wait(lambda: page.shown("strip"), 10, "the strip", log)
+        # the strip is shown at its own size, so its 12-14 px labels stay 12-14 px on screen
+        shown_width, natural = page.browser.execute_script(
+            "const i = document.querySelector('#strip img'); return [i.getBoundingClientRect().width, i.naturalWidth];")
+        assert natural > 0 and shown_width >= 0.95 * natural, (shown_width, natural)
+        page.browser.execute_script("document.querySelector('#strip').scrollIntoView()")
+        page.shot("strip")
         page.shot("answer_and_heat")
         print(f"answer: {answer!r}")
 
