@@ -1089,7 +1089,10 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
         view_state = gr.State(None)
         messages_state = gr.State([])
         attribution_state = gr.State(None)
-        stored = gr.BrowserState({}, storage_key="omnivmed-demo")
+        # Gradio decrypts browser state in the page, so its secret is no protection and is fixed here: a restarted
+        # server can still read a page's state and say that its upload is gone, instead of starting blank. The state
+        # holds only a random upload id the server checks, the settings and the finished conversation's text.
+        stored = gr.BrowserState({}, storage_key="omnivmed-demo", secret="omnivmed-demo-state")
         upload = gr.File(label="Image, NIfTI, DICOM file, zip of a DICOM series, or video", file_types=UPLOAD_TYPES,
                          type="filepath", elem_id="upload", height=64, render=False)  # rendered in the right column
         with gr.Row(equal_height=False, elem_id="header"):

@@ -745,6 +745,13 @@ def test_the_app_in_headless_chromium(served):
         page.ask("What is a CT?")
         answer = _wait(page.answers, 60, "a text-only answer", log)[-1]
         assert answer.startswith("[text-only question")
+        # Stop: a long answer is cut at once and the model is free again
+        page.set_number("max-tokens", 2000)
+        page.ask("Tell me everything about CT.")
+        _wait(lambda: len(page.answers()) == 2, 30, "a long answer streaming", log)
+        page.browser.find_element(By.ID, "stop").click()
+        _wait(lambda: "answer cancelled" in log(), 5, "the answer stopped", log)
+        page.set_number("max-tokens", 6)
         page.browser.find_element(By.XPATH, "//*[@id='text-only']//input").click()
 
         # a 16-bit PNG: no plane, no CT window; level / width shown
