@@ -737,7 +737,11 @@ class ModelHolder:
                         len(pieces))  # fmt: skip
             raise Cancelled()
         if attribution is not None:
-            attribution["attention_shares"] = self.attention_shares(inputs, result["ids"])
+            try:
+                attribution["attention_shares"] = self.attention_shares(inputs, result["ids"])
+            except Exception as error:  # the answer stands without its heat map; the page says why
+                logger.exception("attention attribution failed")
+                attribution["error"] = f"{type(error).__name__}: {error}"
         return "".join(pieces).strip()
 
     def attention_shares(self, inputs, sequences) -> dict:
@@ -759,7 +763,9 @@ class ModelHolder:
         totals = {"visual": torch.zeros(len(visual), dtype=torch.float64), "all": 0.0, "layers": 0}
 
         def hook(module, args, output):
-            weights = output[1]  # (B, heads, L, L) from eager attention
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None  # (B, heads, L, L)
+            if weights is None:
+                return
             rows = weights[0, :, queries, :].double().mean(0)  # (answer tokens, L), averaged over heads
             totals["visual"] += rows[:, visual].mean(0).cpu()
             totals["all"] += float(rows.sum(-1).mean())
@@ -777,7 +783,9 @@ class ModelHolder:
             lm.config._attn_implementation = previous
             for handle in handles:
                 handle.remove()
-        mean = totals["visual"] / max(totals["layers"], 1)
+        if totals["layers"] == 0:
+            raise RuntimeError("the language model's attention layers returned no attention weights")
+        mean = totals["visual"] / totals["layers"]
         fraction = float(mean.sum())
         shares = (mean / mean.sum()).numpy() if fraction > 0 else mean.numpy()
         return {"visual": shares, "visual_fraction": fraction, "answer_tokens": int(len(queries))}
@@ -1031,7 +1039,9 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
         stored = {**(stored or {}), "turns": [*(stored or {}).get("turns", []), [question, text]],
                   "text_only": view is None, "pending": None}  # fmt: skip
         attribution, strip = None, gr.skip()
-        if view is not None and "attention_shares" in found:
+        if view is not None and "error" in found:
+            gr.Warning(f"No heat map for this answer: {found['error']}", duration=8)
+        if view is not None and "attention_shares" in found and found["attention_shares"]["answer_tokens"] > 0:
             shares = found["attention_shares"]
             frame_share, blocks = attribution_maps(view, shares["visual"])
             attribution = {"key": view.key, "frames": frame_share, "blocks": blocks,

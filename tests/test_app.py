@@ -480,6 +480,20 @@ def test_attention_shares_equal_transformers_attentions(holder, tmp_path):
     assert (blocks[~view.keep] == 0).all()
 
 
+def test_an_attribution_failure_leaves_the_answer_standing(holder, tmp_path, monkeypatch):
+    import app
+
+    view = app.build_view(_mni_t1(), holder.image_processor(), "axial", "auto", 0.1, tmp_path)
+
+    def broken(*args):
+        raise RuntimeError("no attention weights here")
+
+    monkeypatch.setattr(holder, "attention_shares", broken)
+    found = {}
+    *_, text = holder.stream(_question(view, "Is there a lesion?"), 4, 0.1, attribution=found)
+    assert text and found == {"error": "RuntimeError: no attention weights here"}
+
+
 def test_the_heat_map_changes_when_the_question_is_about_another_slice(holder, tmp_path):
     """A volume whose slices differ clearly (one bright square, moving through the slices), asked about two slices:
     the per-slice shares and the strip / overlay drawn from them differ."""
