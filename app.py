@@ -683,15 +683,30 @@ class ModelHolder:
                 pieces.put(None)
 
         threading.Thread(target=run, daemon=True).start()
-        text = ""
+        text, shown, done = "", "", False
         try:
-            while (piece := pieces.get()) is not None:
-                text += piece
-                yield text
+            while not done:
+                piece = pieces.get()
+                done = piece is None
+                text += piece or ""
+                while not done:  # take whatever else is ready: the page gets fewer, larger updates and no backlog
+                    try:
+                        piece = pieces.get_nowait()
+                    except queue.Empty:
+                        break
+                    done = piece is None
+                    text += piece or ""
+                if cancel.is_set():  # nothing more once stopped: the page may already show another file's chat
+                    break
+                if text and text != shown:
+                    shown = text
+                    yield text
         finally:
             cancel.set()  # a closed generator (Gradio cancelled the event) stops the worker at its next token
         if "error" in outcome:
             raise outcome["error"]
+        if "text" not in outcome:  # cancelled while another session's answer held the model
+            raise Cancelled()
 
     def _inputs(self, messages, threshold):
         extra = {} if threshold is None else {"prune_threshold": threshold}
@@ -881,14 +896,16 @@ class Sessions:
         path = self.uploads.get(key) if isinstance(key, str) else None
         return path if path is not None and path.is_file() else None
 
-    def cancel(self, session: str | None) -> None:
+    def cancel(self, session: str | None, reason: str = "stopped") -> None:
         event = self.cancels.get(session or "")
-        if event is not None:
+        if event is not None and not event.is_set():
+            event.reason = reason
             event.set()
 
     def new_answer(self, session: str | None) -> threading.Event:
-        self.cancel(session)  # a session has at most one answer running
+        self.cancel(session, "replaced")  # a session has at most one answer running
         event = self.cancels[session or ""] = threading.Event()
+        event.reason = None
         return event
 
 
@@ -902,7 +919,7 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
     def alert(message: str):
         return gr.update(value=f"⚠ {message}" if message else "", visible=bool(message))
 
-    def controls_for(view: View | None, level_width=None):
+    def controls_for(view: View | None):
         """Only the controls that apply: plane for volumes; CT window for CT; level/width for grayscale inputs (in
         HU for a custom CT window, else in % of the stored range)."""
         if view is None:
@@ -930,17 +947,18 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
             for c, n, w in zip(("#e33", "#3c3", "#36f"), ("red", "green", "blue"), windows)))  # fmt: skip
 
     def empty_outputs(message: str, error: str = ""):
-        hidden = gr.update(visible=False)
         return (None, message, None, None, gr.update(value=None), gr.Slider(minimum=0, maximum=1, value=0,
                 visible=False), [], [], alert(error), None, *controls_for(None), None)  # fmt: skip
 
-    def load(upload, plane, window, level, width, threshold, view, index, stored):
-        """A new upload (or the upload cleared): load it with the current settings, on its middle slice."""
+    def load(upload, plane, window, level, width, threshold, view, index, stored, request: gr.Request):
+        """A new upload (or the upload cleared): load it with the current settings, on its middle slice. An answer
+        still running for the previous file is stopped (it would land in the new file's conversation)."""
+        sessions.cancel(getattr(request, "session_hash", None), "new medium")
         if upload is None:
             return empty_outputs("Upload a scan or a video, or pick an example below.")
         return _load(Path(upload), Path(upload).name, plane, window, None, threshold, None, 0, stored, new_file=True)
 
-    def reload(plane, window, level, width, threshold, view, index, stored):
+    def reload(plane, window, level, width, threshold, view, index, stored, request: gr.Request):
         """A setting changed: the same file again (already loaded frames reused when only the level/width or the
         threshold changed), on the same slice."""
         if view is None:
@@ -951,6 +969,8 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
                 (same_load and view.level_width is not None) or (window == "custom" and view.window == "custom")):
             lw = (float(level), float(width))
         media = view.raw if same_load and window != "custom" else None
+        if not same_load or (lw is not None and lw != view.level_width):  # the model will see another input
+            sessions.cancel(getattr(request, "session_hash", None), "new medium")
         return _load(Path(view.key[0]), view.name, plane, window, lw, threshold, view, index, stored, media=media)
 
     def _load(path, name, plane, window, lw, threshold, view, index, stored, media=None, new_file=False):
@@ -1026,6 +1046,9 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
                 yield ([*history, {"role": "assistant", "content": prefix + visible_answer(text)}], messages, "",
                        alert(""), pending if k == 0 else gr.skip(), gr.skip(), gr.skip())  # fmt: skip
         except Cancelled:
+            if cancel.reason in ("new medium", "replaced"):  # the chat now belongs to another file or answer
+                yield nothing  # Gradio re-sends an event's last output when it ends: make that one change nothing
+                return
             yield ([*history, {"role": "assistant", "content": prefix + visible_answer(text) + " [stopped]"}],
                    messages, "", alert(""), gr.skip(), gr.skip(), gr.skip())  # fmt: skip
             return
@@ -1092,7 +1115,7 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
                 *controls_for(view), None,
                 gr.skip(), plane, window, stored.get("threshold", default_threshold), gr.skip())  # fmt: skip
 
-    for fn in (ask, stop, restore):  # `from __future__ import annotations` leaves "gr.Request" a string Gradio
+    for fn in (ask, stop, restore, load, reload):  # `from __future__ import annotations` leaves "gr.Request" a string Gradio
         fn.__annotations__["request"] = gr.Request  # cannot resolve (gr is imported here, not at module level)
 
     with gr.Blocks(title="OmniV-Med") as demo:
@@ -1168,7 +1191,9 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
         for event in (submitted, clicked):  # the overlay of the current slice follows the new attribution
             event.then(show, [index, view_state, attribution_state, stored], [info, scan, seen, stored],
                        show_progress="hidden")  # fmt: skip
-        stop_button.click(stop, None, None, cancels=[submitted, clicked], queue=False)
+        # Stop sets the session's cancel flag: the answer ends at its next token and says "[stopped]" (Gradio's own
+        # `cancels` would kill the event before it could say so)
+        stop_button.click(stop, None, None, queue=False)
 
         def gone(request: gr.Request):  # a reloaded or closed page: its answer stops at the next token
             sessions.cancel(getattr(request, "session_hash", None))

@@ -765,6 +765,7 @@ def test_the_app_in_headless_chromium(served):
         _wait(lambda: len(page.answers()) == 2, 30, "a long answer streaming", log)
         page.browser.find_element(By.ID, "stop").click()
         _wait(lambda: "answer cancelled" in log(), 5, "the answer stopped", log)
+        _wait(lambda: page.answers()[-1].endswith("[stopped]"), 10, "the answer marked as stopped", log)
         page.set_number("max-tokens", 6)
         page.browser.find_element(By.XPATH, "//*[@id='text-only']//input").click()
 
@@ -779,9 +780,19 @@ def test_the_app_in_headless_chromium(served):
         assert not page.shown("plane")
         assert not page.shown("window")
         assert page.shown("width")
+        # a long answer about the PNG, then another file while it streams: the answer stops and does not land in
+        # the new file's conversation
+        page.set_number("max-tokens", 2000)
+        page.ask("Describe this X-ray.")
+        _wait(page.answers, 30, "an answer about the PNG streaming", log)
+        cancelled = log().count("answer cancelled")
         # the CT example: the CT window is offered, the plane is not
         page.browser.find_element(By.XPATH, "//button[contains(., 'ct_chest_512.dcm')]").click()
         _wait(lambda: "ct_chest_512.dcm: image" in page.text("view-info"), 30, "the CT example", log)
+        _wait(lambda: log().count("answer cancelled") > cancelled, 5, "the PNG's answer stopped", log)
+        time.sleep(1.0)
+        assert not page.browser.find_elements(*page.by("#chat [data-testid=user]")), "an old answer in a new chat"
+        page.set_number("max-tokens", 6)
         assert page.shown("window")
         assert not page.shown("plane")
         page.shot("ct_example")
