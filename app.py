@@ -873,7 +873,14 @@ class Sessions:
     def __init__(self, folder: Path):
         self.folder = folder
         self.uploads: dict[str, Path] = {}
+        self.views: dict[str, View] = {}  # the last view of the most recent uploads, for reloaded pages
         self.cancels: dict[str, threading.Event] = {}
+
+    def remember(self, key: str, view: View, most: int = 8) -> None:
+        self.views.pop(key, None)
+        self.views[key] = view
+        while len(self.views) > most:
+            self.views.pop(next(iter(self.views)))
 
     def keep(self, upload: str | Path, most: int = 64) -> str:
         """Keep `upload` under a new random id; the oldest beyond `most` kept uploads are deleted (a reload of a
@@ -992,6 +999,7 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
             stored["upload_id"] = sessions.keep(path)
         stored.update(name=name, plane=plane, window=window, level_width=new.level_width, threshold=threshold,
                       index=index)  # fmt: skip
+        sessions.remember(stored["upload_id"], new)
         chat = ([], []) if fresh else (gr.skip(), gr.skip())
         if fresh:
             stored["turns"] = []
@@ -1036,6 +1044,7 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
         turn = [*messages, {"role": "user", "content": content}]
         threshold = None if view is None else view.threshold  # the one the overlay shows
         session = getattr(request, "session_hash", None)
+        logger.info("a question (%d characters)", len(question))
         cancel = sessions.new_answer(session)
         found: dict = {}
         text = ""
@@ -1091,8 +1100,10 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
         plane, window = stored.get("plane", "axial"), stored.get("window", "auto")
         lw = stored.get("level_width")
         try:
-            view = build_view(path, holder.image_processor(), plane, window, stored.get("threshold"), workdir,
-                              name=path.name, level_width=tuple(lw) if lw else None)  # fmt: skip
+            view = sessions.views.get(stored["upload_id"])  # the page's last view: a reload costs no reloading
+            if view is None or view.key[1:] != (plane, window, tuple(lw) if lw else None):
+                view = build_view(path, holder.image_processor(), plane, window, stored.get("threshold"), workdir,
+                                  name=path.name, level_width=tuple(lw) if lw else None)  # fmt: skip
         except ValueError as error:
             return (*empty_outputs(f"The page was reset: {error}", f"The page was reset: {error}"), gr.skip(),
                     gr.skip(), gr.skip(), gr.skip(), gr.skip())  # fmt: skip
@@ -1196,6 +1207,7 @@ def build_app(holder: ModelHolder, examples: list[Path] | None = None, max_new_t
         stop_button.click(stop, None, None, queue=False)
 
         def gone(request: gr.Request):  # a reloaded or closed page: its answer stops at the next token
+            logger.info("a page was reloaded or closed")
             sessions.cancel(getattr(request, "session_hash", None))
 
         gone.__annotations__["request"] = gr.Request
