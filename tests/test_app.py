@@ -494,6 +494,30 @@ def test_an_attribution_failure_leaves_the_answer_standing(holder, tmp_path, mon
     assert text and found == {"error": "RuntimeError: no attention weights here"}
 
 
+def _event(demo, name):
+    """The function behind one of the page's events (build_app's closures), to call it directly."""
+    return next(block.fn for block in demo.fns.values() if getattr(block.fn, "__name__", "") == name)
+
+
+def test_page_functions_without_a_browser(holder):
+    """The no-medium rule and the restore after a server restart, called as Gradio calls them."""
+    import gradio as gr
+
+    import app
+
+    demo = app.build_app(holder)
+    request = gr.Request(session_hash="s1")
+    ask = _event(demo, "ask")
+    with pytest.warns(UserWarning, match="No readable image"):  # gr.Warning outside a page: a toast in one
+        out = list(ask("Is there a lesion?", [], [], None, 6, False, {}, 0, request))
+    assert len(out) == 1 and out[0][0] == [] and app.NO_MEDIUM in out[0][3]["value"]  # no answer, the notice
+    out = list(ask("What is a CT?", [], [], None, 3, True, {}, 0, request))
+    assert out[-1][0][-1]["content"].startswith(app.TEXT_ONLY_NOTE)  # allowed when asked for, and marked
+    restore = _event(demo, "restore")
+    gone = restore({"upload_id": "0" * 32, "name": "scan.nii.gz", "turns": []}, request)
+    assert gone[0] is None and "The page was reset" in gone[8]["value"] and "scan.nii.gz" in gone[8]["value"]
+
+
 def test_the_heat_map_changes_when_the_question_is_about_another_slice(holder, tmp_path):
     """A volume whose slices differ clearly (one bright square, moving through the slices), asked about two slices:
     the per-slice shares and the strip / overlay drawn from them differ."""
