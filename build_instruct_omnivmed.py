@@ -75,6 +75,7 @@ from omnivmed.media_omnivmed import (  # noqa: E402
     MediaError,
     load_media,
 )
+from omnivmed_tools import first_existing, write_jsonl  # noqa: E402
 
 
 logger = logging.getLogger("build_instruct_omnivmed")
@@ -372,8 +373,8 @@ def read_mimic_cxr(data: Path) -> tuple[list[Candidate], list[dict]]:
                          "files/pXX/p<subject>/s<study>/*.jpg and the reports s<study>.txt)")  # fmt: skip
     extra_roots = (data / "mimic-cxr-reports" / "files", data / "reports" / "files")
     report_roots = [files] + [p for p in extra_roots if p.is_dir()]
-    split_csv = ev._first_existing(data / "mimic-cxr-2.0.0-split.csv.gz", data / "mimic-cxr-2.0.0-split.csv")
-    meta_csv = ev._first_existing(data / "mimic-cxr-2.0.0-metadata.csv.gz", data / "mimic-cxr-2.0.0-metadata.csv")
+    split_csv = first_existing(data / "mimic-cxr-2.0.0-split.csv.gz", data / "mimic-cxr-2.0.0-split.csv")
+    meta_csv = first_existing(data / "mimic-cxr-2.0.0-metadata.csv.gz", data / "mimic-cxr-2.0.0-metadata.csv")
     split = {r["dicom_id"]: r["split"] for r in _read_csv(split_csv)} if split_csv else None
     views = {r["dicom_id"]: r.get("ViewPosition", "") for r in _read_csv(meta_csv)} if meta_csv else None
     candidates, errors, reports = [], [], {}
@@ -411,7 +412,7 @@ def read_m3d_cap(data: Path, split: str = "train") -> tuple[list[Candidate], lis
     {"train": [{"image": "ct_case/000006/Axial_C__portal_venous_phase.npy", "text": "ct_case/000006/text.txt"}, ...],
     "validation": [...], "test": [...]}, paths relative to the JSON's folder; volumes .npy (1, D, H, W) in [0, 1] (or
     NIfTI). Modality from the path (an "mr" / "mri" folder -> mri), else ct. The caption is text.txt verbatim."""
-    path = ev._first_existing(data / "M3D_Cap.json", data / "M3D_Cap_npy" / "M3D_Cap.json")
+    path = first_existing(data / "M3D_Cap.json", data / "M3D_Cap_npy" / "M3D_Cap.json")
     if path is None:
         raise BuildError(f"m3d-cap: expected {data}/M3D_Cap.json or {data}/M3D_Cap_npy/M3D_Cap.json")
     try:
@@ -453,7 +454,7 @@ def read_m3d_refseg(data: Path, split: str = "train") -> tuple[list[Candidate], 
     with M3D's "[SEG]" placeholder replaced by the region's box [d0, h0, w0, d1, h1, w1] as fractions of (D, H, W)
     (start = first voxel / size, end = (last voxel + 1) / size, 2 decimals) of the volume as stored; the .npy is
     written as NIfTI whose axial slices display exactly as the array's (slice, row, column)."""
-    path = ev._first_existing(data / f"M3D_RefSeg_{split}.csv", data / "M3D_RefSeg.csv",
+    path = first_existing(data / f"M3D_RefSeg_{split}.csv", data / "M3D_RefSeg.csv",
                               data / "M3D_RefSeg_npy" / "M3D_RefSeg.csv")  # fmt: skip
     if path is None:
         raise BuildError(f"m3d-refseg: expected {data}/M3D_RefSeg_{split}.csv or M3D_RefSeg.csv (columns "
@@ -974,7 +975,7 @@ def stage_view(rows: list[dict], stage: int, seed: int) -> list[dict]:
     return other + [instruct[i] for i in pick]
 
 
-def _write_jsonl(path: Path, rows) -> None:
+def write_jsonl(path: Path, rows) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
@@ -1061,13 +1062,13 @@ def build(sources: list[tuple[str, Path]], out: Path, max_per_source: int | None
         per_source[name] = dict(stats)
         logger.info("%s: %s", name, dict(stats))
 
-    _write_jsonl(out / "all.jsonl", rows)
-    _write_jsonl(out / "errors.jsonl", errors)
-    _write_jsonl(out / "removed.jsonl", removed)
+    write_jsonl(out / "all.jsonl", rows)
+    write_jsonl(out / "errors.jsonl", errors)
+    write_jsonl(out / "removed.jsonl", removed)
     views = {}
     for stage in stages:
         view = stage_view(rows, stage, seed)
-        _write_jsonl(out / f"stage{stage}.jsonl", view)
+        write_jsonl(out / f"stage{stage}.jsonl", view)
         views[stage] = len(view)
     report = statistics(rows, per_source, guard, views, errors)
     if processor:

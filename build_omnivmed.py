@@ -18,7 +18,6 @@ import collections
 import dataclasses
 import json
 import logging
-import os
 import math
 import random
 import re
@@ -46,6 +45,7 @@ from omnivmed.processing_omnivmed import (
     VISION_END,
     VISION_START,
 )
+from omnivmed_tools import image_statistics, push_folder, read_json, short
 
 
 # Qwen2's pre-tokenizer split (the tiny tokenizer behaves like Qwen2's on whitespace, digits and punctuation)
@@ -419,17 +419,6 @@ def save_hub_folder(model, processor, out: Path, max_shard_size: str | int | Non
     return out
 
 
-def push_folder(folder: Path, repo_id: str, private: bool = False, token: str | None = None, message: str = "") -> str:
-    """Create the Hub repo (if needed) and upload the folder in one commit; honours HF_ENDPOINT at call time."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
-    url = api.create_repo(repo_id, exist_ok=True, private=private)
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=message or "Upload OmniV-Med")
-    logger.info("pushed %s to %s (%s)", folder, url, getattr(info, "commit_url", info))
-    return str(url)
-
-
 def build_tiny(out: Path, seed: int = 0) -> Path:
     # the tokenizer is part of the preset: the seed only changes the weights
     tokenizer = build_tiny_tokenizer(seed=0)
@@ -562,25 +551,15 @@ def read_tensor_index(folder: Path) -> dict[str, TensorRef]:
         if listed != stored:
             raise BuildError(
                 f"{folder}: {WEIGHTS_INDEX_NAME} and the shards disagree: listed but not stored "
-                f"{_short(sorted(listed - stored))}, stored but not listed {_short(sorted(stored - listed))}"
+                f"{short(sorted(listed - stored))}, stored but not listed {short(sorted(stored - listed))}"
             )
     return tensors
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _short(names, limit: int = 20) -> str:
-    names = list(names)
-    shown = ", ".join(map(str, names[:limit]))
-    return f"[{shown}{f', ... ({len(names) - limit} more)' if len(names) > limit else ''}]"
 
 
 def siglip_vision_config(folder: Path) -> tuple[dict, str]:
     """OmniVMedVisionConfig fields from a SigLIP / SigLIP2 config (full model or vision-only); returns (fields, kind)
     with kind "siglip" (Conv2d patch embedding) or "siglip2" (Linear over (p, p, C) patches)."""
-    raw = _read_json(folder / "config.json")
+    raw = read_json(folder / "config.json")
     model_type = raw.get("model_type")
     if model_type not in SIGLIP_MODEL_TYPES:
         raise BuildError(
@@ -596,14 +575,6 @@ def siglip_vision_config(folder: Path) -> tuple[dict, str]:
             raise BuildError(f"{folder}: non-square patches {patch} are not supported")
         fields["patch_size"] = int(patch[0])
     return fields, ("siglip2" if model_type.startswith("siglip2") else "siglip")
-
-
-def image_statistics(folder: Path) -> tuple[list[float], list[float]]:
-    pre = _read_json(folder / "preprocessor_config.json")
-    if "image_mean" in pre and "image_std" in pre:
-        return [float(v) for v in pre["image_mean"]], [float(v) for v in pre["image_std"]]
-    logger.warning("%s has no preprocessor_config.json with image_mean/std: using SigLIP's 0.5 / 0.5", folder)
-    return [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
 
 
 def plan_vision(tensors: dict[str, TensorRef], kind: str, plan: WeightPlan):
@@ -640,7 +611,7 @@ def plan_vision(tensors: dict[str, TensorRef], kind: str, plan: WeightPlan):
         else:
             unexpected.append(key)
     if unexpected:
-        raise BuildError(f"unexpected tensors in the SigLIP checkpoint (prefix {prefix!r}): {_short(unexpected)}")
+        raise BuildError(f"unexpected tensors in the SigLIP checkpoint (prefix {prefix!r}): {short(unexpected)}")
 
 
 def plan_llm(tensors: dict[str, TensorRef], tie: bool, plan: WeightPlan):
@@ -660,7 +631,7 @@ def plan_llm(tensors: dict[str, TensorRef], tie: bool, plan: WeightPlan):
         else:
             unexpected.append(key)
     if unexpected:
-        raise BuildError(f"unexpected tensors in the LLM checkpoint: {_short(unexpected)}")
+        raise BuildError(f"unexpected tensors in the LLM checkpoint: {short(unexpected)}")
 
 
 def prepare_tokenizer(llm_folder: Path):
@@ -793,8 +764,8 @@ def build_pretrained(
     llm_dir = resolve_checkpoint(llm, LLM_ALLOW_PATTERNS, revision)
 
     vision_fields, vision_kind = siglip_vision_config(vision_dir)
-    mean, std = image_statistics(vision_dir)
-    llm_raw = _read_json(llm_dir / "config.json")
+    mean, std = image_statistics(vision_dir, ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]), "SigLIP's 0.5 / 0.5")
+    llm_raw = read_json(llm_dir / "config.json")
     if llm_raw.get("model_type") not in LLM_MODEL_TYPES:
         raise BuildError(
             f"{llm_dir}/config.json: model_type {llm_raw.get('model_type')!r} is not a supported LLM "
@@ -847,7 +818,7 @@ def build_pretrained(
             mismatched.append(f"{ref.key} {ref.shape} -> {name} {shape}, expected {expected[name]}")
     missing = sorted(k for k in set(expected) - set(plan.moves) if not k.startswith("model.projector."))
     problems = [
-        f"{what}: {_short(names)}"
+        f"{what}: {short(names)}"
         for what, names in (("no place in OmniV-Med", unknown), ("shape mismatches", mismatched),
                             ("not provided by the parts", missing))  # fmt: skip
         if names

@@ -47,10 +47,7 @@ from build_omnivmed import (
     ROOT,
     BuildError,
     TensorRef,
-    _read_json,
-    _short,
     build_tiny_tokenizer,
-    push_folder,
     read_tensor_index,
     resolve_checkpoint,
     token_ids,
@@ -68,6 +65,8 @@ from omnivmed.processing_omnivmed import (
     OmniVMedImageProcessor,
     OmniVMedProcessor,
 )
+from omnivmed_tools import image_statistics as folder_image_statistics
+from omnivmed_tools import push_folder, read_json, short
 
 
 logger = logging.getLogger("convert_omnivmed")
@@ -255,7 +254,7 @@ def vision_config_dict(source: Source) -> dict:
 
 def source_uses_token_compression(source: Source) -> bool:
     if source.layout == "native":  # transformers' port: a video processor setting, on by default
-        video = _read_json(source.folder / "video_preprocessor_config.json")
+        video = read_json(source.folder / "video_preprocessor_config.json")
         return bool(video.get("use_token_compression", True))
     return bool(source.config.get("use_token_compression", False))
 
@@ -311,11 +310,7 @@ def omnivmed_config(source: Source, token_ids: dict, mean_std, compat_pruning: b
 
 # ------------------------------------------------------------------------------------------------------ the processor
 def image_statistics(source: Source) -> tuple[list, list]:
-    pre = _read_json(source.folder / "preprocessor_config.json")
-    if "image_mean" in pre and "image_std" in pre:
-        return [float(v) for v in pre["image_mean"]], [float(v) for v in pre["image_std"]]
-    logger.warning("%s has no preprocessor_config.json: using the %s default mean/std", source.folder, source.family)
-    return FAMILY_MEAN_STD[source.family]
+    return folder_image_statistics(source.folder, FAMILY_MEAN_STD[source.family], f"the {source.family} default")
 
 
 def image_processor_settings(source: Source, config: OmniVMedConfig) -> dict:
@@ -324,7 +319,7 @@ def image_processor_settings(source: Source, config: OmniVMedConfig) -> dict:
     (min_tokens * factor**2 per item; max_tokens * factor**2 shared by all frames of a call). Exact where no resize
     happens; resized frames differ by the kernel (theirs: PIL bicubic on uint8), see the README."""
     p = config.vision_config.patch_size
-    pre = _read_json(source.folder / "preprocessor_config.json")
+    pre = read_json(source.folder / "preprocessor_config.json")
     resample = pre.get("resample", 3)
     if resample not in (3, "bicubic"):
         raise ConversionError(f"the source image processor resamples with {resample!r}; only bicubic (3) maps")
@@ -342,7 +337,7 @@ def image_processor_settings(source: Source, config: OmniVMedConfig) -> dict:
     max_frames = 64  # OmniVMedImageProcessor's default frame budget
     if source.layout == "native":
         size = pre.get("size") or {}
-        video = _read_json(source.folder / "video_preprocessor_config.json")
+        video = read_json(source.folder / "video_preprocessor_config.json")
         video_size = video.get("size") or {}
         settings.update(
             min_pixels=int(size.get("shortest_edge", pre.get("min_pixels", 56 * 56))),
@@ -442,11 +437,11 @@ def plan_weights(source: Source, config: OmniVMedConfig) -> Plan:
     missing = sorted(set(expected) - set(seen))
     problems = []
     if unknown:
-        problems.append(f"unknown keys (no OmniV-Med counterpart): {_short(unknown)}")
+        problems.append(f"unknown keys (no OmniV-Med counterpart): {short(unknown)}")
     if missing:
-        problems.append(f"missing keys (the OmniV-Med model needs them): {_short(missing)}")
+        problems.append(f"missing keys (the OmniV-Med model needs them): {short(missing)}")
     if mismatched:
-        problems.append(f"shape mismatches: {_short(mismatched)}")
+        problems.append(f"shape mismatches: {short(mismatched)}")
     if problems:
         raise ConversionError(f"{source.folder} cannot be converted exactly:\n  " + "\n  ".join(problems))
     if dropped:

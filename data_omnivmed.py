@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from omnivmed_tools import write_jsonl
+
 
 logger = logging.getLogger("data_omnivmed")
 
@@ -722,7 +724,7 @@ def multi_turn(rng, rows: list[dict]) -> list[dict]:
     return merged
 
 
-def _write_jsonl(path: Path, rows: list[dict]):
+def write_jsonl(path: Path, rows: list[dict]):
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
@@ -791,10 +793,10 @@ def build_default_dataset(root: Path, seed: int = 0, size: str = "full") -> dict
         rng.shuffle(rows)
     evaluation = splits["eval"]["rows2d"] + splits["eval"]["rows3d"] + splits["eval"]["video"]
     paths = default_paths(root)
-    _write_jsonl(paths["stage1"], train["captions"])
-    _write_jsonl(paths["stage2"], rows2d)
-    _write_jsonl(paths["stage3"], stage3)
-    _write_jsonl(paths["eval"], evaluation)
+    write_jsonl(paths["stage1"], train["captions"])
+    write_jsonl(paths["stage2"], rows2d)
+    write_jsonl(paths["stage3"], stage3)
+    write_jsonl(paths["eval"], evaluation)
     counts = {name: sum(1 for _ in open(p)) for name, p in paths.items()}
     manifest.write_text(json.dumps({"build": wanted, "rows": counts}, indent=2))
     logger.info("embedded default dataset: %s", counts)

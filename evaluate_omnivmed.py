@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from omnivmed_tools import first_existing
+
 
 logger = logging.getLogger("evaluate_omnivmed")
 
@@ -433,10 +435,6 @@ def _record_error(errors: list | None, error: DataError) -> None:
     errors.append(str(error))
 
 
-def _first_existing(*candidates: Path) -> Path | None:
-    return next((c for c in candidates if c.exists()), None)
-
-
 def _parquet_rows(files: list[Path]) -> list[dict]:
     import pyarrow.parquet as pq
 
@@ -507,11 +505,11 @@ def load_vqa_rad(data: Path, split: str, errors: list | None = None, **_) -> lis
     2. LLaVA-Med's evaluation JSON `{split}.json` (conversations + answer_type) + `images/`;
     3. the HF parquet copy (flaviagiammarino/vqa-rad): `data/{split}-*.parquet` with image bytes, question, answer;
        it has no answer_type, so yes/no answers are CLOSED and the rest OPEN (the usual convention)."""
-    osf = _first_existing(data / "VQA_RAD Dataset Public.json", data / "VQA_RAD_Dataset_Public.json")
+    osf = first_existing(data / "VQA_RAD Dataset Public.json", data / "VQA_RAD_Dataset_Public.json")
     llava = data / f"{split}.json"
     parquet = _parquet_files(data, split)
     if osf is not None:
-        images = _first_existing(data / "VQA_RAD Image Folder", data / "VQA_RAD_Image_Folder", data / "images") or data
+        images = first_existing(data / "VQA_RAD Image Folder", data / "VQA_RAD_Image_Folder", data / "images") or data
         samples = []
         for i, rec in enumerate(_read_json_list(osf)):
             try:
@@ -572,7 +570,7 @@ def load_slake(data: Path, split: str, all_languages: bool = False, errors: list
     if not path.is_file():
         raise DataError(f"{data}: expected SLAKE's {split}.json (with img_name, question, answer, answer_type, q_lang) "
                         "and the imgs/ folder")  # fmt: skip
-    images = _first_existing(data / "imgs", data / "images") or data
+    images = first_existing(data / "imgs", data / "images") or data
     if _is_llava_json(path):
         return _llava_conversation_samples(path, images, "slake", errors)
     samples = []
@@ -604,7 +602,7 @@ def load_pathvqa(data: Path, split: str, errors: list | None = None, **_) -> lis
     parquet = _parquet_files(data, split)
     if parquet:
         return _hf_parquet_samples(parquet, errors)
-    images = _first_existing(data / "images" / split, data / "images") or data
+    images = first_existing(data / "images" / split, data / "images") or data
 
     def image_path(name: str) -> str:
         path = images / name
@@ -655,7 +653,7 @@ def load_m3d_vqa(data: Path, split: str, m3d_mode: str = "both", errors: list | 
     Choice A-D, Answer, Answer Choice, Question Type) with the volumes at `<data>/<Image Path>`: M3D's preprocessed
     `.npy` arrays ((1, D, H, W) in [0, 1], read with numpy, allow_pickle=False) or NIfTI / DICOM. Every row is asked
     twice, as M3D evaluates it: closed (the question + "Choices: A. .. B. .. C. .. D. ..") and open (the question)."""
-    path = _first_existing(data / f"M3D_VQA_{split}.csv", data / "M3D-VQA" / f"M3D_VQA_{split}.csv",
+    path = first_existing(data / f"M3D_VQA_{split}.csv", data / "M3D-VQA" / f"M3D_VQA_{split}.csv",
                            data / f"{split}.csv")  # fmt: skip
     if path is None:
         raise DataError(f"{data}: expected M3D_VQA_{split}.csv (columns {list(M3D_COLUMNS)}) and the volumes under "
@@ -819,7 +817,7 @@ def load_omnivmed_mini(data: Path, split: str, **_) -> list[Sample]:
     if data.is_file():
         path = data
     else:
-        path = _first_existing(data / f"{split}.jsonl", data / "eval.jsonl", data / "test.jsonl")
+        path = first_existing(data / f"{split}.jsonl", data / "eval.jsonl", data / "test.jsonl")
         if path is None:
             raise DataError(f"{data}: expected a JSONL file ({split}.jsonl or eval.jsonl) of held-out questions")
     root = path.parent.resolve()

@@ -59,6 +59,7 @@ from omnivmed.media_omnivmed import (  # noqa: E402
 )
 from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration  # noqa: E402
 from omnivmed.processing_omnivmed import LOAD_OPTIONS, LOAD_SETTINGS, SETTINGS, OmniVMedProcessor  # noqa: E402
+from omnivmed_tools import push_folder  # noqa: E402
 
 
 logger = logging.getLogger("train_trl")
@@ -1161,19 +1162,6 @@ def _resume_point(plan: StagePlan, resume: str | None):
     return str(path) if path.parent == plan.dir.resolve() else None
 
 
-def push_folder(folder: Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
-    """Create the repo (if needed) and upload the folder in one commit; honours HF_ENDPOINT at call time."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
-    url = api.create_repo(repo_id, exist_ok=True, private=private)
-    info = api.upload_folder(
-        repo_id=repo_id, folder_path=str(folder), commit_message="Upload OmniV-Med fine-tuned with train_trl.py"
-    )
-    logger.info("pushed %s to %s (%s)", folder, url, getattr(info, "commit_url", info))
-    return str(url)
-
-
 def main(argv=None, callbacks=()) -> Path:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -1304,7 +1292,10 @@ def _main(args, callbacks) -> Path:
         data_omnivmed.append_results_to_card(final, report)
         print(report["text"])
     if args.push_to_hub and _is_main():
-        push_folder(final, args.hub_model_id, args.hub_private_repo, args.hub_token)
+        push_folder(
+            final, args.hub_model_id, args.hub_private_repo, args.hub_token,
+            message="Upload OmniV-Med fine-tuned with train_trl.py",
+        )
     _barrier()
     logger.info("done in %.1f s", time.time() - started)
     return final
