@@ -45,7 +45,7 @@ from omnivmed.processing_omnivmed import (
     VISION_END,
     VISION_START,
 )
-from omnivmed_tools import image_statistics, push_folder, read_json, short
+from omnivmed_tools import ANSWERS, CAPTION_QUESTION, QUESTIONS, image_statistics, push_folder, read_json, short
 
 
 # Qwen2's pre-tokenizer split (the tiny tokenizer behaves like Qwen2's on whitespace, digits and punctuation)
@@ -199,11 +199,9 @@ def _chat_lines() -> list[str]:
     """The chat template's role lines and the embedded default's questions and answers. A real Qwen tokenizer codes
     such everyday English at about a token a word; without these lines the 1024-token BPE spent 29 tokens on the
     system turn and 10-18 on each question, a third of a training row's tokens and of its training time."""
-    import data_omnivmed
-
-    lines = [f"system\n{DEFAULT_SYSTEM_PROMPT}", "user\n", "assistant\n", data_omnivmed.CAPTION_QUESTION]
-    lines += [q for questions in data_omnivmed.QUESTIONS.values() for q in questions]
-    lines += [answer for answers in data_omnivmed.ANSWERS.values() for answer in answers]
+    lines = [f"system\n{DEFAULT_SYSTEM_PROMPT}", "user\n", "assistant\n", CAPTION_QUESTION]
+    lines += [q for questions in QUESTIONS.values() for q in questions]
+    lines += [answer for answers in ANSWERS.values() for answer in answers]
     return lines
 
 

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from omnivmed_tools import write_jsonl
+from omnivmed_tools import ANSWERS, CAPTION_QUESTION, QUESTIONS, write_jsonl
 
 
 logger = logging.getLogger("data_omnivmed")
@@ -78,23 +78,6 @@ SIZES = {
     },
 }
 
-QUESTIONS = {
-    "modality": ["What imaging modality is this?", "Which modality was used to acquire this image?"],
-    "plane": ["In which plane is this slice?", "What is the imaging plane?"],
-    "lesion": ["Is there a lesion?", "Is a focal lesion present?"],
-    "side": ["On which side of the patient is the lesion?", "Is the lesion in the patient's left or right side?"],
-    "level": ["Is the lesion in the upper, middle or lower slices?", "Which part of the volume holds the lesion?"],
-    "direction": ["In which direction does the instrument move?", "Where does the instrument move?"],
-}
-ANSWERS = {
-    "modality": ("CT", "MR", "ultrasound"),
-    "plane": ("axial", "coronal", "sagittal"),
-    "lesion": ("yes", "no"),
-    "side": ("left", "right"),
-    "level": ("upper", "middle", "lower"),
-    "direction": ("left", "right", "up", "down"),
-}
-CAPTION_QUESTION = "Describe this image briefly."
 PLANE_SOURCES = ("MNI152 T1", "anatomical.nii", "example4d.nii.gz")
 CT_HEADS = ("693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm")
 

@@ -17,6 +17,28 @@ ROOT = Path(__file__).resolve().parent
 logger = logging.getLogger("omnivmed_tools")
 
 
+# ================================================================================================= the embedded default
+# Its questions and answers: data_omnivmed.py builds rows from them and scores against them; the tiny tokenizer's
+# corpus holds them so the tiny model reads them at about a token a word.
+QUESTIONS = {
+    "modality": ["What imaging modality is this?", "Which modality was used to acquire this image?"],
+    "plane": ["In which plane is this slice?", "What is the imaging plane?"],
+    "lesion": ["Is there a lesion?", "Is a focal lesion present?"],
+    "side": ["On which side of the patient is the lesion?", "Is the lesion in the patient's left or right side?"],
+    "level": ["Is the lesion in the upper, middle or lower slices?", "Which part of the volume holds the lesion?"],
+    "direction": ["In which direction does the instrument move?", "Where does the instrument move?"],
+}
+ANSWERS = {
+    "modality": ("CT", "MR", "ultrasound"),
+    "plane": ("axial", "coronal", "sagittal"),
+    "lesion": ("yes", "no"),
+    "side": ("left", "right"),
+    "level": ("upper", "middle", "lower"),
+    "direction": ("left", "right", "up", "down"),
+}
+CAPTION_QUESTION = "Describe this image briefly."
+
+
 # ================================================================================================= files
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
