@@ -41,18 +41,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer, GenerationConfig
 
-from build_omnivmed import (
-    AUTO_MAP,
-    REMOTE_CODE_FILES,
-    ROOT,
-    BuildError,
-    TensorRef,
-    build_tiny_tokenizer,
-    read_tensor_index,
-    resolve_checkpoint,
-    token_ids,
-    write_model_card,
-)
+from build_omnivmed import BuildError, TensorRef, read_tensor_index, resolve_checkpoint
 from omnivmed.configuration_omnivmed import OmniVMedConfig
 from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration
 from omnivmed.processing_omnivmed import (
@@ -66,7 +55,17 @@ from omnivmed.processing_omnivmed import (
     OmniVMedProcessor,
 )
 from omnivmed_tools import image_statistics as folder_image_statistics
-from omnivmed_tools import push_folder, read_json, short
+from omnivmed_tools import (
+    AUTO_MAP,
+    REMOTE_CODE_FILES,
+    ROOT,
+    build_tiny_tokenizer,
+    push_folder,
+    read_json,
+    short,
+    token_ids,
+    write_model_card,
+)
 
 
 logger = logging.getLogger("convert_omnivmed")

@@ -47,7 +47,7 @@ import torch
 
 
 ROOT = Path(__file__).resolve().parent
-if str(ROOT) not in sys.path:  # `omnivmed` (see omnivmed.py) and build_omnivmed live next to this script
+if str(ROOT) not in sys.path:  # `omnivmed` (see omnivmed.py) and omnivmed_tools live next to this script
     sys.path.insert(0, str(ROOT))
 
 from omnivmed.media_omnivmed import (  # noqa: E402
@@ -59,7 +59,7 @@ from omnivmed.media_omnivmed import (  # noqa: E402
 )
 from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration  # noqa: E402
 from omnivmed.processing_omnivmed import LOAD_OPTIONS, LOAD_SETTINGS, SETTINGS, OmniVMedProcessor  # noqa: E402
-from omnivmed_tools import push_folder  # noqa: E402
+from omnivmed_tools import build_tiny, push_folder, save_hub_folder  # noqa: E402
 
 
 logger = logging.getLogger("train_trl")
@@ -827,7 +827,6 @@ def warm_up_tower(start: Path, rows: list[dict], out: Path, steps: int, lr: floa
     distinct captions ask for and loses what later tasks need (a linear probe of instrument direction on its video
     features fell from 100 % to 83 %); SigLIP 2 adds local objectives for the same reason. Only 2D image-caption rows
     are used, as in SigLIP's pretraining. Writes a complete Hub folder at `out` (reused when it is already there)."""
-    from build_omnivmed import save_hub_folder
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
@@ -1007,12 +1006,10 @@ def check_replicas(model) -> None:
 
 
 def save_model_folder(trainer, processor, out: Path, start_model: str, lora: bool, card: dict) -> Path:
-    """Write the trained model as a complete Hub folder (build_omnivmed.save_hub_folder) on the main process.
+    """Write the trained model as a complete Hub folder (omnivmed_tools.save_hub_folder) on the main process.
 
     DeepSpeed / FSDP: the full weights are gathered by `trainer.save_model` first. LoRA: the adapter is saved to
     `out/adapter` (with the processor), then merged into a fresh copy of the start model."""
-    from build_omnivmed import save_hub_folder
-
     out = Path(out)
     sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
     if lora:
@@ -1204,7 +1201,7 @@ def _main(args, callbacks) -> Path:
     output_dir = args.output_dir.resolve()
     default_items = None
     if args.model is None:
-        args.model_label = "a fresh tiny OmniV-Med (build_omnivmed.build_tiny)"
+        args.model_label = "a fresh tiny OmniV-Med (omnivmed_tools.build_tiny)"
         _init_distributed()  # the other ranks wait for rank 0 to build the tiny model and the dataset
         start = output_dir / "base"
         if _is_main():
@@ -1303,10 +1300,8 @@ def _main(args, callbacks) -> Path:
 
 def _build_base(out: Path, seed: int, embedded: bool):
     """The fresh tiny model (reused when an earlier run built it from the same recipe)."""
-    from build_omnivmed import build_tiny
-
-    # data_omnivmed.py even without the embedded data: the tiny tokenizer's corpus holds its questions and answers
-    sources = ["build_omnivmed.py", "configuration_omnivmed.py", "modeling_omnivmed.py", "processing_omnivmed.py",
+    # omnivmed_tools.py holds the tiny preset and the tokenizer's corpus (with the embedded default's questions)
+    sources = ["omnivmed_tools.py", "configuration_omnivmed.py", "modeling_omnivmed.py", "processing_omnivmed.py",
                "data_omnivmed.py"]  # fmt: skip
     recipe = dict(seed=seed, embedded=embedded, code=_sources_digest(sources))
     if _reusable(out, recipe, "tiny model"):

@@ -89,9 +89,7 @@ KNOWN = {
     "data_omnivmed -> train_trl (tool imports tool)",
     "data_omnivmed imports media_omnivmed inside a function",
     "data_omnivmed imports train_trl inside a function",
-    "train_trl -> build_omnivmed (tool imports tool)",
     "train_trl -> data_omnivmed (tool imports tool)",
-    "train_trl imports build_omnivmed inside a function",
     "train_trl imports data_omnivmed inside a function",
     "train_trl imports media_omnivmed inside a function",
 }
