@@ -43,6 +43,10 @@ from omnivmed.processing_omnivmed import (
 )
 from omnivmed_tools import (  # noqa: F401 (the tiny preset and the Hub folder writer live there; re-exported)
     AUTO_MAP,
+    BuildError,
+    TensorRef,
+    read_tensor_index,
+    resolve_checkpoint,
     REMOTE_CODE_FILES,
     TINY_CORPUS,
     TINY_IMAGE_PROCESSOR,
@@ -92,7 +96,6 @@ VISION_ALLOW_PATTERNS = ["config.json", "preprocessor_config.json", "*.safetenso
                          "README.md", "LICENSE*"]  # fmt: skip
 LLM_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "merges.txt",
                       "README.md", "LICENSE*"]  # fmt: skip
-WEIGHTS_NAME, WEIGHTS_INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
 PATCH_EMBEDDING = "model.vision_tower.patch_embedding.weight"
 _SIGLIP_LAYER = re.compile(
     r"encoder\.layers\.(\d+)\.(layer_norm[12]|self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])\.(weight|bias)"
@@ -106,19 +109,6 @@ _LLM_KEY = re.compile(r"(embed_tokens\.weight|layers\.\d+\..+|norm\.weight)")
 _STALE_BUFFER = re.compile(r".*rotary_emb\.(?:original_)?inv_freq")
 
 
-class BuildError(ValueError):
-    """The parts cannot be composed as asked (unknown layout, unexpected or missing tensors, wrong shapes)."""
-
-
-@dataclasses.dataclass
-class TensorRef:
-    folder: Path
-    file: str
-    key: str
-    shape: tuple
-    dtype: str
-
-
 @dataclasses.dataclass
 class WeightPlan:
     """target name -> (source tensor, how it is transformed); what was dropped and what is new."""
@@ -126,59 +116,6 @@ class WeightPlan:
     moves: dict = dataclasses.field(default_factory=dict)  # target -> (TensorRef, transform name)
     dropped: list = dataclasses.field(default_factory=list)  # (source key, reason)
     new: list = dataclasses.field(default_factory=list)  # (target, reason)
-
-
-def resolve_checkpoint(id_or_dir: str, allow_patterns: list[str], revision: str | None = None) -> Path:
-    """A local folder as is; anything else is a Hub repo id, fetched with snapshot_download (config, safetensors,
-    tokenizer files; never pickle checkpoints)."""
-    path = Path(id_or_dir).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise BuildError(f"{id_or_dir} is a file; give a checkpoint folder or a Hub repo id")
-    from huggingface_hub import snapshot_download
-
-    logger.info("fetching %s from the Hub", id_or_dir)
-    try:
-        return Path(snapshot_download(repo_id=id_or_dir, revision=revision, allow_patterns=allow_patterns))
-    except Exception as error:  # offline, unknown repo, gated repo without a token: say which part failed
-        raise BuildError(
-            f"{id_or_dir} is not a local folder and could not be fetched from the Hub "
-            f"({type(error).__name__}: {error})"
-        ) from error
-
-
-def read_tensor_index(folder: Path) -> dict[str, TensorRef]:
-    """Names, shapes and dtypes of a checkpoint's tensors from the safetensors headers (no tensor data read)."""
-    index = folder / WEIGHTS_INDEX_NAME
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (folder / WEIGHTS_NAME).is_file():
-        files = [WEIGHTS_NAME]
-    else:
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
-    if not files:
-        found = sorted(p.name for p in folder.iterdir())
-        raise BuildError(
-            f"{folder}: no {WEIGHTS_NAME}, {WEIGHTS_INDEX_NAME} or *.safetensors (found {found}); pickle checkpoints "
-            "(pytorch_model.bin) are not read"
-        )
-    tensors = {}
-    for name in files:
-        if not (folder / name).is_file():
-            raise BuildError(f"{folder}: shard {name} listed in {WEIGHTS_INDEX_NAME} is missing")
-        with safe_open(folder / name, framework="pt") as f:
-            for key in f.keys():
-                view = f.get_slice(key)
-                tensors[key] = TensorRef(folder, name, key, tuple(view.get_shape()), view.get_dtype())
-    if index.is_file():
-        listed, stored = set(json.loads(index.read_text())["weight_map"]), set(tensors)
-        if listed != stored:
-            raise BuildError(
-                f"{folder}: {WEIGHTS_INDEX_NAME} and the shards disagree: listed but not stored "
-                f"{short(sorted(listed - stored))}, stored but not listed {short(sorted(stored - listed))}"
-            )
-    return tensors
 
 
 def siglip_vision_config(folder: Path) -> tuple[dict, str]:

@@ -41,7 +41,6 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer, GenerationConfig
 
-from build_omnivmed import BuildError, TensorRef, read_tensor_index, resolve_checkpoint
 from omnivmed.configuration_omnivmed import OmniVMedConfig
 from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration
 from omnivmed.processing_omnivmed import (
@@ -59,9 +58,13 @@ from omnivmed_tools import (
     AUTO_MAP,
     REMOTE_CODE_FILES,
     ROOT,
+    BuildError,
+    TensorRef,
     build_tiny_tokenizer,
     push_folder,
     read_json,
+    read_tensor_index,
+    resolve_checkpoint,
     short,
     token_ids,
     write_model_card,

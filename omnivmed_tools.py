@@ -7,6 +7,7 @@ this module stays in the checkout. It imports the core through the `omnivmed` pa
 tools import it and the core, never each other (tests/test_layout.py checks it).
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
@@ -482,6 +484,76 @@ def build_tiny(out: Path, seed: int = 0) -> Path:
         "until trained (`python train_trl.py`).",
         repo=out.name,
     )
+
+
+# ================================================================================================= pretrained checkpoints
+WEIGHTS_NAME, WEIGHTS_INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
+
+
+class BuildError(ValueError):
+    """The parts cannot be composed as asked (unknown layout, unexpected or missing tensors, wrong shapes)."""
+
+
+@dataclasses.dataclass
+class TensorRef:
+    folder: Path
+    file: str
+    key: str
+    shape: tuple
+    dtype: str
+
+
+def resolve_checkpoint(id_or_dir: str, allow_patterns: list[str], revision: str | None = None) -> Path:
+    """A local folder as is; anything else is a Hub repo id, fetched with snapshot_download (config, safetensors,
+    tokenizer files; never pickle checkpoints)."""
+    path = Path(id_or_dir).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise BuildError(f"{id_or_dir} is a file; give a checkpoint folder or a Hub repo id")
+    from huggingface_hub import snapshot_download
+
+    logger.info("fetching %s from the Hub", id_or_dir)
+    try:
+        return Path(snapshot_download(repo_id=id_or_dir, revision=revision, allow_patterns=allow_patterns))
+    except Exception as error:  # offline, unknown repo, gated repo without a token: say which part failed
+        raise BuildError(
+            f"{id_or_dir} is not a local folder and could not be fetched from the Hub "
+            f"({type(error).__name__}: {error})"
+        ) from error
+
+
+def read_tensor_index(folder: Path) -> dict[str, TensorRef]:
+    """Names, shapes and dtypes of a checkpoint's tensors from the safetensors headers (no tensor data read)."""
+    index = folder / WEIGHTS_INDEX_NAME
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / WEIGHTS_NAME).is_file():
+        files = [WEIGHTS_NAME]
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        found = sorted(p.name for p in folder.iterdir())
+        raise BuildError(
+            f"{folder}: no {WEIGHTS_NAME}, {WEIGHTS_INDEX_NAME} or *.safetensors (found {found}); pickle checkpoints "
+            "(pytorch_model.bin) are not read"
+        )
+    tensors = {}
+    for name in files:
+        if not (folder / name).is_file():
+            raise BuildError(f"{folder}: shard {name} listed in {WEIGHTS_INDEX_NAME} is missing")
+        with safe_open(folder / name, framework="pt") as f:
+            for key in f.keys():
+                view = f.get_slice(key)
+                tensors[key] = TensorRef(folder, name, key, tuple(view.get_shape()), view.get_dtype())
+    if index.is_file():
+        listed, stored = set(json.loads(index.read_text())["weight_map"]), set(tensors)
+        if listed != stored:
+            raise BuildError(
+                f"{folder}: {WEIGHTS_INDEX_NAME} and the shards disagree: listed but not stored "
+                f"{short(sorted(listed - stored))}, stored but not listed {short(sorted(stored - listed))}"
+            )
+    return tensors
 
 
 # ================================================================================================= media statistics

@@ -84,7 +84,6 @@ KNOWN = {
     "build_instruct_omnivmed -> train_trl (tool imports tool)",
     "build_instruct_omnivmed imports train_trl inside a function",
     "chat_omnivmed -> evaluate_omnivmed (tool imports tool)",
-    "convert_omnivmed -> build_omnivmed (tool imports tool)",
     "cycle: data_omnivmed <-> train_trl",
     "data_omnivmed -> train_trl (tool imports tool)",
     "data_omnivmed imports media_omnivmed inside a function",
