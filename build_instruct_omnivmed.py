@@ -75,7 +75,7 @@ from omnivmed.media_omnivmed import (  # noqa: E402
     MediaError,
     load_media,
 )
-from omnivmed_tools import first_existing, write_jsonl  # noqa: E402
+from omnivmed_tools import first_existing, normalize_answer, token_overlap, tokens, write_jsonl, yes_no  # noqa: E402
 
 
 logger = logging.getLogger("build_instruct_omnivmed")
@@ -262,7 +262,7 @@ def _vqa_rad_modalities(samples: list[ev.Sample]) -> dict[str, tuple[str, str]]:
         for s in group:  # answers to modality questions first: they are the dataset's ground truth
             if vqa_task("vqa-rad", s) != "modality":
                 continue
-            yes = ev.yes_no(s.answer)
+            yes = yes_no(s.answer)
             found = modality_from_text(s.question) if yes == "yes" else (None if yes else modality_from_text(s.answer))
             if found:
                 break
@@ -700,7 +700,7 @@ _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
 def qa_key(question: str, answer: str) -> str:
-    return f"{ev.normalize_answer(question)}\t{ev.normalize_answer(answer)}"
+    return f"{normalize_answer(question)}\t{normalize_answer(answer)}"
 
 
 class ContaminationGuard:
@@ -713,7 +713,7 @@ class ContaminationGuard:
         JPEG at quality 60 and 0.6x-2x resizes stay within 6 dHash bits and correlate >= 0.9999 with the original;
         of the 44,850 distinct pairs, 3 are within 8 bits (the dHash alone would drop them) and correlate <= 0.90,
         and no pair correlates above 0.981;
-    (c) the normalised question + answer (evaluate_omnivmed.normalize_answer of each) of the free-text VQA sets
+    (c) the normalised question + answer (omnivmed_tools.normalize_answer of each) of the free-text VQA sets
         (QA_GUARDED): a training row whose source question and answer both match a test question's is dropped,
         whatever the image. Generic pairs ("is this a ct", "yes") match too: that is the conservative reading;
         `qa_min_words` > 0 exempts pairs of fewer words. The surgical sets are not indexed by (c): they ask a few
@@ -808,12 +808,12 @@ def accept_caption(draft: str, second: str, check_answer: str, modality: str, ag
       3. the check question (CHECK_QUESTION: which imaging modality is shown?) answered by the same model on the same
          medium names the modality the source states (MODALITY_PATTERNS).
     Returns (kept, reason)."""
-    words = ev.tokens(draft)
+    words = tokens(draft)
     if len(words) < min_words:
         return False, f"too short ({len(words)} words < {min_words})"
     if len(set(words)) < 0.3 * len(words):
         return False, "repetitive (distinct words < 30 %)"
-    f1 = ev.token_overlap(draft, second)[2]
+    f1 = token_overlap(draft, second)[2]
     if f1 < agreement:
         return False, f"second draft disagrees (token F1 {f1:.2f} < {agreement})"
     if not mentions_modality(check_answer, modality):

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import warnings
 from collections import defaultdict
@@ -43,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from omnivmed_tools import ANSWERS, CAPTION_QUESTION, QUESTIONS, write_jsonl
+from omnivmed_tools import ANSWERS, CAPTION_QUESTION, QUESTIONS, normalize_answer, write_jsonl
 
 
 logger = logging.getLogger("data_omnivmed")
@@ -787,19 +786,21 @@ def build_default_dataset(root: Path, seed: int = 0, size: str = "full") -> dict
 
 
 # ------------------------------------------------------------------------------------------------------- evaluation
-def normalize_answer(text: str) -> str:
-    """Lower case, first line, punctuation and surrounding whitespace removed."""
-    text = text.strip().splitlines()[0] if text.strip() else ""
-    return re.sub(r"[^\w\s]", "", text).strip().lower()
+def first_line(text: str) -> str:
+    """The reply's first line: the tiny model may go on past its one-word answer within max_new_tokens."""
+    return text.strip().splitlines()[0] if text.strip() else ""
 
 
 def score_rows(rows: list[dict], answers: list[str]) -> dict:
-    """Exact match of the normalised answer, per (task, kind); chance = 1 / number of answers of the task, majority =
-    the share of the most frequent expected answer among these rows."""
+    """Exact match of the normalised answer (omnivmed_tools.normalize_answer of the reply's first line), per
+    (task, kind); chance = 1 / number of answers of the task, majority = the share of the most frequent expected answer
+    among these rows."""
     groups = defaultdict(list)
     for row, answer in zip(rows, answers):
         meta = json.loads(row["meta"])
-        groups[(meta["task"], meta["kind"])].append((normalize_answer(meta["answer"]), normalize_answer(answer)))
+        groups[(meta["task"], meta["kind"])].append(
+            (normalize_answer(meta["answer"]), normalize_answer(first_line(answer)))
+        )
     table = []
     for (task, kind), pairs in sorted(groups.items(), key=lambda kv: (["image", "volume", "video"].index(kv[0][1]), kv[0][0])):
         expected = [e for e, _ in pairs]

@@ -31,12 +31,19 @@ import logging
 import math
 import re
 import sys
-import unicodedata
 from pathlib import Path
 
 import numpy as np
 
-from omnivmed_tools import first_existing
+from omnivmed_tools import (
+    ARTICLES,
+    NUMBER_WORDS,
+    PUNCTUATION,
+    closed_correct,
+    first_existing,
+    normalize_answer,
+    token_overlap,
+)
 
 
 logger = logging.getLogger("evaluate_omnivmed")
@@ -57,57 +64,10 @@ class Sample:
     meta: dict = dataclasses.field(default_factory=dict)  # answer_type, question_type, choices, task, modality, ...
 
 
-# ================================================================================================= normalisation
-_ARTICLES = {"a", "an", "the"}
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}  # fmt: skip
-_PUNCT = re.compile(r"[^\w\s]|_")
-
-
-def normalize_answer(text: str) -> str:
-    """Lower case, NFKC, punctuation and underscores -> spaces, articles (a, an, the) dropped, number words zero..ten
-    -> digits, whitespace collapsed. "The LEFT lung." -> "left lung"; "Calot_Triangle dissection" -> "calot triangle
-    dissection"; "two" -> "2"."""
-    text = unicodedata.normalize("NFKC", str(text)).lower()
-    words = _PUNCT.sub(" ", text).split()
-    return " ".join(_NUMBERS.get(w, w) for w in words if w not in _ARTICLES)
-
-
-def tokens(text: str) -> list[str]:
-    return normalize_answer(text).split()
-
-
-def yes_no(text: str) -> str | None:
-    """"yes" / "no" when the normalised answer starts with that word ("No, there is no effusion." -> "no"), else
-    None ("There is no effusion." and "normal" are not answers to a yes/no question)."""
-    words = tokens(text)
-    return words[0] if words and words[0] in ("yes", "no") else None
-
-
-def closed_correct(prediction: str, answer: str) -> bool:
-    """Clean closed-ended rule: a yes/no reference is matched by `yes_no`; any other closed reference (e.g. "left",
-    "axial", "ct") by exact match after `normalize_answer`."""
-    reference = normalize_answer(answer)
-    if reference in ("yes", "no"):
-        return yes_no(prediction) == reference
-    return normalize_answer(prediction) == reference
-
-
-def token_overlap(prediction: str, answer: str) -> tuple[float, float, float]:
-    """(precision, recall, F1) of the normalised word multisets, counts clipped (a word repeated in the prediction
-    counts at most as often as in the reference). Empty prediction or reference -> zeros."""
-    pred, ref = collections.Counter(tokens(prediction)), collections.Counter(tokens(answer))
-    overlap = sum((pred & ref).values())
-    if not pred or not ref or not overlap:
-        return 0.0, 0.0, 0.0
-    precision, recall = overlap / sum(pred.values()), overlap / sum(ref.values())
-    return precision, recall, 2 * precision * recall / (precision + recall)
-
-
 # ---------------------------------------------------------------------------- LLaVA-Med-compatible (labelled so)
 def _llava_med_words(text: str) -> list[str]:
-    text = _PUNCT.sub(" ", str(text).lower())
-    return [_NUMBERS.get(w, w) for w in text.split() if w not in _ARTICLES]
+    text = PUNCTUATION.sub(" ", str(text).lower())
+    return [NUMBER_WORDS.get(w, w) for w in text.split() if w not in ARTICLES]
 
 
 def llava_med_closed_hit(prediction: str, answer: str) -> int | None:

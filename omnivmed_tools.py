@@ -7,12 +7,15 @@ this module stays in the checkout. It imports the core through the `omnivmed` pa
 tools import it and the core, never each other (tests/test_layout.py checks it).
 """
 
+import collections
 import dataclasses
 import json
 import logging
 import os
 import random
 import shutil
+import re
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -484,6 +487,55 @@ def build_tiny(out: Path, seed: int = 0) -> Path:
         "until trained (`python train_trl.py`).",
         repo=out.name,
     )
+
+
+# ================================================================================================= answers and scoring
+# One normaliser for training (build_instruct's duplicate check), evaluation and the embedded default: the published
+# VQA benchmarks' rule (evaluate_omnivmed.py reports them).
+ARTICLES = {"a", "an", "the"}
+NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}  # fmt: skip
+PUNCTUATION = re.compile(r"[^\w\s]|_")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, NFKC, punctuation and underscores -> spaces, articles (a, an, the) dropped, number words zero..ten
+    -> digits, whitespace collapsed. "The LEFT lung." -> "left lung"; "Calot_Triangle dissection" -> "calot triangle
+    dissection"; "two" -> "2"."""
+    text = unicodedata.normalize("NFKC", str(text)).lower()
+    words = PUNCTUATION.sub(" ", text).split()
+    return " ".join(NUMBER_WORDS.get(w, w) for w in words if w not in ARTICLES)
+
+
+def tokens(text: str) -> list[str]:
+    return normalize_answer(text).split()
+
+
+def yes_no(text: str) -> str | None:
+    """"yes" / "no" when the normalised answer starts with that word ("No, there is no effusion." -> "no"), else
+    None ("There is no effusion." and "normal" are not answers to a yes/no question)."""
+    words = tokens(text)
+    return words[0] if words and words[0] in ("yes", "no") else None
+
+
+def closed_correct(prediction: str, answer: str) -> bool:
+    """Clean closed-ended rule: a yes/no reference is matched by `yes_no`; any other closed reference (e.g. "left",
+    "axial", "ct") by exact match after `normalize_answer`."""
+    reference = normalize_answer(answer)
+    if reference in ("yes", "no"):
+        return yes_no(prediction) == reference
+    return normalize_answer(prediction) == reference
+
+
+def token_overlap(prediction: str, answer: str) -> tuple[float, float, float]:
+    """(precision, recall, F1) of the normalised word multisets, counts clipped (a word repeated in the prediction
+    counts at most as often as in the reference). Empty prediction or reference -> zeros."""
+    pred, ref = collections.Counter(tokens(prediction)), collections.Counter(tokens(answer))
+    overlap = sum((pred & ref).values())
+    if not pred or not ref or not overlap:
+        return 0.0, 0.0, 0.0
+    precision, recall = overlap / sum(pred.values()), overlap / sum(ref.values())
+    return precision, recall, 2 * precision * recall / (precision + recall)
 
 
 # ================================================================================================= pretrained checkpoints
