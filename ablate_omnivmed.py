@@ -166,8 +166,9 @@ def measure_prefill(out: Path, data: Path, eval_limit: int, sweep_rows: int, rep
     configs interleaved, median of `repeats` (the time does not depend on the weights, so a fresh model serves)."""
     import torch
 
+    from omnivmed.collator_omnivmed import OmniVMedCollator
     from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration
-    from train_trl import OmniVMedCollator, load_processor, load_rows
+    from train_trl import load_processor, load_rows
 
     torch.set_num_threads(1)
     base = build_base(out / "timing-base", 0, {})
@@ -203,8 +204,9 @@ def measure_prefill(out: Path, data: Path, eval_limit: int, sweep_rows: int, rep
 
 def evaluate(model_dir: Path, rows, data_root, prune_sweep=False, sweep_rows=0) -> dict:
     import data_omnivmed
+    from omnivmed.collator_omnivmed import OmniVMedCollator
     from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration
-    from train_trl import OmniVMedCollator, load_processor
+    from train_trl import load_processor
 
     model = OmniVMedForConditionalGeneration.from_pretrained(model_dir).eval()
     processor = load_processor(model_dir)

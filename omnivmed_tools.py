@@ -315,6 +315,7 @@ REMOTE_CODE_FILES = (
     "processing_omnivmed.py",
     "pruning_omnivmed.py",
     "media_omnivmed.py",
+    "collator_omnivmed.py",
 )
 AUTO_MAP = {
     "AutoConfig": "configuration_omnivmed.OmniVMedConfig",

@@ -40,6 +40,7 @@ def test_folder_is_a_complete_hub_repo(tiny_dir):
         "processing_omnivmed.py",
         "pruning_omnivmed.py",
         "media_omnivmed.py",
+        "collator_omnivmed.py",
         "processor_config.json",
         "tokenizer.json",
         "tokenizer_config.json",

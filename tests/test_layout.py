@@ -19,7 +19,7 @@ import pytest
 
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE_ENTRIES = ("configuration_omnivmed", "modeling_omnivmed", "processing_omnivmed")
+CORE_ENTRIES = ("configuration_omnivmed", "modeling_omnivmed", "processing_omnivmed", "collator_omnivmed")
 SHIM = "omnivmed"  # omnivmed.py: makes the flat core files one package for a checkout
 LIBRARY = "omnivmed_tools"
 BENCH_HARNESS = "bench/common"
@@ -43,6 +43,7 @@ KNOWN = {
     "ablate_omnivmed -> data_omnivmed (tool imports tool)",
     "ablate_omnivmed -> train_trl (tool imports tool)",
     "ablate_omnivmed imports build_omnivmed inside a function",
+    "ablate_omnivmed imports collator_omnivmed inside a function",
     "ablate_omnivmed imports configuration_omnivmed inside a function",
     "ablate_omnivmed imports data_omnivmed inside a function",
     "ablate_omnivmed imports modeling_omnivmed inside a function",
@@ -314,6 +315,18 @@ def test_rooms_are_those_the_readme_names():
         assert tool in modules and room(tool, core) == "tool", tool
     # a tool named like remote code must not be mistaken for core (the Hub copies only what the core imports)
     assert not core & set(TOOLS)
+
+
+def test_every_core_file_travels_to_the_hub():
+    """The folder writer copies REMOTE_CODE_FILES; the Hub (trust_remote_code) needs every file the core imports."""
+    tree = ast.parse((ROOT / f"{LIBRARY}.py").read_text())
+    listed = next(
+        ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign) and [t.id for t in node.targets] == ["REMOTE_CODE_FILES"]
+    )
+    _, visitors = read_graph(ROOT)
+    assert sorted(name.removesuffix(".py") for name in listed) == sorted(core_modules(visitors))
 
 
 def test_imports_follow_the_layout():
