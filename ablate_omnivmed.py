@@ -168,7 +168,7 @@ def measure_prefill(out: Path, data: Path, eval_limit: int, sweep_rows: int, rep
 
     from omnivmed.collator_omnivmed import OmniVMedCollator
     from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration
-    from train_trl import load_processor, load_rows
+    from omnivmed_tools import load_processor, load_rows
 
     torch.set_num_threads(1)
     base = build_base(out / "timing-base", 0, {})
@@ -206,7 +206,7 @@ def evaluate(model_dir: Path, rows, data_root, prune_sweep=False, sweep_rows=0) 
     import data_omnivmed
     from omnivmed.collator_omnivmed import OmniVMedCollator
     from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration
-    from train_trl import load_processor
+    from omnivmed_tools import load_processor
 
     model = OmniVMedForConditionalGeneration.from_pretrained(model_dir).eval()
     processor = load_processor(model_dir)
@@ -233,6 +233,7 @@ def run_worker(spec: dict) -> None:
     import torch
 
     import train_trl
+    from omnivmed_tools import load_rows
 
     torch.set_num_threads(1)
     started = time.time()
@@ -241,7 +242,7 @@ def run_worker(spec: dict) -> None:
     vision, schedule = ARMS[spec["arm"]]
     base = build_base(out / "base", spec["seed"], vision)
     if spec.get("tower_warmup_steps"):  # as train_trl does for its fresh tiny model: the same start for every arm
-        stage1 = train_trl.load_rows([data / "stage1.jsonl"], data)
+        stage1 = load_rows([data / "stage1.jsonl"], data)
         base = train_trl.warm_up_tower(base, stage1, out / "tower-warmup", spec["tower_warmup_steps"], 1e-3,
                                        2 * TRAINING["per_device_train_batch_size"], spec["seed"])  # fmt: skip
     s1, s2, s3 = spec["steps"]
@@ -260,7 +261,7 @@ def run_worker(spec: dict) -> None:
     final = train_trl.main(argv, callbacks=[recorder])
     trained = time.time() - started
 
-    rows = train_trl.load_rows([data / "eval.jsonl"], data)
+    rows = load_rows([data / "eval.jsonl"], data)
     rows = eval_selection(rows, spec.get("eval_limit", 0))
     result = dict(arm=spec["arm"], seed=spec["seed"], steps=spec["steps"], schedule=schedule, vision=vision,
                   argv=argv, losses=recorder.logs, train_s=trained,

@@ -68,6 +68,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import evaluate_omnivmed as ev  # noqa: E402
+from omnivmed.collator_omnivmed import OmniVMedCollator  # noqa: E402
 from omnivmed.media_omnivmed import (  # noqa: E402
     IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,
@@ -75,7 +76,16 @@ from omnivmed.media_omnivmed import (  # noqa: E402
     MediaError,
     load_media,
 )
-from omnivmed_tools import first_existing, normalize_answer, token_overlap, tokens, write_jsonl, yes_no  # noqa: E402
+from omnivmed_tools import (  # noqa: E402
+    first_existing,
+    load_processor,
+    load_rows,
+    normalize_answer,
+    token_overlap,
+    tokens,
+    write_jsonl,
+    yes_no,
+)
 
 
 logger = logging.getLogger("build_instruct_omnivmed")
@@ -1099,15 +1109,13 @@ def statistics(rows: list[dict], per_source: dict, guard: ContaminationGuard, vi
 def token_lengths(jsonl: Path, data_root: Path, processor_dir: str, sample: int, seed: int) -> dict:
     """Sequence length per row as training sees it: train_trl's row reader and collator with the model's processor
     (chat template, media loaded, visual placeholders expanded after pruning). A seeded sample of `sample` rows."""
-    import train_trl
-
     if not Path(jsonl).read_text().strip():
         return {"processor": str(processor_dir), "all": {}, "by_kind": {}, "histogram": {}, "lengths": []}
-    rows = train_trl.load_rows([jsonl], data_root=data_root, skip_bad_rows=True)
+    rows = load_rows([jsonl], data_root=data_root, skip_bad_rows=True)
     if len(rows) > sample:
         rows = [rows[i] for i in sorted(random.Random(f"{seed}:tokens").sample(range(len(rows)), sample))]
-    processor = train_trl.load_processor(processor_dir)
-    collate = train_trl.OmniVMedCollator(processor)
+    processor = load_processor(processor_dir)
+    collate = OmniVMedCollator(processor)
     lengths, by_kind = [], collections.defaultdict(list)
     for row in rows:
         try:

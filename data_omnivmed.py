@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from omnivmed.collator_omnivmed import OmniVMedCollator
-from omnivmed_tools import ANSWERS, CAPTION_QUESTION, QUESTIONS, normalize_answer, write_jsonl
+from omnivmed_tools import ANSWERS, CAPTION_QUESTION, QUESTIONS, load_rows, normalize_answer, write_jsonl
 
 
 logger = logging.getLogger("data_omnivmed")
@@ -827,7 +827,6 @@ def evaluate_default(model_dir: Path, eval_jsonl: Path, data_root: Path, batch_s
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from train_trl import load_rows
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)

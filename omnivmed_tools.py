@@ -9,6 +9,8 @@ tools import it and the core, never each other (tests/test_layout.py checks it).
 
 import collections
 import dataclasses
+import inspect
+import math
 import json
 import logging
 import os
@@ -16,6 +18,7 @@ import random
 import shutil
 import re
 import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +27,14 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 from omnivmed.configuration_omnivmed import OmniVMedConfig
+from omnivmed.media_omnivmed import (
+    DICOM_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    VOLUME_EXTENSIONS,
+    MediaError,
+    load_media,
+)
 from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration
 from omnivmed.processing_omnivmed import (
     CHAT_TEMPLATE,
@@ -32,6 +43,9 @@ from omnivmed.processing_omnivmed import (
     FRAME_TOKEN,
     IM_END,
     IMAGE_TOKEN,
+    LOAD_OPTIONS,
+    LOAD_SETTINGS,
+    SETTINGS,
     SPECIAL_TOKENS,
     OmniVMedImageProcessor,
     OmniVMedProcessor,
@@ -87,6 +101,422 @@ def write_jsonl(path: Path, rows) -> None:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+# ================================================================================================= training rows
+# train_trl.py reads its JSONL through these; data_omnivmed.py, ablate_omnivmed.py and build_instruct_omnivmed.py read
+# the same rows the same way.
+MEDIA_KINDS = ("image", "video", "volume")
+
+
+class RowError(ValueError):
+    """One dataset row cannot be used; the message says why."""
+
+
+@dataclass
+class BadRow:
+    source: str  # "file.jsonl:LINE"
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.reason}"
+
+
+class BadRowsError(ValueError):
+    def __init__(self, bad: list[BadRow], total: int):
+        self.bad = bad
+        listing = "\n".join(f"  {b}" for b in bad)
+        super().__init__(
+            f"{len(bad)} of {total} dataset rows are unusable:\n{listing}\n"
+            "Fix them, or pass --skip_bad_rows to train on the others."
+        )
+
+
+ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+MEDIA_KEYS = {"image": "image", "images": "image", "video": "video", "videos": "video", "volume": "volume",
+              "volumes": "volume"}  # fmt: skip
+UNSUPPORTED_MEDIA_KEYS = ("audio", "audios", "speech")
+MEDIA_TAG = re.compile(r"<(image|video|volume)>")
+# what a file's extension says it holds; "dicom" files are images or volumes (multi-frame)
+_EXTENSION_KINDS = (
+    [(ext, "volume") for ext in VOLUME_EXTENSIONS]
+    + [(ext, "image") for ext in IMAGE_EXTENSIONS]
+    + [(ext, "video") for ext in VIDEO_EXTENSIONS]
+    + [(ext, "dicom") for ext in DICOM_EXTENSIONS]
+)
+_BLOCK_OPTIONS = set(LOAD_SETTINGS) | set(LOAD_OPTIONS) - {"data_root"}
+
+
+def _file_kind(path: Path) -> str | None:
+    name = path.name.lower()
+    for ext, kind in _EXTENSION_KINDS:
+        if name.endswith(ext):
+            return kind
+    return "dicom" if "." not in name else None  # DICOM files often have no extension
+
+
+def _media_block(kind: str, source) -> dict:
+    """A media entry of a LLaVA-style row (a path, a nested list of DICOM files, or a dict with 'path' and load
+    options) -> a content block."""
+    if isinstance(source, dict):
+        block = dict(source)
+        block.setdefault("type", kind)
+        return block
+    return {"type": kind, "path": source}
+
+
+def _check_media(block: dict, root: Path, where: str) -> None:
+    kind = block.get("type")
+    if kind not in MEDIA_KINDS:
+        raise RowError(f"{where}: unknown media type {kind!r} (supported: {', '.join(MEDIA_KINDS)})")
+    keys = [k for k in (kind, "path") if k in block]
+    if len(keys) != 1:
+        raise RowError(f"{where}: a {kind} block needs exactly one of '{kind}' or 'path'")
+    unknown = set(block) - {"type", keys[0]} - _BLOCK_OPTIONS
+    if unknown:
+        raise RowError(f"{where}: unknown option(s) {sorted(unknown)} in a {kind} block")
+    source = block[keys[0]]
+    paths = source if isinstance(source, list) else [source]
+    if isinstance(source, list) and kind != "volume":
+        raise RowError(f"{where}: a list of files is one DICOM series, so only a volume; got a {kind}")
+    if not paths:
+        raise RowError(f"{where}: empty list of files")
+    for path in paths:
+        if not isinstance(path, str) or not path:
+            raise RowError(f"{where}: a {kind} source must be a file path, got {path!r}")
+        p = Path(path).expanduser()
+        resolved = (p if p.is_absolute() else root / p).resolve()
+        if not resolved.is_relative_to(root):
+            raise RowError(f"{where}: {path} escapes the data root {root}")
+        if not resolved.exists():
+            raise RowError(f"{where}: {path} does not exist (under {root})")
+        if resolved.is_dir():
+            if kind != "volume" or isinstance(source, list):
+                raise RowError(f"{where}: {path} is a folder (a DICOM series), which can only be a volume")
+            continue
+        file_kind = _file_kind(resolved)
+        if file_kind is None:
+            suffix = "".join(resolved.suffixes[-2:]) or resolved.name
+            raise RowError(f"{where}: unknown media type {suffix!r} ({path})")
+        if file_kind == "dicom" and kind == "video":
+            raise RowError(f"{where}: {path} is a DICOM file, which is an image or a volume, not a video")
+        if file_kind not in ("dicom", kind):
+            raise RowError(f"{where}: {path} is a {file_kind} file but the row uses it as a {kind}")
+
+
+def _text_blocks(text: str, media: dict[str, list], where: str) -> list[dict]:
+    """Split a LLaVA turn at its <image>/<video>/<volume> tags into text and media blocks."""
+    blocks, pos = [], 0
+    for match in MEDIA_TAG.finditer(text):
+        if match.start() > pos:
+            blocks.append({"type": "text", "text": text[pos : match.start()]})
+        kind = match.group(1)
+        if not media[kind]:
+            raise RowError(f"{where}: more <{kind}> tags than {kind} entries")
+        blocks.append(media[kind].pop(0))
+        pos = match.end()
+    rest = text[pos:]
+    if blocks and rest.startswith("\n"):  # "<image>\nQuestion" -> the media block, then "Question"
+        rest = rest[1:]
+    if rest:
+        blocks.append({"type": "text", "text": rest})
+    return blocks
+
+
+def normalize_row(raw, root: Path) -> list[dict]:
+    """One JSONL row (LLaVA/VideoLLaMA3 or messages style) -> a validated list of messages whose content is a list
+    of blocks. Raises RowError naming what is wrong."""
+    if not isinstance(raw, dict):
+        raise RowError(f"a row must be a JSON object, got {type(raw).__name__}")
+    for key in UNSUPPORTED_MEDIA_KEYS:
+        if key in raw:
+            raise RowError(f"unknown media type {key!r} (supported: {', '.join(MEDIA_KINDS)})")
+    media: dict[str, list] = {kind: [] for kind in MEDIA_KINDS}
+    for key, kind in MEDIA_KEYS.items():
+        if raw.get(key) is not None:
+            value = raw[key]
+            entries = value if isinstance(value, list) else [value]
+            media[kind] += [_media_block(kind, entry) for entry in entries]
+
+    messages = []
+    if "messages" in raw:
+        if not isinstance(raw["messages"], list):
+            raise RowError("'messages' must be a list")
+        for i, message in enumerate(raw["messages"]):
+            if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+                raise RowError(f"message {i}: needs a role of system / user / assistant")
+            content = message.get("content")
+            if isinstance(content, str):
+                content = [{"type": "text", "text": content}]
+            if not isinstance(content, list):
+                raise RowError(f"message {i}: content must be a string or a list of blocks")
+            blocks = []
+            for block in content:
+                if not isinstance(block, dict) or "type" not in block:
+                    raise RowError(f"message {i}: every content block needs a 'type'")
+                if block["type"] == "text":
+                    blocks.append({"type": "text", "text": str(block.get("text", ""))})
+                    continue
+                if block["type"] in MEDIA_KINDS and block["type"] not in block and "path" not in block:
+                    # TRL style: {"type": "image"} blocks take their files from the row's "images" list in order
+                    if not media[block["type"]]:
+                        raise RowError(f"message {i}: a {block['type']} block without a source and no entry left")
+                    block = {**media[block["type"]].pop(0), **{k: v for k, v in block.items() if k != "type"}}
+                blocks.append(dict(block))
+            messages.append({"role": message["role"], "content": blocks})
+    elif "conversations" in raw:
+        if not isinstance(raw["conversations"], list):
+            raise RowError("'conversations' must be a list")
+        tags = sum(len(MEDIA_TAG.findall(str(t.get("value", "")))) for t in raw["conversations"] if isinstance(t, dict))
+        n_media = sum(len(v) for v in media.values())
+        for i, turn in enumerate(raw["conversations"]):
+            if not isinstance(turn, dict) or ROLE_ALIASES.get(turn.get("from")) is None:
+                raise RowError(f"turn {i}: 'from' must be human / gpt / system (got {turn!r:.60})")
+            role = ROLE_ALIASES[turn["from"]]
+            value = turn.get("value")
+            if not isinstance(value, str):
+                raise RowError(f"turn {i}: 'value' must be a string")
+            blocks = _text_blocks(value, media, f"turn {i}") if role == "user" else [{"type": "text", "text": value}]
+            if role != "user" and MEDIA_TAG.search(value):
+                raise RowError(f"turn {i}: media tags are only allowed in human turns")
+            messages.append({"role": role, "content": blocks})
+        if tags == 0 and n_media:  # LLaVA convention: no tag means the media come first in the first human turn
+            first = next((m for m in messages if m["role"] == "user"), None)
+            if first is None:
+                raise RowError("media given but no human turn to attach them to")
+            first["content"] = [b for kind in MEDIA_KINDS for b in media[kind]] + first["content"]
+            media = {kind: [] for kind in MEDIA_KINDS}
+    else:
+        raise RowError("no 'messages' or 'conversations'")
+
+    leftover = {kind: len(v) for kind, v in media.items() if v}
+    if leftover:
+        raise RowError(f"media entries not placed in the conversation (no matching tag / block): {leftover}")
+    if not any(m["role"] == "assistant" and any(b.get("text", "").strip() for b in m["content"]) for m in messages):
+        raise RowError("no assistant turn (nothing to learn from)")
+    for i, message in enumerate(messages):
+        for block in message["content"]:
+            if block["type"] != "text":
+                _check_media(block, root, f"message {i}")
+    return messages
+
+
+def _media_limits() -> dict:
+    """load_media's file-size limits (the processor loads with these defaults)."""
+    params = inspect.signature(load_media).parameters
+    return {name: params[name].default for name in ("max_image_pixels", "max_voxels")}
+
+
+def _visual_tokens(image_processor, kind: str, frames: int, height: int, width: int) -> int:
+    """LLM visual tokens (before pruning) of `frames` frames of height x width, as the image processor plans them."""
+    h, w, merge = image_processor.get_resized_size(height, width, kind)
+    p = image_processor.patch_size
+    return frames * (h // (p * merge)) * (w // (p * merge))
+
+
+def _worst_case_tokens(image_processor, kind: str, block: dict) -> int:
+    """The most visual tokens any file can give as a `kind` under the processor's settings (frame count and pixel
+    budget caps), so files need no reading when this fits the budget."""
+    ip = image_processor
+    if kind == "image":
+        per_frame, frames = ip.max_pixels, 1
+    else:
+        cap = "max_slices" if kind == "volume" else "max_frames"
+        per_frame, frames = ip.video_max_pixels, int(block.get(cap, getattr(ip, cap)))
+    merge = ip.image_merge_size if kind == "image" else ip.video_merge_size
+    return frames * (per_frame // (ip.patch_size * merge) ** 2)
+
+
+def _check_media_cheaply(block: dict, root: Path, image_processor) -> None:
+    """Find a medium the processor would reject (too many pixels or voxels, extreme aspect ratio, more visual tokens
+    than max_total_visual_tokens) from file headers, before any model is loaded; raises RowError naming the file and
+    the cause. Only what a header proves is reported: an unreadable header is left to the loader's own message."""
+    kind = block["type"]
+    source = block.get(kind, block.get("path"))
+    if isinstance(source, list):
+        return  # a DICOM series: its size is known only once its files are grouped (checked when loaded)
+    path = Path(source).expanduser()
+    path = (path if path.is_absolute() else root / path).resolve()
+    if path.is_dir():
+        return
+    ip, limits = image_processor, _media_limits()
+    budget = ip.max_total_visual_tokens
+    file_kind = _file_kind(path)
+    try:
+        if file_kind == "image":
+            from PIL import Image
+
+            try:
+                with Image.open(path) as im:  # reads the header only
+                    width, height = im.size
+            except Image.DecompressionBombError as e:
+                raise RowError(f"{path}: image too large ({e})") from None
+        elif file_kind == "dicom":
+            import pydicom
+
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            height, width = int(ds.Rows), int(ds.Columns)
+            frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+            if kind == "volume":  # a multi-frame volume may be resliced: only its voxel count is known here
+                if frames * height * width > limits["max_voxels"]:
+                    raise RowError(f"{path}: the header claims {frames} frames of {height}x{width}, more than "
+                                   f"max_voxels={limits['max_voxels']}")  # fmt: skip
+                height = width = None
+        elif file_kind == "volume":
+            import nibabel
+
+            shape = tuple(int(n) for n in nibabel.load(path).shape) + (1, 1, 1)
+            n_vox = math.prod(shape[:3])
+            if n_vox > limits["max_voxels"]:
+                raise RowError(f"{path}: the header claims {'x'.join(map(str, shape[:3]))} = {n_vox} voxels, "
+                               f"more than max_voxels={limits['max_voxels']}")  # fmt: skip
+            height = width = None
+        elif file_kind == "video":
+            import av
+
+            with av.open(str(path)) as container:
+                stream = container.streams.video[0]
+                width, height = stream.width, stream.height
+        else:
+            return
+    except RowError:
+        raise
+    except Exception:  # noqa: BLE001 - the loader reports unreadable files with its own, better message
+        return
+    if height is not None:
+        if height * width > limits["max_image_pixels"]:
+            what = "frames are" if kind == "video" else "image is"
+            raise RowError(f"{path}: {what} {width}x{height} = {width * height} pixels, more than "
+                           f"max_image_pixels={limits['max_image_pixels']}")  # fmt: skip
+        try:  # the aspect ratio and the grid, as the processor plans them
+            per_frame = _visual_tokens(ip, kind, 1, height, width)
+        except ValueError as e:
+            raise RowError(f"{path}: {e}") from None
+        if kind == "image" and per_frame > budget:
+            raise RowError(f"{path}: {height}x{width} gives {per_frame} visual tokens, more than "
+                           f"max_total_visual_tokens={budget}")  # fmt: skip
+    if kind != "image" and _worst_case_tokens(ip, kind, block) > budget:
+        # the settings allow more tokens than the budget: only the file's real frame count tells; load it
+        try:
+            media = ip.to_media({**block, "data_root": root})
+        except (MediaError, ValueError, ImportError) as e:
+            raise RowError(str(e)) from None
+        _check_loaded_budget(media, ip, path)
+
+
+def _check_loaded_budget(media, image_processor, where) -> None:
+    t, height, width = media.frames.shape[:3]
+    try:
+        n = _visual_tokens(image_processor, media.kind, t, height, width)
+    except ValueError as e:
+        raise RowError(f"{where}: {e}") from None
+    if n > image_processor.max_total_visual_tokens:
+        raise RowError(f"{where}: {t} frame(s) of {height}x{width} give {n} visual tokens before pruning, more than "
+                       f"max_total_visual_tokens={image_processor.max_total_visual_tokens}; lower max_frames / "
+                       "max_slices or the pixel budget")  # fmt: skip
+
+
+def load_rows(paths, data_root=None, skip_bad_rows: bool = False, validate_with=None, load_media: bool = True
+              ) -> list[dict]:  # fmt: skip
+    """Read JSONL files -> rows {"messages": JSON string, "data_root": str, "source": "file:line", "meta": JSON string}.
+
+    Every row is checked (JSON, format, roles, an assistant turn, known media types, paths inside the data root and
+    existing, extension vs. kind). With `validate_with` (a processor), every medium is also checked against what the
+    processor accepts (pixel / voxel limits, aspect ratio, max_total_visual_tokens): from file headers when
+    `load_media` is False, else by loading it once. Bad rows are collected; `skip_bad_rows=False` raises BadRowsError
+    listing all of them (file:line and cause), True logs them and drops them. Missing files are an error naming them;
+    a UTF-8 byte order mark is read as such; rows repeated verbatim are kept, with a warning giving their count.
+    Top-level keys other than the media and conversation keys (e.g. "id", "task", "answer") travel in "meta".
+    """
+    paths = [Path(p) for p in paths]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"training data not found: {', '.join(missing)}" + (
+            "" if all(p.parent.is_dir() for p in map(Path, missing)) else " (its folder does not exist)"))  # fmt: skip
+    rows, bad, total = [], [], 0
+    seen: dict[str, str] = {}
+    duplicates: list[tuple[str, str]] = []
+    known = set(MEDIA_KEYS) | {"messages", "conversations"}
+    for path in paths:
+        root = Path(data_root if data_root is not None else path.parent).expanduser().resolve()
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte order mark is not part of the first row
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                total += 1
+                source = f"{path}:{lineno}"
+                try:
+                    try:
+                        raw = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise RowError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+                    messages = normalize_row(raw, root)
+                    if validate_with is not None:
+                        for message in messages:
+                            for block in message["content"]:
+                                if block["type"] == "text":
+                                    continue
+                                if not load_media:
+                                    _check_media_cheaply(block, root, validate_with.image_processor)
+                                    continue
+                                try:
+                                    media = validate_with.image_processor.to_media({**block, "data_root": root})
+                                except (MediaError, ValueError, ImportError) as e:
+                                    raise RowError(str(e)) from None
+                                _check_loaded_budget(media, validate_with.image_processor, media.source)
+                except RowError as e:
+                    bad.append(BadRow(source, str(e)))
+                    continue
+                key = json.dumps([raw, str(root)], sort_keys=True)
+                if key in seen:
+                    duplicates.append((source, seen[key]))
+                else:
+                    seen[key] = source
+                meta = {k: v for k, v in raw.items() if k not in known}
+                rows.append(
+                    {
+                        "messages": json.dumps(messages),
+                        "data_root": str(root),
+                        "source": source,
+                        "meta": json.dumps(meta),
+                    }
+                )
+    if bad:
+        if not skip_bad_rows:
+            raise BadRowsError(bad, total)
+        logger.warning(
+            "skipping %d bad row(s) of %d:\n%s", len(bad), total, "\n".join(f"  {b}" for b in bad)
+        )
+    if duplicates:
+        listing = "\n".join(f"  {a} repeats {b}" for a, b in duplicates[:10])
+        logger.warning("%d duplicate row(s) of %d (kept: each is trained on as often as it appears):\n%s%s",
+                       len(duplicates), total, listing, "\n  ..." if len(duplicates) > 10 else "")  # fmt: skip
+    if not rows:
+        raise ValueError(f"no usable rows in {[str(p) for p in paths]}")
+    return rows
+
+
+def _json_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _processor_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in SETTINGS:
+            raise SystemExit(f"--processor {item!r}: expected KEY=VALUE with KEY one of {list(SETTINGS)}")
+        out[key] = _json_value(value)
+    return out
+
+
+def load_processor(path, overrides: list[str] = ()) -> OmniVMedProcessor:
+    """The processor of a Hub folder / repo, with --processor KEY=VALUE overrides. (trust_remote_code: the tokenizer
+    loader reads config.json, whose auto_map points at this repo's own code.)"""
+    return OmniVMedProcessor.from_pretrained(path, trust_remote_code=True, **_processor_overrides(list(overrides)))
 
 
 # ================================================================================================= Hub folders

@@ -47,6 +47,7 @@ KNOWN = {
     "ablate_omnivmed imports configuration_omnivmed inside a function",
     "ablate_omnivmed imports data_omnivmed inside a function",
     "ablate_omnivmed imports modeling_omnivmed inside a function",
+    "ablate_omnivmed imports omnivmed_tools inside a function",
     "ablate_omnivmed imports processing_omnivmed inside a function",
     "ablate_omnivmed imports train_trl inside a function",
     "app -> bench/bench_pruning (tool imports tool)",
@@ -82,16 +83,10 @@ KNOWN = {
     "bench: bench/run_all imports bench/bench_pruning inside a function",
     "bench: bench/run_all imports bench/bench_tower inside a function",
     "build_instruct_omnivmed -> evaluate_omnivmed (tool imports tool)",
-    "build_instruct_omnivmed -> train_trl (tool imports tool)",
-    "build_instruct_omnivmed imports train_trl inside a function",
     "chat_omnivmed -> evaluate_omnivmed (tool imports tool)",
-    "cycle: data_omnivmed <-> train_trl",
-    "data_omnivmed -> train_trl (tool imports tool)",
     "data_omnivmed imports media_omnivmed inside a function",
-    "data_omnivmed imports train_trl inside a function",
     "train_trl -> data_omnivmed (tool imports tool)",
     "train_trl imports data_omnivmed inside a function",
-    "train_trl imports media_omnivmed inside a function",
 }
 
 
