@@ -78,6 +78,7 @@ from omnivmed.media_omnivmed import (  # noqa: E402
 )
 from omnivmed_tools import (  # noqa: E402
     first_existing,
+    load_model,
     load_processor,
     load_rows,
     normalize_answer,
@@ -832,7 +833,7 @@ def accept_caption(draft: str, second: str, check_answer: str, modality: str, ag
 
 
 class Captioner:
-    """Drafts captions with any image-text-to-text model through transformers (evaluate_omnivmed.load_model: Auto
+    """Drafts captions with any image-text-to-text model through transformers (omnivmed_tools.load_model: Auto
     classes, trust_remote_code) and filters them with `accept_caption`: up to `tries` rounds of (draft, second draft,
     check question) per medium, the first kept draft wins; a medium none passes gets no row. Media reach the model
     as chat content blocks ({"type": "image" | "video", "path"}; volumes as {"type": "volume", ...}, which only
@@ -853,7 +854,7 @@ class Captioner:
         import torch
 
         if self._model is None:
-            self._model = ev.load_model(self.model_dir, self.device)
+            self._model = load_model(self.model_dir, self.device)
         model, processor = self._model
         conversation = [{"role": "user", "content": [ev.materialise(block), {"type": "text", "text": prompt}]}]
         inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,

@@ -21,7 +21,7 @@ import sys
 import threading
 from pathlib import Path
 
-from evaluate_omnivmed import load_model as load  # the same Auto-class loading for both scripts
+from omnivmed_tools import load_model as load  # the same Auto-class loading for every tool
 
 
 def media_blocks(processor, files: list[str]) -> list[dict]:

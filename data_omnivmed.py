@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from omnivmed.collator_omnivmed import OmniVMedCollator
+from omnivmed.media_omnivmed import load_media
 from omnivmed_tools import ANSWERS, CAPTION_QUESTION, QUESTIONS, load_rows, normalize_answer, write_jsonl
 
 
@@ -358,7 +359,6 @@ def _other2d_items(rng, n: int, n_us: int, root: Path, prefix: str) -> list[dict
     ultrasound frames."""
     import nibabel as nib
 
-    from omnivmed.media_omnivmed import load_media
     from pydicom.data import get_testdata_file
 
     items = []

@@ -41,6 +41,7 @@ from omnivmed_tools import (
     PUNCTUATION,
     closed_correct,
     first_existing,
+    load_model,
     normalize_answer,
     token_overlap,
 )
@@ -933,18 +934,6 @@ def generate_answers(model, processor, samples: list[Sample], batch_size: int = 
         bar.update(len(batch))
     bar.close()
     return answers
-
-
-def load_model(model_path: str, device: str = "auto", dtype: str = "auto"):
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True, dtype=torch_dtype)
-    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
-    return model.to(device).eval(), processor
 
 
 # ================================================================================================= reporting

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import GenerationConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig, PreTrainedTokenizerFast
 
 from omnivmed.configuration_omnivmed import OmniVMedConfig
 from omnivmed.media_omnivmed import (
@@ -101,6 +101,16 @@ def write_jsonl(path: Path, rows) -> None:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+# ================================================================================================= loading a model
+def load_model(model_path: str, device: str = "auto", dtype: str = "auto"):
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True, dtype=torch_dtype)
+    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
+    return model.to(device).eval(), processor
 
 
 # ================================================================================================= training rows

@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:  # `omnivmed` (see omnivmed.py) and omnivmed_tools live next to this script
     sys.path.insert(0, str(ROOT))
 
+import data_omnivmed  # noqa: E402 (the embedded default's dataset)
 from omnivmed.collator_omnivmed import OmniVMedCollator  # noqa: E402
 from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration  # noqa: E402
 from omnivmed.processing_omnivmed import OmniVMedProcessor  # noqa: E402
@@ -722,8 +723,6 @@ def _main(args, callbacks) -> Path:
             _build_base(start, args.seed, embedded)
         _barrier()
         if embedded:
-            import data_omnivmed
-
             if _is_main():
                 data_omnivmed.build_default_dataset(output_dir / "data", seed=args.seed, size=args.default_size)
             _barrier()
@@ -797,8 +796,6 @@ def _main(args, callbacks) -> Path:
     _barrier()
 
     if embedded and _is_main() and args.eval != "no":
-        import data_omnivmed
-
         report = data_omnivmed.evaluate_default(final, default_items["eval"], output_dir / "data")
         data_omnivmed.append_results_to_card(final, report)
         print(report["text"])
@@ -822,8 +819,6 @@ def _build_base(out: Path, seed: int, embedded: bool):
         return
     build_tiny(out, seed)
     if embedded:  # the embedded default trains at a small pixel budget; the saved processor keeps it
-        import data_omnivmed
-
         processor = OmniVMedProcessor.from_pretrained(out, trust_remote_code=True, **data_omnivmed.DEFAULT_PROCESSOR)
         processor.save_pretrained(out)
     (out / RECIPE_FILE).write_text(json.dumps(recipe, indent=1))
@@ -831,8 +826,6 @@ def _build_base(out: Path, seed: int, embedded: bool):
 
 def _apply_embedded_defaults(args, stages: list[int]):
     """Training settings of the embedded default, where the command line did not set them."""
-    import data_omnivmed
-
     defaults = data_omnivmed.DEFAULT_TRAINING
     if args.max_steps is None:
         args.max_steps = ",".join(str(defaults["max_steps"][s]) for s in stages)

@@ -2,7 +2,9 @@
 
 - core: the remote-code files the Hub copies (`*_omnivmed.py` reached from configuration/modeling/processing by
   `from .x import y`); they import only each other, at module level, in that relative form.
-- library: `omnivmed_tools.py`, what tools share; imports the core (through the `omnivmed` package, omnivmed.py).
+- library: `omnivmed_tools.py`, what tools share, and `data_omnivmed.py`, the embedded default's dataset (no command
+  line of its own: train_trl.py builds, trains on and scores it; ablate_omnivmed.py and app.py use it too); they import
+  the core (through the `omnivmed` package, omnivmed.py) and each other without a cycle.
 - tools: the scripts (train_trl.py, evaluate_omnivmed.py, ..., bench/*); each imports the core and the library,
   never another tool. bench/common.py is the benchmarks' own harness, importable by bench scripts only.
 
@@ -21,7 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CORE_ENTRIES = ("configuration_omnivmed", "modeling_omnivmed", "processing_omnivmed", "collator_omnivmed")
 SHIM = "omnivmed"  # omnivmed.py: makes the flat core files one package for a checkout
-LIBRARY = "omnivmed_tools"
+LIBRARY = ("omnivmed_tools", "data_omnivmed")
 BENCH_HARNESS = "bench/common"
 TOOLS = (
     "train_trl",
@@ -31,7 +33,6 @@ TOOLS = (
     "build_omnivmed",
     "build_instruct_omnivmed",
     "convert_omnivmed",
-    "data_omnivmed",
     "ablate_omnivmed",
     "visualize_pruning",
 )
@@ -40,7 +41,6 @@ TOOLS = (
 # so the list only shrinks, in the commit that fixes an entry.
 KNOWN = {
     "ablate_omnivmed -> build_omnivmed (tool imports tool)",
-    "ablate_omnivmed -> data_omnivmed (tool imports tool)",
     "ablate_omnivmed -> train_trl (tool imports tool)",
     "ablate_omnivmed imports build_omnivmed inside a function",
     "ablate_omnivmed imports collator_omnivmed inside a function",
@@ -53,7 +53,6 @@ KNOWN = {
     "app -> bench/bench_pruning (tool imports tool)",
     "app -> build_omnivmed (tool imports tool)",
     "app -> chat_omnivmed (tool imports tool)",
-    "app -> data_omnivmed (tool imports tool)",
     "app -> visualize_pruning (tool imports tool)",
     "app imports bench/bench_pruning inside a function",
     "app imports build_omnivmed inside a function",
@@ -83,10 +82,6 @@ KNOWN = {
     "bench: bench/run_all imports bench/bench_pruning inside a function",
     "bench: bench/run_all imports bench/bench_tower inside a function",
     "build_instruct_omnivmed -> evaluate_omnivmed (tool imports tool)",
-    "chat_omnivmed -> evaluate_omnivmed (tool imports tool)",
-    "data_omnivmed imports media_omnivmed inside a function",
-    "train_trl -> data_omnivmed (tool imports tool)",
-    "train_trl imports data_omnivmed inside a function",
 }
 
 
@@ -186,7 +181,7 @@ def room(name: str, core: set) -> str:
         return "core"
     if name == SHIM:
         return "shim"
-    if name == LIBRARY:
+    if name in LIBRARY:
         return "library"
     if name == BENCH_HARNESS:
         return "bench harness"
@@ -228,7 +223,7 @@ def cycles(graph: dict) -> list[list[str]]:
 ALLOWED = {
     "core": {"core"},
     "shim": set(),
-    "library": {"core", "shim"},
+    "library": {"core", "shim", "library"},
     "bench harness": {"core", "shim", "library"},
     "tool": {"core", "shim", "library"},
 }
@@ -281,8 +276,8 @@ def test_checker_reports_each_kind_of_violation(tmp_path):
         "processing_omnivmed.py": "from .media_omnivmed import load\n",
         "media_omnivmed.py": "def load():\n    from .configuration_omnivmed import X\n",
         "omnivmed_tools.py": "from omnivmed.modeling_omnivmed import X\n",
-        "train_trl.py": "import data_omnivmed\nfrom omnivmed_tools import _helper\n",
-        "data_omnivmed.py": "import omnivmed_tools as t\n\ndef f():\n    import train_trl\n    return t._secret\n",
+        "train_trl.py": "import chat_omnivmed\nfrom omnivmed_tools import _helper\n",
+        "chat_omnivmed.py": "import omnivmed_tools as t\n\ndef f():\n    import train_trl\n    return t._secret\n",
         "bench/common.py": "",
         "bench/bench_a.py": "from common import Row\nimport numpy\n\ndef g():\n    import torch\n",
     }
@@ -293,12 +288,12 @@ def test_checker_reports_each_kind_of_violation(tmp_path):
         "modeling_omnivmed -> train_trl (core imports tool)",
         "modeling_omnivmed imports train_trl without `from .x import y`",
         "media_omnivmed imports configuration_omnivmed inside a function",
-        "train_trl -> data_omnivmed (tool imports tool)",
+        "train_trl -> chat_omnivmed (tool imports tool)",
         "train_trl imports private omnivmed_tools._helper",
-        "data_omnivmed -> train_trl (tool imports tool)",
-        "data_omnivmed imports train_trl inside a function",
-        "data_omnivmed uses private omnivmed_tools._secret",
-        "cycle: data_omnivmed <-> modeling_omnivmed <-> omnivmed_tools <-> train_trl",
+        "chat_omnivmed -> train_trl (tool imports tool)",
+        "chat_omnivmed imports train_trl inside a function",
+        "chat_omnivmed uses private omnivmed_tools._secret",
+        "cycle: chat_omnivmed <-> modeling_omnivmed <-> omnivmed_tools <-> train_trl",
     }
 
 
@@ -308,13 +303,15 @@ def test_rooms_are_those_the_readme_names():
     assert set(CORE_ENTRIES) <= core and "pruning_omnivmed" in core and "media_omnivmed" in core
     for tool in TOOLS:
         assert tool in modules and room(tool, core) == "tool", tool
+    for library in LIBRARY:
+        assert library in modules and room(library, core) == "library", library
     # a tool named like remote code must not be mistaken for core (the Hub copies only what the core imports)
     assert not core & set(TOOLS)
 
 
 def test_every_core_file_travels_to_the_hub():
     """The folder writer copies REMOTE_CODE_FILES; the Hub (trust_remote_code) needs every file the core imports."""
-    tree = ast.parse((ROOT / f"{LIBRARY}.py").read_text())
+    tree = ast.parse((ROOT / "omnivmed_tools.py").read_text())
     listed = next(
         ast.literal_eval(node.value)
         for node in tree.body
