@@ -34,9 +34,28 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import torch
+
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
+
+import data_omnivmed  # noqa: E402
+import train_trl  # noqa: E402 (an ablation arm is a training run: train_trl.main with a loss-recording callback)
+from omnivmed.collator_omnivmed import OmniVMedCollator  # noqa: E402
+from omnivmed.configuration_omnivmed import OmniVMedConfig  # noqa: E402
+from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration  # noqa: E402
+from omnivmed.processing_omnivmed import IM_END, OmniVMedProcessor  # noqa: E402
+from omnivmed_tools import (  # noqa: E402
+    TINY_TEXT,
+    TINY_VISION,
+    build_tiny,
+    build_tiny_tokenizer,
+    load_processor,
+    load_rows,
+    save_hub_folder,
+    token_ids,
+)
 
 logger = logging.getLogger("ablate_omnivmed")
 
@@ -64,14 +83,6 @@ TRAINING = dict(per_device_train_batch_size=8, cache_media=4096, warmup_ratio=0.
 # ------------------------------------------------------------------------------------------------------ one arm x seed
 def build_base(out: Path, seed: int, vision_overrides: dict) -> Path:
     """A fresh tiny model at the embedded default's pixel budget; the model arm is exactly train_trl's base."""
-    import torch
-
-    import data_omnivmed
-    from build_omnivmed import IM_END, TINY_TEXT, TINY_VISION, build_tiny, build_tiny_tokenizer, save_hub_folder, token_ids
-    from omnivmed.configuration_omnivmed import OmniVMedConfig
-    from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration
-    from omnivmed.processing_omnivmed import OmniVMedProcessor
-
     if (out / "config.json").exists():
         return out
     build_tiny(out, seed)
@@ -112,8 +123,6 @@ def _loss_recorder():
 
 def answer_rows(model, processor, collator, rows, batch_size=16, prune: dict | None = None, time_forward=False):
     """Greedy answers (as data_omnivmed.evaluate_default), visual tokens kept, and the summed prefill time."""
-    import torch
-
     answers, kept, total, forward_s = [], 0, 0, 0.0
     for start in range(0, len(rows), batch_size):
         batch_rows = rows[start : start + batch_size]
@@ -164,12 +173,6 @@ def sweep_configs():
 def measure_prefill(out: Path, data: Path, eval_limit: int, sweep_rows: int, repeats: int = 5) -> dict:
     """Prefill time of the sweep's rows per pruning config, measured apart from training: one process, one thread,
     configs interleaved, median of `repeats` (the time does not depend on the weights, so a fresh model serves)."""
-    import torch
-
-    from omnivmed.collator_omnivmed import OmniVMedCollator
-    from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration
-    from omnivmed_tools import load_processor, load_rows
-
     torch.set_num_threads(1)
     base = build_base(out / "timing-base", 0, {})
     model = OmniVMedForConditionalGeneration.from_pretrained(base).eval()
@@ -203,10 +206,6 @@ def measure_prefill(out: Path, data: Path, eval_limit: int, sweep_rows: int, rep
 
 
 def evaluate(model_dir: Path, rows, data_root, prune_sweep=False, sweep_rows=0) -> dict:
-    import data_omnivmed
-    from omnivmed.collator_omnivmed import OmniVMedCollator
-    from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration
-    from omnivmed_tools import load_processor
 
     model = OmniVMedForConditionalGeneration.from_pretrained(model_dir).eval()
     processor = load_processor(model_dir)
@@ -230,11 +229,6 @@ def evaluate(model_dir: Path, rows, data_root, prune_sweep=False, sweep_rows=0) 
 
 def run_worker(spec: dict) -> None:
     """Train one arm with one seed through train_trl.main, score it, write results.json."""
-    import torch
-
-    import train_trl
-    from omnivmed_tools import load_rows
-
     torch.set_num_threads(1)
     started = time.time()
     out = Path(spec["dir"])
@@ -948,8 +942,6 @@ def main(argv=None) -> Path | None:
     timing = {}
     collect(out, args.arms, args.seeds, args.steps, args.tower_warmup_steps)  # refuses a folder of runs made with other steps
     if not args.report_only:
-        import data_omnivmed
-
         started = time.time()
         data_omnivmed.build_default_dataset(data, seed=0, size=args.size)
         specs = make_specs(args, out, data)

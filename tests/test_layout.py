@@ -6,7 +6,8 @@
   line of its own: train_trl.py builds, trains on and scores it; ablate_omnivmed.py and app.py use it too); they import
   the core (through the `omnivmed` package, omnivmed.py) and each other without a cycle.
 - tools: the scripts (train_trl.py, evaluate_omnivmed.py, ..., bench/*); each imports the core and the library,
-  never another tool. bench/common.py is the benchmarks' own harness, importable by bench scripts only.
+  never another tool (a driver may import the tool it runs: DRIVERS). bench/common.py is the benchmarks' own harness,
+  importable by bench scripts only.
 
 Across all rooms: no import cycle, no private name (`_x`) imported from another file, no repo module imported inside
 a function (that is how cycles hide); functions may import heavy optional third-party packages. Tests may import
@@ -37,19 +38,17 @@ TOOLS = (
     "visualize_pruning",
 )
 
+# A driver runs another tool in-process and may import it: an ablation arm is a training run (train_trl.main with a
+# loss-recording callback, and its tower warm-up); bench/run_all.py runs every benchmark script's `run`.
+DRIVERS = {
+    "ablate_omnivmed": {"train_trl"},
+    "bench/run_all": {"bench/bench_processor", "bench/bench_tower", "bench/bench_pruning", "bench/bench_long_video",
+                      "bench/bench_llm"},
+}
+
 # What is still to be untangled (issue #20). The test fails on anything not listed AND on a listed entry that is gone,
 # so the list only shrinks, in the commit that fixes an entry.
 KNOWN = {
-    "ablate_omnivmed -> build_omnivmed (tool imports tool)",
-    "ablate_omnivmed -> train_trl (tool imports tool)",
-    "ablate_omnivmed imports build_omnivmed inside a function",
-    "ablate_omnivmed imports collator_omnivmed inside a function",
-    "ablate_omnivmed imports configuration_omnivmed inside a function",
-    "ablate_omnivmed imports data_omnivmed inside a function",
-    "ablate_omnivmed imports modeling_omnivmed inside a function",
-    "ablate_omnivmed imports omnivmed_tools inside a function",
-    "ablate_omnivmed imports processing_omnivmed inside a function",
-    "ablate_omnivmed imports train_trl inside a function",
     "app -> bench/bench_pruning (tool imports tool)",
     "app -> build_omnivmed (tool imports tool)",
     "app -> chat_omnivmed (tool imports tool)",
@@ -71,11 +70,6 @@ KNOWN = {
     "bench: bench/bench_pruning -> visualize_pruning (tool imports tool)",
     "bench: bench/bench_pruning imports bench/common inside a function",
     "bench: bench/bench_pruning imports visualize_pruning inside a function",
-    "bench: bench/run_all -> bench/bench_llm (tool imports tool)",
-    "bench: bench/run_all -> bench/bench_long_video (tool imports tool)",
-    "bench: bench/run_all -> bench/bench_processor (tool imports tool)",
-    "bench: bench/run_all -> bench/bench_pruning (tool imports tool)",
-    "bench: bench/run_all -> bench/bench_tower (tool imports tool)",
     "bench: bench/run_all imports bench/bench_llm inside a function",
     "bench: bench/run_all imports bench/bench_long_video inside a function",
     "bench: bench/run_all imports bench/bench_processor inside a function",
@@ -246,7 +240,7 @@ def violations(root: Path) -> set[str]:
             graph.setdefault(name, set()).add(target)
             theirs = room(target, core)
             allowed = ALLOWED[mine] | ({"bench harness"} if name.startswith("bench/") else set())
-            if theirs not in allowed:
+            if theirs not in allowed and target not in DRIVERS.get(name, ()):
                 kind = "tool imports tool" if mine == theirs == "tool" else f"{mine} imports {theirs}"
                 say(name, f"{name} -> {target} ({kind})")
             if in_function:
