@@ -10,21 +10,31 @@ tools import it and the core, never each other (tests/test_layout.py checks it).
 import collections
 import dataclasses
 import inspect
-import math
 import json
 import logging
+import math
 import os
 import random
-import shutil
 import re
+import shutil
+import sys
+import threading
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
+from PIL import Image, ImageDraw, ImageFont
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    GenerationConfig,
+    PreTrainedTokenizerFast,
+    TextIteratorStreamer,
+)
 
 from omnivmed.configuration_omnivmed import OmniVMedConfig
 from omnivmed.media_omnivmed import (
@@ -1047,6 +1057,140 @@ def read_tensor_index(folder: Path) -> dict[str, TensorRef]:
                 f"{short(sorted(listed - stored))}, stored but not listed {short(sorted(stored - listed))}"
             )
     return tensors
+
+
+# ================================================================================================= answering
+def answer(model, processor, messages: list[dict], max_new_tokens: int = 128, prune_threshold: float | None = None,
+           out=sys.stdout) -> str:  # fmt: skip
+    """Generate the assistant's reply to `messages`, writing it to `out` piece by piece (TextIteratorStreamer)."""
+    extra = {} if prune_threshold is None else {"prune_threshold": prune_threshold}
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", **extra
+    )
+    inputs.pop("media_metadata", None)
+    # the model refuses positions past its LLM's max_position_embeddings: fit the reply into what is left
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit:
+        room = limit - inputs["input_ids"].shape[1]
+        if room < 1:
+            raise ValueError(f"the conversation is {inputs['input_ids'].shape[1]} tokens long (media expanded) and "
+                             f"the model takes at most {limit}, leaving no room for a reply: start a new conversation "
+                             "or give fewer media")  # fmt: skip
+        if room < max_new_tokens:
+            print(f"[the reply is cut at {room} tokens: the model takes at most {limit}]", file=sys.stderr)
+            max_new_tokens = room
+    inputs = inputs.to(model.device)
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kwargs = dict(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)
+    failure = []
+
+    def run():
+        try:
+            model.generate(**kwargs)
+        except BaseException as error:  # surfaced in the caller's thread below
+            failure.append(error)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    pieces = []
+    for piece in streamer:
+        pieces.append(piece)
+        out.write(piece)
+        out.flush()
+    thread.join()
+    out.write("\n")
+    out.flush()
+    if failure:
+        raise failure[0]
+    return "".join(pieces).strip()
+
+
+# ================================================================================================= showing what pruning keeps
+def patches_to_frames(pixel_values, grid_thw, merge, patch, image_mean, image_std) -> np.ndarray:
+    """Undo the processor's patching and normalisation for one item: (N, 3*p*p) -> (T, H, W, 3) in [0, 1]."""
+    t, gh, gw = (int(v) for v in grid_thw)
+    x = pixel_values.reshape(t, gh // merge, gw // merge, merge, merge, 3, patch, patch)
+    x = x.permute(0, 5, 1, 3, 6, 2, 4, 7).reshape(t, 3, gh * patch, gw * patch)
+    mean = torch.tensor(image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(image_std).view(1, 3, 1, 1)
+    return (x * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def frame_labels(meta: dict) -> list[str]:
+    t = meta["num_frames"]
+    if meta.get("timestamps_s"):
+        return [f"{s:.1f} s" for s in meta["timestamps_s"]]
+    if meta.get("slice_positions_mm"):
+        return [f"slice {i} ({z:.0f} mm)" for i, z in zip(meta["slice_indices"], meta["slice_positions_mm"])]
+    return [f"frame {i}" for i in range(t)]
+
+
+def montage(frames: np.ndarray, keep: np.ndarray, block: int, labels, title: str, columns: int | None = None):
+    """frames (T, H, W, 3) in [0, 1]; keep (T, H/block, W/block) bool."""
+    t, h, w, _ = frames.shape
+    columns = columns or min(t, max(1, math.ceil(math.sqrt(t * h / w))))
+    rows = math.ceil(t / columns)
+    scale = max(1, 160 // max(h, w))
+    tile_h, tile_w, label_h, title_h, pad = h * scale, w * scale, 14, 22, 4
+    canvas = Image.new("RGB", (columns * (tile_w + pad) + pad, title_h + rows * (tile_h + label_h + pad) + pad), "black")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    draw.text((pad, 4), title, fill="white", font=font)
+    for f in range(t):
+        # dim pruned blocks so what the LLM still sees stands out
+        shade = np.repeat(np.repeat(np.where(keep[f], 1.0, 0.3), block, 0), block, 1)[..., None]
+        tile = Image.fromarray((frames[f] * shade * 255).astype(np.uint8)).resize((tile_w, tile_h), Image.NEAREST)
+        x0 = pad + (f % columns) * (tile_w + pad)
+        y0 = title_h + (f // columns) * (tile_h + label_h + pad)
+        canvas.paste(tile, (x0, y0))
+        tile_draw = ImageDraw.Draw(canvas)
+        for r, c in zip(*np.nonzero(keep[f])):
+            bx, by = x0 + c * block * scale, y0 + r * block * scale
+            tile_draw.rectangle([bx, by, bx + block * scale - 1, by + block * scale - 1], outline=(0, 220, 90))
+        kept, total = int(keep[f].sum()), keep[f].size
+        draw.text((x0, y0 + tile_h + 1), f"{labels[f]}  {kept}/{total}", fill="white", font=font)
+    return canvas
+
+
+# ================================================================================================= synthetic media
+def endoscopic_scene(size: int, seed: int = 0) -> np.ndarray:
+    """A static 'endoscopic' background: smooth pink texture, (size, size, 3) in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    texture = sum(
+        np.sin(2 * np.pi * (fx * xx + fy * yy) + phase)
+        for fx, fy, phase in rng.uniform([1, 1, 0], [6, 6, 2 * np.pi], size=(8, 3))
+    )
+    texture = (texture - texture.min()) / np.ptp(texture)
+    return np.stack([0.55 + 0.35 * texture, 0.25 + 0.2 * texture, 0.25 + 0.15 * texture], -1)
+
+
+def write_instrument_video(path: Path, seconds: int = 64, fps: int = 8, size: int = 224, seed: int = 0) -> Path:
+    """A static 'endoscopic' scene (smooth pink texture) with a grey instrument sweeping left to right and back."""
+    import av
+
+    scene = endoscopic_scene(size, seed)
+    container = av.open(str(path), "w")
+    stream = container.add_stream("libx264", rate=fps)
+    stream.width = stream.height = size
+    stream.pix_fmt = "yuv420p"
+    stream.options = {"crf": "18"}
+    n = seconds * fps
+    for i in range(n):
+        frame = scene.copy()
+        phase = (i / n) * 2  # one sweep right, one back
+        x = int((phase if phase < 1 else 2 - phase) * (size - 40))
+        y = size // 2 + int(20 * np.sin(2 * np.pi * i / n))
+        frame[y - 6 : y + 6, : x + 30] = 0.75  # shaft from the left edge
+        frame[y - 12 : y + 12, x + 30 : x + 40] = 0.9  # jaws
+        image = av.VideoFrame.from_ndarray((frame * 255).astype(np.uint8), format="rgb24")
+        for packet in stream.encode(image):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    return path
 
 
 # ================================================================================================= media statistics

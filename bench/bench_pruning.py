@@ -16,7 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -27,6 +26,7 @@ import build_omnivmed  # noqa: E402
 from omnivmed.configuration_omnivmed import OmniVMedConfig  # noqa: E402
 from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration  # noqa: E402
 from omnivmed.processing_omnivmed import OmniVMedImageProcessor, OmniVMedProcessor  # noqa: E402
+from omnivmed_tools import endoscopic_scene, write_instrument_video  # noqa: E402,F401 (moved there; re-exported)
 
 
 MNI = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
@@ -45,45 +45,6 @@ CONFIGS = {
         ),
     ),
 }
-
-
-def endoscopic_scene(size: int, seed: int = 0) -> np.ndarray:
-    """A static 'endoscopic' background: smooth pink texture, (size, size, 3) in [0, 1]."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    texture = sum(
-        np.sin(2 * np.pi * (fx * xx + fy * yy) + phase)
-        for fx, fy, phase in rng.uniform([1, 1, 0], [6, 6, 2 * np.pi], size=(8, 3))
-    )
-    texture = (texture - texture.min()) / np.ptp(texture)
-    return np.stack([0.55 + 0.35 * texture, 0.25 + 0.2 * texture, 0.25 + 0.15 * texture], -1)
-
-
-def write_instrument_video(path: Path, seconds: int = 64, fps: int = 8, size: int = 224, seed: int = 0) -> Path:
-    """A static 'endoscopic' scene (smooth pink texture) with a grey instrument sweeping left to right and back."""
-    import av
-
-    scene = endoscopic_scene(size, seed)
-    container = av.open(str(path), "w")
-    stream = container.add_stream("libx264", rate=fps)
-    stream.width = stream.height = size
-    stream.pix_fmt = "yuv420p"
-    stream.options = {"crf": "18"}
-    n = seconds * fps
-    for i in range(n):
-        frame = scene.copy()
-        phase = (i / n) * 2  # one sweep right, one back
-        x = int((phase if phase < 1 else 2 - phase) * (size - 40))
-        y = size // 2 + int(20 * np.sin(2 * np.pi * i / n))
-        frame[y - 6 : y + 6, : x + 30] = 0.75  # shaft from the left edge
-        frame[y - 12 : y + 12, x + 30 : x + 40] = 0.9  # jaws
-        image = av.VideoFrame.from_ndarray((frame * 255).astype(np.uint8), format="rgb24")
-        for packet in stream.encode(image):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
-    return path
 
 
 def model_for(name: str, tokenizer) -> OmniVMedForConditionalGeneration:
