@@ -986,14 +986,6 @@ def stage_view(rows: list[dict], stage: int, seed: int) -> list[dict]:
     return other + [instruct[i] for i in pick]
 
 
-def write_jsonl(path: Path, rows) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 # ================================================================================================= build
 def build(sources: list[tuple[str, Path]], out: Path, max_per_source: int | None = None, seed: int = 0,
           stages=(1, 2, 3), captioner: Captioner | None = None, benchmarks: list[tuple[str, Path]] = (),
