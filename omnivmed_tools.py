@@ -765,6 +765,13 @@ REMOTE_CODE_FILES = (
     "processing_omnivmed.py",
     "pruning_omnivmed.py",
     "media_omnivmed.py",
+    "media_base_omnivmed.py",
+    "intensity_omnivmed.py",
+    "volume_omnivmed.py",
+    "picture_omnivmed.py",
+    "dicom_omnivmed.py",
+    "nifti_omnivmed.py",
+    "video_omnivmed.py",
     "collator_omnivmed.py",
 )
 AUTO_MAP = {
