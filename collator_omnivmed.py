@@ -1,8 +1,17 @@
 """OmniV-Med's data collator for fine-tuning: conversations with media -> one training batch with labels.
 
-Remote code (the Hub copies it with the other `*_omnivmed.py` files), so a checkpoint is fine-tuned without this
-repo: the processor builds the batch (media loaded, resized, patched, pruned; placeholders expanded) and the labels
-mark the assistant replies.
+Remote code (the Hub copies it with the other `*_omnivmed.py` files; `processor.data_collator()` returns one), so a
+checkpoint is fine-tuned with plain TRL and no checkout of this repo:
+
+    processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
+    trainer = SFTTrainer(model=model, args=SFTConfig(output_dir="out"), train_dataset=rows,
+                         data_collator=processor.data_collator(), processing_class=processor)
+
+A row is `{"messages": [...], "images": [...]}`: messages in the chat format (content blocks `{"type": "image" |
+"volume" | "video", "path": ...}` and `{"type": "text", "text": ...}`; a JSON string of them works too). The "images"
+column is TRL's sign of a vision dataset: with it SFTTrainer keeps the rows as they are for the collator (no
+tokenising pass, no column removal), so no SFTConfig option needs changing; it may be empty, or hold PIL images for
+blocks written TRL's way (`{"type": "image"}` without a source, filled in order).
 """
 
 import json
@@ -54,13 +63,17 @@ class OmniVMedCollator:
         if drop_last_assistant and messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         root = example.get("data_root")
-        return [
-            {
-                "role": m["role"],
-                "content": [b if b["type"] == "text" else self._media(b, root) for b in m["content"]],
-            }
-            for m in messages
-        ]
+        images = list(example.get("images") or ())
+        out = []
+        for m in messages:
+            content = []
+            for b in m["content"]:
+                b = {k: v for k, v in b.items() if v is not None}  # a datasets column fills absent keys with None
+                if b["type"] != "text" and len(b) == 1 and images:  # TRL's way: the image is in the "images" column
+                    b = {"type": b["type"], b["type"]: images.pop(0)}
+                content.append(b if b["type"] == "text" else self._media(b, root))
+            out.append({"role": m["role"], "content": content})
+        return out
 
     def __call__(self, examples: list[dict]) -> dict:
         kwargs = {} if self.prune_threshold is None else {"prune_threshold": self.prune_threshold}

@@ -37,6 +37,7 @@ from transformers.processing_utils import ImagesKwargs, ProcessorMixin, TextKwar
 from transformers.utils import logging
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from .collator_omnivmed import OmniVMedCollator
 from .configuration_omnivmed import PROCESSOR_SETTINGS, OmniVMedConfig
 from .media_omnivmed import Media, MediaError, load_media
 from .pruning_omnivmed import compute_keep_mask, patch_grid_positions, pruning_report, tokens_per_frame
@@ -711,6 +712,11 @@ class OmniVMedProcessor(ProcessorMixin):
     def model_input_names(self) -> list[str]:
         return list(self.tokenizer.model_input_names) + self.image_processor.model_input_names + ["mm_token_type_ids"]
 
+    def data_collator(self, prune_threshold: float | None = None, cache_size: int = 0) -> OmniVMedCollator:
+        """The training collator (collator_omnivmed.py) for this processor: rows with chat messages -> batches with
+        labels on the assistant replies; give it to SFTTrainer as `data_collator`."""
+        return OmniVMedCollator(self, prune_threshold=prune_threshold, cache_size=cache_size)
+
     # ------------------------------------------------------------------------------------------------------ loading
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
@@ -815,11 +821,13 @@ class OmniVMedProcessor(ProcessorMixin):
                 raise ValueError(
                     f"the prompts hold {counts} {IMAGE_TOKEN} placeholders per sample but the media given per sample "
                     f"number {per_sample}"
+                    + _CHAT_FORMAT_HINT
                 )
             if sum(counts) != len(items):
                 raise ValueError(
                     f"the text holds {sum(counts)} {IMAGE_TOKEN} placeholder(s) (per sample: {counts}) but "
                     f"{len(items)} media item(s) were given"
+                    + _CHAT_FORMAT_HINT
                 )
         if texts is None and not items:
             raise ValueError(f"You need to provide text and/or media to call {type(self).__name__}")
@@ -1107,6 +1115,14 @@ class OmniVMedProcessor(ProcessorMixin):
                     mask[pos] = 1
             masks.append(mask)
         return masks
+
+
+_CHAT_FORMAT_HINT = (
+    ": the prompt must hold one placeholder per medium, as the chat template writes it. Give messages instead of "
+    "plain text: processor.apply_chat_template([{'role': 'user', 'content': [{'type': 'image', 'image': ...}, "
+    "{'type': 'text', 'text': 'your question'}]}], add_generation_prompt=True, tokenize=True, return_dict=True), or "
+    "to a pipeline('image-text-to-text') text=[that message] (images inside the content blocks)"
+)
 
 
 def _flatten_media(media) -> tuple[list, list[int] | None]:
