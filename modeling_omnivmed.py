@@ -17,6 +17,7 @@ tensor follows the activations it indexes, and the features reach the embeddings
 
 import bisect
 import itertools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -282,6 +283,14 @@ class OmniVMedPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
+
+    @staticmethod
+    def lora_target_modules(names=("q_proj", "v_proj")) -> str:
+        """PEFT `target_modules` for the language model's projections only: `LoraConfig(target_modules=
+        model.lora_target_modules())`. The vision tower's attention keeps SigLIP's q_proj / k_proj / v_proj /
+        out_proj names (so composed and converted checkpoints load by name), so the usual list ["q_proj", "v_proj"]
+        would adapt the tower too; this regex (PEFT full-matches a string) does not."""
+        return rf".*language_model\..*\.({'|'.join(re.escape(name) for name in names)})"
 
 
 class OmniVMedVisionModel(OmniVMedPreTrainedModel):

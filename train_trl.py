@@ -467,13 +467,12 @@ def _barrier():
 def _lora_config(args, train: tuple):
     from peft import LoraConfig
 
-    targets = "|".join(re.escape(t) for t in args.lora_target_modules.split(","))
     return LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         # only the LLM's linear layers: the tower has q/k/v projections of the same names
-        target_modules=rf".*language_model\..*\.({targets})",
+        target_modules=OmniVMedForConditionalGeneration.lora_target_modules(args.lora_target_modules.split(",")),
         modules_to_save=[name for module, name in (("tower", "vision_tower"), ("projector", "projector")) if module in train],
         task_type="CAUSAL_LM",
     )

@@ -542,3 +542,18 @@ def test_tower_on_another_device_than_its_inputs():
     with torch.no_grad(), recorder:
         out = model(input_ids=torch.tensor([prompt_ids(8)]), pixel_values=pv, grid_thw=grid, prune_threshold=0.0)
     assert recorder.mixed == [] and out.logits.device.type == "meta"
+
+
+def test_lora_target_modules_adapt_the_language_model_only():
+    """The usual target_modules list also matches the tower's SigLIP-named projections; the model's regex does not."""
+    from peft import LoraConfig, get_peft_model
+
+    def adapted(target_modules):
+        peft_model = get_peft_model(make_model(), LoraConfig(r=2, target_modules=target_modules))
+        return {name.split(".lora_A")[0] for name, _ in peft_model.named_parameters() if ".lora_A." in name}
+
+    usual = adapted(["q_proj", "v_proj"])
+    assert any("vision_tower" in name for name in usual)  # why the regex exists
+    ours = adapted(OmniVMedForConditionalGeneration.lora_target_modules())
+    layers = tiny_config_dict()["text_config"]["num_hidden_layers"]
+    assert ours == {n for n in usual if "language_model" in n} and len(ours) == 2 * layers
