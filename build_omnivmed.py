@@ -55,6 +55,8 @@ from omnivmed_tools import (  # noqa: F401 (the tiny preset and the Hub folder w
     build_tiny,
     build_tiny_tokenizer,
     image_statistics,
+    part_license,
+    public_name,
     push_folder,
     read_json,
     save_hub_folder,
@@ -284,7 +286,7 @@ def print_plan_table(plan: WeightPlan, file=None):
 
 
 PRETRAINED_DESCRIPTION = """\
-Composed by `build_omnivmed.py` from [{vision}]({vision_url}) (vision tower) and [{llm}]({llm_url}) (language model):
+Composed by `build_omnivmed.py` from {vision_ref} (vision tower) and {llm_ref} (language model):
 the SigLIP tower's weights are mapped into OmniV-Med's RoPE tower (its patch-embedding Conv2d flattened into the
 equivalent Linear; its absolute position table and attention-pooling head dropped), the LLM's weights are copied
 verbatim, and the merge + MLP projector is freshly initialised. **Not trained as a whole: the projector is random
@@ -431,9 +433,9 @@ def build_pretrained(
     extra_meta = ("base_model:\n" + "".join(f"- {p}\n" for p in parents)) if parents else ""
     description = PRETRAINED_DESCRIPTION.format(
         vision=hub_name(vision) or vision_dir.name,
-        vision_url=f"https://huggingface.co/{vision}" if hub_name(vision) else vision_dir.as_posix(),
+        vision_ref=f"[{vision}](https://huggingface.co/{vision})" if hub_name(vision) else f"`{vision_dir.name}`",
         llm=hub_name(llm) or llm_dir.name,
-        llm_url=f"https://huggingface.co/{llm}" if hub_name(llm) else llm_dir.as_posix(),
+        llm_ref=f"[{llm}](https://huggingface.co/{llm})" if hub_name(llm) else f"`{llm_dir.name}`",
         n_vision=n_vision,
         n_dropped_vision=n_dropped_vision,
         n_llm=len(plan.moves) - n_vision,
@@ -455,6 +457,11 @@ def build_pretrained(
         description=description,
         repo=push_to_hub or out.name,
         extra_meta=extra_meta,
+        parts=[(f"vision tower: {public_name(vision)}", part_license(vision_dir)),
+               (f"language model: {public_name(llm)}", part_license(llm_dir))],
+        training_data="The parts' own pretraining (see their model cards). The composed model has not been trained "
+        "as a whole: `train_trl.py` aligns and instruction-tunes it.",
+        evaluation="Not evaluated: the projector is random until stage-1 alignment.",
     )
     if push_to_hub:
         push_folder(out, push_to_hub, private=private, message="Build OmniV-Med from pretrained parts")

@@ -61,6 +61,8 @@ from omnivmed_tools import (
     BuildError,
     TensorRef,
     build_tiny_tokenizer,
+    part_license,
+    public_name,
     push_folder,
     read_json,
     read_tensor_index,
@@ -562,7 +564,7 @@ def output_dtype(source: Source, dtype: torch.dtype | None) -> str:
 
 # ------------------------------------------------------------------------------------------------------ the folder
 CARD_DESCRIPTION = """\
-Converted from [{base}]({base_url}) ({family}, {text_type} LLM) by `convert_omnivmed.py`: a pure weight map, no
+Converted from {base_ref} ({family}, {text_type} LLM) by `convert_omnivmed.py`: a pure weight map, no
 training. The source's licence (Apache-2.0) applies to these weights.
 
 - Tower: their NaViT with 2D RoPE, expressed as `rope_axes_dims = {rope}` (no t frequencies); images merge
@@ -643,8 +645,7 @@ def convert(
         meta_model,
         title=f"{base.split('/')[-1]} (OmniV-Med format)",
         description=CARD_DESCRIPTION.format(
-            base=base,
-            base_url=f"https://huggingface.co/{base}" if base_model else folder.as_posix(),
+            base_ref=f"[{base}](https://huggingface.co/{base})" if base_model else f"`{folder.name}`",
             family="Hulu-Med" if family == "hulumed" else "VideoLLaMA3",
             text_type=source.text_type,
             rope=config.vision_config.rope_axes_dims,
@@ -654,6 +655,13 @@ def convert(
         ),
         repo=push_to_hub or out.name,
         extra_meta=f"base_model: {base_model}\n" if base_model else "",
+        # Hulu-Med and VideoLLaMA3 are published under Apache-2.0; a card of the source folder says otherwise
+        parts=[(public_name(base_model or folder.name), part_license(folder, default="apache-2.0"))],
+        training_data=f"That of `{public_name(base_model or folder.name)}` (see its model card); the conversion "
+        "changes no weight.",
+        evaluation="The conversion is checked for exactness against the source code's outputs on tiny checkpoints "
+        "(tests/test_convert_omnivmed.py); the real weights' benchmark scores are not re-measured here "
+        "(evaluate_omnivmed.py does that).",
     )
     logger.info("converted %d tensors (%.2f GB) into %s", len(plan.moves), total / 1e9, out)
     if push_to_hub:

@@ -825,8 +825,8 @@ def tiny_model(tokenizer, seed: int) -> OmniVMedForConditionalGeneration:
 
 
 MODEL_CARD = """---
-license: apache-2.0
-library_name: transformers
+license: {license}
+{license_meta}library_name: {library_name}
 pipeline_tag: image-text-to-text
 tags:
 - medical
@@ -843,6 +843,39 @@ tags:
 OmniV-Med reads 2D images, 3D volumes (NIfTI, DICOM series) and videos through one RoPE vision tower
 (positions (t, h, w): slice or frame, row, column), drops visual tokens that repeat the previous slice/frame
 (medical-aware token pruning), and answers in a Qwen2.5 language model.
+
+## Intended use
+
+Research on medical vision-language models: asking questions about, and describing, 2D medical images, 3D volumes
+(CT / MR as NIfTI files or DICOM series) and medical videos (endoscopy, surgery); studying token pruning; a starting
+point for fine-tuning on one's own data.
+
+**Not for clinical use.** This model is not a medical device. It has not been validated for diagnosis, treatment,
+triage, screening or any decision about a patient, and its answers can be wrong while sounding certain. Do not use it
+on patients or to inform their care.
+
+## Out of scope
+
+- Clinical decisions or reports without qualified review, and any use outside a validated, regulated setting.
+- Identifying people from their images; inferring sensitive attributes.
+- Inputs other than images, volumes and videos (signals, genomics, records alone); languages other than English.
+
+## Limitations
+
+- Fluent but wrong answers (hallucinated findings, measurements or sides) happen; nothing here checks them.
+- Token pruning drops visual tokens that barely change from the previous slice/frame: a small finding that changes
+  little between slices can be dropped (`prune_threshold=0` keeps every token).
+- Volumes are sampled to at most `max_slices` slices and videos to `max_frames` frames at `fps`: what lies between the
+  samples is not seen. Intensities are windowed (CT) or percentile-normalised; unusual acquisitions may look wrong.
+- The training data's sites, scanners and populations shape the answers; no fairness evaluation across groups exists.
+
+## Training data
+
+{training_data}
+
+## Evaluation
+
+{evaluation}
 
 ## Use
 
@@ -862,6 +895,12 @@ output = model.generate(**inputs, max_new_tokens=64)
 print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 
+Fine-tuning with TRL needs nothing but this repo: `SFTTrainer(model=model, args=SFTConfig(...),
+train_dataset=rows, data_collator=processor.data_collator(), processing_class=processor)` with rows
+`{{"messages": [...], "images": []}}`. For LoRA on the language model only:
+`LoraConfig(target_modules=model.lora_target_modules())` (the plain `["q_proj", "v_proj"]` also matches the vision
+tower's projections).
+
 ## Architecture
 
 | part | shape |
@@ -871,16 +910,82 @@ print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_to
 | language model | {text_type}, hidden {t_hidden}, {t_layers} layers |
 | parameters | {params:,} |
 | pruning | threshold {prune_threshold} ({prune_unit} units, reference {prune_reference}, {prune_stage}) |
+
+## Licence
+
+{license_text}
+
+## Citation
+
+The method is that of the OmniV-Med paper (this repo's code is an independent implementation; no weights were
+released with the paper):
+
+```bibtex
+@article{{jiang2025omnivmed,
+  title   = {{OmniV-Med: Scaling Medical Vision-Language Model for Universal Visual Understanding}},
+  author  = {{Jiang, Songtao and Wang, Yuan and Song, Sibo and Zhang, Yan and Meng, Zijie and Lei, Bohan and Wu, Jian
+             and Sun, Jimeng and Liu, Zuozhu}},
+  journal = {{arXiv preprint arXiv:2504.14692}},
+  year    = {{2025}}
+}}
+```
 """
+CODE_LICENSE = "apache-2.0"  # this repo's code, copied into every folder
 
 
-def write_model_card(out: Path, model, title: str, description: str, repo: str, extra_meta: str = ""):
+def part_license(folder: Path, default: str | None = None) -> str | None:
+    """The `license` of a pretrained part's model card (README.md front matter), else `default` (None: unknown)."""
+    card = Path(folder) / "README.md"
+    if card.is_file():
+        from huggingface_hub.repocard import metadata_load
+
+        try:
+            license = (metadata_load(card) or {}).get("license")
+        except Exception:  # a card without valid YAML says nothing about its licence
+            license = None
+        if license:
+            return str(license)
+    return default
+
+
+def public_name(source: str) -> str:
+    """A model named in a card: the Hub id, or a local folder's name only (a card never carries a local path)."""
+    path = Path(str(source)).expanduser()
+    return f"{path.name} (a local folder)" if path.exists() else str(source)
+
+
+def card_license(parts) -> tuple[str, str, str]:
+    """(license, extra YAML lines, Licence section) for a folder built from `parts`: (name, licence or None) pairs,
+    besides this repo's code. One licence for all: that licence. Different or unknown ones: `license: other`, each
+    part named with its licence, so nobody reads one part's terms as the whole's."""
+    parts = [("OmniV-Med code (this repo)", CODE_LICENSE), *parts]
+    licenses = {license for _, license in parts}
+    lines = "\n".join(f"- {name}: {license or 'unknown (see its own model card)'}" for name, license in parts)
+    if len(licenses) == 1 and None not in licenses:
+        return parts[0][1], "", f"{parts[0][1]}, the licence of every part:\n\n{lines}"
+    return ("other", "license_name: omnivmed-parts\n",
+            "The parts come under different (or unknown) licences; each part's licence applies to that part: read them "
+            f"all before using or sharing the whole.\n\n{lines}")
+
+
+def write_model_card(out: Path, model, title: str, description: str, repo: str, extra_meta: str = "", parts=(),
+                     training_data: str = "None: random weights.", evaluation: str = "Not evaluated.",
+                     library_name: str = "transformers"):  # fmt: skip
+    """The one model card of every folder the tools write (build, convert, train_trl's stages and final folder,
+    LoRA adapters). `repo` is what the usage snippet loads (the Hub id where known); `parts`: (name, licence)."""
     c = model.config
+    license, license_meta, license_text = card_license(parts)
     out.joinpath("README.md").write_text(
         MODEL_CARD.format(
+            license=license,
+            license_meta=license_meta,
+            library_name=library_name,
             extra_meta=extra_meta,
             title=title,
             description=description,
+            training_data=training_data,
+            evaluation=evaluation,
+            license_text=license_text,
             repo=repo,
             v_hidden=c.vision_config.hidden_size,
             v_layers=c.vision_config.num_hidden_layers,

@@ -58,8 +58,11 @@ from omnivmed_tools import (  # noqa: E402
     build_tiny,
     load_processor,
     load_rows,
+    part_license,
+    public_name,
     push_folder,
     save_hub_folder,
+    write_model_card,
 )
 
 
@@ -398,6 +401,7 @@ def warm_up_tower(start: Path, rows: list[dict], out: Path, steps: int, lr: floa
         title="OmniV-Med tiny (tower warmed up)",
         description=f"The tiny OmniV-Med with its vision tower warmed up for {steps} steps on caption words and "
         "pixel read-back (`train_trl.warm_up_tower`); projector and LLM still random.",
+        training_data="The stage-1 image-caption rows (their caption words and pixels); projector and LLM untrained.",
         repo=out.name,
     )
     (out / RECIPE_FILE).write_text(json.dumps(recipe, indent=1))
@@ -478,8 +482,9 @@ def _lora_config(args, train: tuple):
     )
 
 
-def _card(plans: list[StagePlan], plan: StagePlan, start: str, lora: bool) -> dict:
+def _card(plans: list[StagePlan], plan: StagePlan, args, lora: bool) -> dict:
     done = [p for p in plans if p.stage.number <= plan.stage.number]
+    start = public_name(args.model_label)
     lines = [
         f"Fine-tuned from `{start}` with `train_trl.py` (TRL SFTTrainer), stage(s) "
         + ", ".join(f"{p.stage.number} ({p.stage.name})" for p in done) + ".",
@@ -492,7 +497,23 @@ def _card(plans: list[StagePlan], plan: StagePlan, start: str, lora: bool) -> di
         trained = ", ".join(p.train) + (" (LLM via LoRA, merged)" if lora and "llm" in p.train else "")
         lines.append(f"| {p.stage.number} {p.stage.name} | {trained} | {lrs} | "
                      f"{p.max_steps if p.max_steps > 0 else f'{p.epochs:g} epoch(s)'} | {len(p.data)} |")  # fmt: skip
-    return dict(title=f"OmniV-Med fine-tuned (stage {plan.stage.number}: {plan.stage.name})", description="\n".join(lines))
+    if args.data is None and not any(getattr(args, f"stage{s}_data", None) for s in (1, 2, 3)):
+        data = ("The embedded default dataset (`data_omnivmed.py`): MNI152, nibabel and pydicom test data with planted "
+                "lesions and synthetic endoscopy videos; a toy task set for checking the pipeline, not clinical data.")
+    else:
+        files = {p.stage.number: getattr(args, f"stage{p.stage.number}_data", None) or args.data for p in done}
+        data = "JSONL rows, per stage: " + "; ".join(
+            f"stage {n}: " + ", ".join(Path(f).name for f in str(v).split(",")) for n, v in files.items()
+        ) + " (file names as given to train_trl.py; their sources and licences are the data owner's to state)."
+    return dict(
+        title=f"OmniV-Med fine-tuned (stage {plan.stage.number}: {plan.stage.name})",
+        description="\n".join(lines),
+        repo=args.hub_model_id or "<your-name>/<this-repo>",
+        training_data=data,
+        evaluation="Not evaluated by train_trl.py (the embedded default appends its held-out table below); "
+        "evaluate_omnivmed.py scores the public benchmarks.",
+        parts=[(start, part_license(args.model_label) if Path(str(args.model_label)).exists() else None)],
+    )
 
 
 def _replica_fingerprint(model) -> torch.Tensor:
@@ -535,17 +556,20 @@ def save_model_folder(trainer, processor, out: Path, start_model: str, lora: boo
             processor.save_pretrained(adapter)
             base = OmniVMedForConditionalGeneration.from_pretrained(start_model)
             model = PeftModel.from_pretrained(base, adapter).merge_and_unload()
-            save_hub_folder(model, processor, out, repo=out.name, **card)
+            # PEFT's own card is an empty template: the adapter gets the same card as the merged model
+            write_model_card(adapter, model, **{**card, "title": card["title"] + " (LoRA adapter)"},
+                             library_name="peft")
+            save_hub_folder(model, processor, out, **card)
     elif sharded:
         gathered = out.parent / "gathered"
         trainer.save_model(str(gathered))
         if trainer.accelerator.is_main_process:
             model = OmniVMedForConditionalGeneration.from_pretrained(gathered)
-            save_hub_folder(model, processor, out, repo=out.name, **card)
+            save_hub_folder(model, processor, out, **card)
             shutil.rmtree(gathered, ignore_errors=True)
     elif trainer.accelerator.is_main_process:
         model = trainer.accelerator.unwrap_model(trainer.model)
-        save_hub_folder(model, processor, out, repo=out.name, **card)
+        save_hub_folder(model, processor, out, **card)
     trainer.accelerator.wait_for_everyone()
     return out
 
@@ -633,7 +657,7 @@ def run_stage(plan: StagePlan, start_model: str, args, plans: list, callbacks=()
     logger.info("stage %d trained in %.1f s", stage.number, time.time() - started)
     if args.check_replicas:
         check_replicas(trainer.accelerator.unwrap_model(trainer.model))
-    out = save_model_folder(trainer, processor, plan.dir / "model", start_model, lora, _card(plans, plan, args.model_label, lora))
+    out = save_model_folder(trainer, processor, plan.dir / "model", start_model, lora, _card(plans, plan, args, lora))
     if _is_main():
         (out / "omnivmed_stage.json").write_text(
             json.dumps(

@@ -337,6 +337,9 @@ def test_pretrained_build_reloads_in_a_new_process_offline(built_dir, tmp_path):
     out, _ = built_dir
     card = (out / "README.md").read_text()
     assert "projector is random" in card and "pipeline_tag: image-text-to-text" in card
+    # local parts are named, never located; their licences are unknown (no card), so the whole is `license: other`
+    assert str(out.parent.parent) not in card and "siglip (a local folder)" in card
+    assert "license: other" in card.split("---")[1] and "unknown (see its own model card)" in card
     script = tmp_path / "load.py"
     script.write_text(LOAD_SCRIPT)
     result = subprocess.run(

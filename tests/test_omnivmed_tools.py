@@ -60,3 +60,32 @@ def test_read_tensor_index_matches_the_safetensors_headers(tmp_path):
 def test_short_names_how_many_were_left_out():
     assert tools.short(range(3)) == "[0, 1, 2]"
     assert tools.short(range(25), limit=2) == "[0, 1, ... (23 more)]"
+
+
+def test_card_has_the_sections_a_medical_model_needs_and_its_licence_from_the_parts(tmp_path):
+    from omnivmed.configuration_omnivmed import OmniVMedConfig
+    from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration
+
+    from conftest import tiny_config_dict
+
+    model = OmniVMedForConditionalGeneration(OmniVMedConfig(**tiny_config_dict()))
+    part = tmp_path / "qwen-part"
+    part.mkdir()
+    (part / "README.md").write_text("---\nlicense: other\nlicense_name: qwen-research\n---\n# a part\n")
+    tools.write_model_card(tmp_path, model, title="T", description="D", repo="me/omnivmed-x",
+                           parts=[("language model: " + tools.public_name(str(part)), tools.part_license(part)),
+                                  ("vision tower: google/siglip", "apache-2.0")],
+                           training_data="rows.jsonl", evaluation="none yet")  # fmt: skip
+    card = (tmp_path / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "license: other" in front and "license_name: omnivmed-parts" in front
+    for section in ("## Intended use", "**Not for clinical use.**", "## Out of scope", "## Limitations",
+                    "## Training data\n\nrows.jsonl", "## Evaluation\n\nnone yet", "## Licence", "## Citation"):
+        assert section in card, section
+    assert "arXiv:2504.14692" in card and 'from_pretrained("me/omnivmed-x"' in card
+    assert "- language model: qwen-part (a local folder): other" in card and "- vision tower: google/siglip: apache-2.0" in card
+    assert str(tmp_path) not in card
+
+    # every part under one licence: that licence
+    tools.write_model_card(tmp_path, model, title="T", description="D", repo="r", parts=[("p", "apache-2.0")])
+    assert (tmp_path / "README.md").read_text().startswith("---\nlicense: apache-2.0\nlibrary_name: transformers\n")
