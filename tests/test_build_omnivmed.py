@@ -136,8 +136,9 @@ READERS_SCRIPT = textwrap.dedent(
     import json, sys
     from pathlib import Path
     import numpy as np, nibabel, pydicom.data
-    from transformers import AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
     processor = AutoProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(sys.argv[1], trust_remote_code=True)
     try:
         import omnivmed  # the checkout's package shim must not be reachable: the code comes from the folder
         sys.exit("the repo is on sys.path")
