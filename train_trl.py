@@ -336,7 +336,8 @@ def _caption_examples(rows: list[dict]) -> list[tuple[dict, str]]:
     return examples
 
 
-def warm_up_tower(start: Path, rows: list[dict], out: Path, steps: int, lr: float, batch_size: int, seed: int) -> Path:
+def warm_up_tower(start: Path, rows: list[dict], out: Path, steps: int, lr: float, batch_size: int, seed: int,
+                  model_class=OmniVMedForConditionalGeneration) -> Path:
     """Give a randomly initialised tower visual features before stage 1, the job SigLIP's pretraining does for the
     real model (stage 1 freezes the tower: a random one would stay random through alignment). CatLIP-style
     (Mehta et al. 2024): predict which words a 2D image's caption holds from the tower's mean-pooled output
@@ -361,7 +362,7 @@ def warm_up_tower(start: Path, rows: list[dict], out: Path, steps: int, lr: floa
     for i, (_, text) in enumerate(examples):
         targets[i, [words.index(w) for w in CAPTION_WORD.findall(text.lower())]] = 1.0
     processor = OmniVMedProcessor.from_pretrained(start)
-    model = OmniVMedForConditionalGeneration.from_pretrained(start)
+    model = model_class.from_pretrained(start)
     tower = model.model.vision_tower
     torch.manual_seed(seed)
     head = torch.nn.Linear(tower.config.hidden_size, len(words))
@@ -540,7 +541,8 @@ def check_replicas(model) -> None:
         raise RuntimeError(f"the processes hold different weights: {[g.tolist() for g in gathered]}")
 
 
-def save_model_folder(trainer, processor, out: Path, start_model: str, lora: bool, card: dict) -> Path:
+def save_model_folder(trainer, processor, out: Path, start_model: str, lora: bool, card: dict,
+                      model_class=OmniVMedForConditionalGeneration) -> Path:
     """Write the trained model as a complete Hub folder (omnivmed_tools.save_hub_folder) on the main process.
 
     DeepSpeed / FSDP: the full weights are gathered by `trainer.save_model` first. LoRA: the adapter is saved to
@@ -554,7 +556,7 @@ def save_model_folder(trainer, processor, out: Path, start_model: str, lora: boo
             from peft import PeftModel
 
             processor.save_pretrained(adapter)
-            base = OmniVMedForConditionalGeneration.from_pretrained(start_model)
+            base = model_class.from_pretrained(start_model)
             model = PeftModel.from_pretrained(base, adapter).merge_and_unload()
             # PEFT's own card is an empty template: the adapter gets the same card as the merged model
             write_model_card(adapter, model, **{**card, "title": card["title"] + " (LoRA adapter)"},
@@ -564,7 +566,7 @@ def save_model_folder(trainer, processor, out: Path, start_model: str, lora: boo
         gathered = out.parent / "gathered"
         trainer.save_model(str(gathered))
         if trainer.accelerator.is_main_process:
-            model = OmniVMedForConditionalGeneration.from_pretrained(gathered)
+            model = model_class.from_pretrained(gathered)
             save_hub_folder(model, processor, out, **card)
             shutil.rmtree(gathered, ignore_errors=True)
     elif trainer.accelerator.is_main_process:
@@ -619,7 +621,7 @@ def run_stage(plan: StagePlan, start_model: str, args, plans: list, callbacks=()
     load_kwargs = {"dtype": getattr(torch, args.dtype)}
     if args.attn_implementation:
         load_kwargs["attn_implementation"] = args.attn_implementation
-    model = OmniVMedForConditionalGeneration.from_pretrained(start_model, **load_kwargs)
+    model = args.model_class.from_pretrained(start_model, **load_kwargs)
     lora = args.lora and "llm" in plan.train
     counts = set_trainable(model, [m for m in plan.train if not (lora and m == "llm")])
     logger.info(
@@ -657,7 +659,8 @@ def run_stage(plan: StagePlan, start_model: str, args, plans: list, callbacks=()
     logger.info("stage %d trained in %.1f s", stage.number, time.time() - started)
     if args.check_replicas:
         check_replicas(trainer.accelerator.unwrap_model(trainer.model))
-    out = save_model_folder(trainer, processor, plan.dir / "model", start_model, lora, _card(plans, plan, args, lora))
+    out = save_model_folder(trainer, processor, plan.dir / "model", start_model, lora, _card(plans, plan, args, lora),
+                            args.model_class)
     if _is_main():
         (out / "omnivmed_stage.json").write_text(
             json.dumps(
@@ -697,8 +700,10 @@ def _resume_point(plan: StagePlan, resume: str | None):
     return str(path) if path.parent == plan.dir.resolve() else None
 
 
-def main(argv=None, callbacks=()) -> Path:
+def main(argv=None, callbacks=(), model_class=OmniVMedForConditionalGeneration) -> Path:
+    """`model_class`: what the stages load and save (ablate_omnivmed.py passes its learned-position-table arm)."""
     args = build_parser().parse_args(argv)
+    args.model_class = model_class
     logging.basicConfig(
         level=logging.INFO if _is_main() else logging.WARNING,
         format="%(asctime)s %(name)s: %(message)s",
@@ -764,7 +769,7 @@ def _main(args, callbacks) -> Path:
                     checked_rows[s] = _stage_rows(stage_data[s], args, validator)
                 rows = checked_rows[1]
                 warm_up_tower(start, rows, warm, args.tower_warmup_steps, args.tower_warmup_lr,
-                              args.per_device_train_batch_size * 2, args.seed)  # fmt: skip
+                              args.per_device_train_batch_size * 2, args.seed, args.model_class)  # fmt: skip
             _barrier()
             start = warm
         start_model = str(start)
