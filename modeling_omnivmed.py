@@ -634,9 +634,12 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
         mm_encoder_outputs: dict | None = None,
         **kwargs,
     ) -> OmniVMedModelOutputWithPast:
-        """mm_token_type_ids and media_metadata come with the processor's outputs and are not read (placeholders are
-        found by id; metadata is for the caller). mm_encoder_outputs: {"image": get_image_features(...)}, visual
-        features encoded beforehand (generate does this), in place of the pixel inputs."""
+        """mm_token_type_ids and media_metadata are named here only because the processor returns them and
+        `generate(**inputs)` refuses keyword arguments forward does not name (its model_kwargs check); they are not
+        read (placeholders are found by id; the metadata is for the caller). mm_encoder_outputs: {"image":
+        get_image_features(...)}, visual features encoded beforehand (generate does this), in place of the pixel
+        inputs. The visual arguments are named one by one for the same check (an Unpack'ed TypedDict would hide
+        them from it)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Give exactly one of input_ids and inputs_embeds")
         visual = (mm_encoder_outputs or {}).get("image")
@@ -813,7 +816,9 @@ class OmniVMedForConditionalGeneration(OmniVMedPreTrainedModel, GenerationMixin)
         **kwargs,
     ) -> OmniVMedCausalLMOutputWithPast:
         """labels: (B, L) token ids, -100 where no loss is taken (prompt, visual tokens, padding).
-        prune_threshold overrides the config's for this call (the processor must have used the same one)."""
+        prune_threshold overrides the config's for this call (the processor must have used the same one). The other
+        arguments are OmniVMedModel.forward's (named here too: generate checks its keyword arguments against this
+        signature); mm_token_type_ids and media_metadata are accepted and not read, see there."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
