@@ -8,13 +8,13 @@ The paper's OmniV-Med-Instruct (252K samples, 14 modalities, 11 tasks) was never
 of data from the sources' published local layouts (nothing is downloaded):
 
     source          kind    reader and files
-    vqa-rad         image   evaluate_omnivmed.load_vqa_rad, split train (OSF json / LLaVA-Med json / HF parquet)
-    slake           image   evaluate_omnivmed.load_slake, train.json + imgs/ (English questions)
-    pathvqa         image   evaluate_omnivmed.load_pathvqa, split train (HF parquet / json / csv; never the .pkl)
-    m3d-vqa         volume  evaluate_omnivmed.load_m3d_vqa, M3D_VQA_train.csv (each row closed and open)
-    cholec80-vqa    image   evaluate_omnivmed.load_cholec80_vqa, the training sequences
-    endovis18-vqa   image   evaluate_omnivmed.load_endovis18_vqa, the training sequences
-    psi-ava-vqa     image   evaluate_omnivmed.load_psi_ava_vqa, Train/
+    vqa-rad         image   omnivmed_benchmarks.load_vqa_rad, split train (OSF json / LLaVA-Med json / HF parquet)
+    slake           image   omnivmed_benchmarks.load_slake, train.json + imgs/ (English questions)
+    pathvqa         image   omnivmed_benchmarks.load_pathvqa, split train (HF parquet / json / csv; never the .pkl)
+    m3d-vqa         volume  omnivmed_benchmarks.load_m3d_vqa, M3D_VQA_train.csv (each row closed and open)
+    cholec80-vqa    image   omnivmed_benchmarks.load_cholec80_vqa, the training sequences
+    endovis18-vqa   image   omnivmed_benchmarks.load_endovis18_vqa, the training sequences
+    psi-ava-vqa     image   omnivmed_benchmarks.load_psi_ava_vqa, Train/
     mimic-cxr       image   `read_mimic_cxr`: MIMIC-CXR-JPG files/pXX/pNNNNNNNN/sNNNNNNNN/*.jpg + the report
                             sNNNNNNNN.txt (same tree or mimic-cxr-reports/files/), split / metadata CSVs if present
     m3d-cap         volume  `read_m3d_cap`: M3D_Cap.json {"train": [{"image", "text"}]} + M3D_Cap_npy/ .npy + text.txt
@@ -67,7 +67,6 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import evaluate_omnivmed as ev  # noqa: E402
 from omnivmed.collator_omnivmed import OmniVMedCollator  # noqa: E402
 from omnivmed.media_omnivmed import (  # noqa: E402
     IMAGE_EXTENSIONS,
@@ -76,6 +75,7 @@ from omnivmed.media_omnivmed import (  # noqa: E402
     MediaError,
     load_media,
 )
+from omnivmed_benchmarks import LOADERS, DataError, Sample, materialise  # noqa: E402
 from omnivmed_tools import (  # noqa: E402
     first_existing,
     load_model,
@@ -185,7 +185,7 @@ TEMPLATES = {
 NOUNS = {"image": "image", "volume": "scan", "video": "video"}
 CHECK_QUESTION = "Which imaging modality is shown in this {noun}? Answer in a few words."
 
-BENCHMARKS = tuple(b for b in ev.LOADERS if b != "omnivmed-mini")  # the test splits the guard knows
+BENCHMARKS = tuple(b for b in LOADERS if b != "omnivmed-mini")  # the test splits the guard knows
 QA_GUARDED = ("vqa-rad", "slake", "pathvqa", "m3d-vqa")  # free-text questions: a shared question + answer is a leak
 STAGE_VIEWS = {1: "2D captions and reports", 2: "2D instructions", 3: "3D + video, with a 2D instruction replay"}
 
@@ -246,7 +246,7 @@ def surgical_task(source: str, question: str, meta: dict) -> str:
     return "surgical-instrument"  # tool presence ("Is grasper used ..."), state and action
 
 
-def vqa_task(source: str, sample: ev.Sample) -> str:
+def vqa_task(source: str, sample: Sample) -> str:
     if source in ("cholec80-vqa", "endovis18-vqa", "psi-ava-vqa"):
         return surgical_task(source, sample.question, sample.meta)
     if source == "m3d-vqa":
@@ -261,7 +261,7 @@ def vqa_task(source: str, sample: ev.Sample) -> str:
     return task_from_question(sample.question)
 
 
-def _vqa_rad_modalities(samples: list[ev.Sample]) -> dict[str, tuple[str, str]]:
+def _vqa_rad_modalities(samples: list[Sample]) -> dict[str, tuple[str, str]]:
     """VQA-RAD gives no modality field: per image, the modality its own questions establish (an answer naming one,
     or a yes to "Is this a CT?"), else one named in a question, else x-ray (flagged "default" in modality_source)."""
     by_image = collections.defaultdict(list)
@@ -307,7 +307,7 @@ def _safe_rel(rel: str) -> str:
 def read_benchmark_source(name: str, data: Path, split: str = "train") -> tuple[list[Candidate], list[dict]]:
     """A benchmark's training split through the evaluation harness's loader (errors collected, not raised)."""
     errors: list[str] = []
-    loaded = ev.LOADERS[name](data, split, errors=errors)
+    loaded = LOADERS[name](data, split, errors=errors)
     samples = loaded[0] if isinstance(loaded, tuple) else loaded
     rad = _vqa_rad_modalities(samples) if name == "vqa-rad" else {}
     candidates = []
@@ -557,7 +557,7 @@ def read_source(name: str, data: Path) -> tuple[list[Candidate], list[dict]]:
     if SOURCES[name] == "benchmark":
         try:
             return read_benchmark_source(name, data)
-        except ev.DataError as error:  # the layout itself is wrong (no files at all): nothing to build from
+        except DataError as error:  # the layout itself is wrong (no files at all): nothing to build from
             raise BuildError(str(error)) from error
     return SOURCES[name](data)
 
@@ -742,8 +742,8 @@ class ContaminationGuard:
     def add(self, name: str, data: Path) -> None:
         errors: list[str] = []
         try:
-            loaded = ev.LOADERS[name](Path(data), "test", errors=errors)
-        except ev.DataError as error:
+            loaded = LOADERS[name](Path(data), "test", errors=errors)
+        except DataError as error:
             self.coverage[name] = {"data": str(data), "error": str(error)}
             logger.warning("contamination guard: no %s test split in %s (%s)", name, data, error)
             return
@@ -856,7 +856,7 @@ class Captioner:
         if self._model is None:
             self._model = load_model(self.model_dir, self.device)
         model, processor = self._model
-        conversation = [{"role": "user", "content": [ev.materialise(block), {"type": "text", "text": prompt}]}]
+        conversation = [{"role": "user", "content": [materialise(block), {"type": "text", "text": prompt}]}]
         inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
                                                return_dict=True, return_tensors="pt")  # fmt: skip
         inputs.pop("media_metadata", None)

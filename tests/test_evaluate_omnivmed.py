@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import evaluate_omnivmed as ev
+import omnivmed_benchmarks
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,7 +240,7 @@ def make_m3d(root: Path) -> Path:
     np.save(volume, np.random.default_rng(0).random((1, 6, 56, 56), dtype=np.float32))
     with (root / "M3D_VQA_test.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(list(ev.M3D_COLUMNS))
+        writer.writerow(list(omnivmed_benchmarks.M3D_COLUMNS))
         writer.writerow(["M3D_Cap_npy/ct_case/000001/Axial.npy", "Which organ shows the lesion?", "Liver", "Kidney",
                          "Spleen", "Lung", "Liver", "A", "3"])  # fmt: skip
         writer.writerow(["M3D_Cap_npy/ct_case/000001/Axial.npy", "In which plane is the image?", "Axial", "Coronal",

@@ -2,7 +2,9 @@
 
 - core: the remote-code files the Hub copies (`*_omnivmed.py` reached from configuration/modeling/processing by
   `from .x import y`); they import only each other, at module level, in that relative form.
-- library: `omnivmed_tools.py`, what tools share, and `data_omnivmed.py`, the embedded default's dataset (no command
+- library: `omnivmed_tools.py`, what tools share; `omnivmed_benchmarks.py`, the public benchmarks' readers
+  (evaluation scores their test splits, the instruction builder reads their train splits and guards the test ones);
+  `data_omnivmed.py`, the embedded default's dataset (no command
   line of its own: train_trl.py builds, trains on and scores it; ablate_omnivmed.py and app.py use it too); they import
   the core (through the `omnivmed` package, omnivmed.py) and each other without a cycle.
 - tools: the scripts (train_trl.py, evaluate_omnivmed.py, ..., bench/*); each imports the core and the library,
@@ -24,7 +26,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CORE_ENTRIES = ("configuration_omnivmed", "modeling_omnivmed", "processing_omnivmed", "collator_omnivmed")
 SHIM = "omnivmed"  # omnivmed.py: makes the flat core files one package for a checkout
-LIBRARY = ("omnivmed_tools", "data_omnivmed")
+LIBRARY = ("omnivmed_tools", "omnivmed_benchmarks", "data_omnivmed")
 BENCH_HARNESS = "bench/common"
 TOOLS = (
     "train_trl",
@@ -66,7 +68,6 @@ KNOWN = {
     "bench: bench/run_all imports bench/bench_processor inside a function",
     "bench: bench/run_all imports bench/bench_pruning inside a function",
     "bench: bench/run_all imports bench/bench_tower inside a function",
-    "build_instruct_omnivmed -> evaluate_omnivmed (tool imports tool)",
 }
 
 
