@@ -1,12 +1,13 @@
-"""What the tools share (train_trl.py, evaluate_omnivmed.py, build_omnivmed.py, convert_omnivmed.py, ...): JSON and
-JSONL files, Hub folders and pushing, loading a model and processor, answer normalisation and scoring, media
-statistics.
+"""What the tools share (train_trl.py, evaluate_omnivmed.py, build_omnivmed.py, convert_omnivmed.py, chat, app, ...),
+one section each: the embedded default's questions and answers; JSON / JSONL files; loading a model and processor;
+training rows (train_trl's JSONL reader and checks); pushing a folder; the tiny preset (offline tokenizer, model) and
+the Hub folder writer with its model card; the one answer normaliser and its scores; reading pretrained checkpoints'
+tensor indexes; streamed answers; pruning montages; a synthetic instrument video; image statistics of a part.
 
-Not remote code: the Hub copies only the `*_omnivmed.py` files the model and processor import (see REMOTE_CODE_FILES);
+Not remote code: the Hub copies only the `*_omnivmed.py` files the model and processor import (REMOTE_CODE_FILES);
 this module stays in the checkout. It imports the core through the `omnivmed` package (omnivmed.py) and never a tool;
 tools import it and the core, never each other (tests/test_layout.py checks it).
 """
-
 import collections
 import dataclasses
 import inspect
