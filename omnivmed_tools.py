@@ -8,6 +8,7 @@ Not remote code: the Hub copies only the `*_omnivmed.py` files the model and pro
 this module stays in the checkout. It imports the core through the `omnivmed` package (omnivmed.py) and never a tool;
 tools import it and the core, never each other (tests/test_layout.py checks it).
 """
+
 import collections
 import dataclasses
 import inspect
