@@ -10,36 +10,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from omnivmed.processing_omnivmed import OmniVMedImageProcessor
-from omnivmed_tools import frame_labels, montage, patches_to_frames  # noqa: F401 (moved there; re-exported)
-
-
-logger = logging.getLogger("visualize_pruning")
-
-
-def visualize(source, out, kind=None, threshold=None, processor=None, columns=None, **options) -> dict:
-    processor = processor or OmniVMedImageProcessor()
-    overrides = dict(options)
-    if threshold is not None:
-        overrides["prune_threshold"] = threshold
-    batch = processor([source], kind=kind, return_tensors="pt", **overrides)
-    meta = batch["media_metadata"][0]
-    merge, patch = int(batch["merge_sizes"][0]), processor.patch_size
-    frames = patches_to_frames(
-        batch["pixel_values"], batch["grid_thw"][0], merge, patch, processor.image_mean, processor.image_std
-    )
-    t, gh, gw = (int(v) for v in batch["grid_thw"][0])
-    keep = batch["visual_keep_mask"].reshape(t, gh // merge, gw // merge).numpy()
-    report = meta["pruning_report"]
-    settings = processor._settings(**{k: v for k, v in overrides.items() if k in processor._settings()})
-    title = (
-        f"{Path(str(meta['source'])).name}: {report['tokens_after']}/{report['tokens_before']} tokens kept "
-        f"({100 * report['kept_fraction']:.0f} %), threshold {settings['prune_threshold']} "
-        f"({settings['prune_unit']}, {settings['prune_reference']})"
-    )
-    montage(frames, keep, merge * patch, frame_labels(meta), title, columns).save(out)
-    logger.info("%s -> %s", title, out)
-    return report
+from omnivmed_tools import frame_labels, montage, patches_to_frames, visualize  # noqa: F401 (moved there; re-exported)
 
 
 def main(argv=None):
