@@ -21,22 +21,24 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import build_omnivmed  # noqa: E402
+import omnivmed_tools  # noqa: E402
+from common import Row  # noqa: E402
 from omnivmed.configuration_omnivmed import OmniVMedConfig  # noqa: E402
 from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration  # noqa: E402
 from omnivmed.processing_omnivmed import OmniVMedImageProcessor, OmniVMedProcessor  # noqa: E402
-from omnivmed_tools import endoscopic_scene, write_instrument_video  # noqa: E402,F401 (moved there; re-exported)
+from omnivmed_tools import endoscopic_scene, visualize, write_instrument_video  # noqa: E402,F401 (re-exported)
 
 
 MNI = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 CONFIGS = {
-    "tiny": dict(vision=build_omnivmed.TINY_VISION, text=build_omnivmed.TINY_TEXT),
+    "tiny": dict(vision=omnivmed_tools.TINY_VISION, text=omnivmed_tools.TINY_TEXT),
     # a ViT-S-sized tower and a half-depth Qwen2.5-0.5B-shaped LLM
     "mid": dict(
         vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6, patch_size=14),
         text=dict(
-            build_omnivmed.TINY_TEXT,
+            omnivmed_tools.TINY_TEXT,
             hidden_size=896,
             intermediate_size=4864,
             num_hidden_layers=12,
@@ -50,7 +52,7 @@ CONFIGS = {
 def model_for(name: str, tokenizer) -> OmniVMedForConditionalGeneration:
     c = CONFIGS[name]
     text = dict(c["text"], vocab_size=-(-len(tokenizer) // 64) * 64, pad_token_id=tokenizer.pad_token_id)
-    config = OmniVMedConfig(text_config=text, vision_config=c["vision"], **build_omnivmed.token_ids(tokenizer))
+    config = OmniVMedConfig(text_config=text, vision_config=c["vision"], **omnivmed_tools.token_ids(tokenizer))
     torch.manual_seed(0)
     model = OmniVMedForConditionalGeneration(config).eval()
     model.set_attn_implementation("sdpa")
@@ -102,11 +104,8 @@ def run(configs=("tiny",), repeats: int = 3, quick: bool = False) -> list:
     """The measurements of `main` as rows of BENCHMARKS.md (bench/run_all.py)."""
     import nilearn
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import Row
-
     slices, seconds = (6, 4) if quick else (256, 64)
-    tokenizer = build_omnivmed.build_tiny_tokenizer()
+    tokenizer = omnivmed_tools.build_tiny_tokenizer()
     processor = OmniVMedProcessor(
         OmniVMedImageProcessor(video_max_pixels=224 * 224, max_slices=slices, max_frames=seconds), tokenizer
     )
@@ -147,7 +146,7 @@ def main(argv=None):
     torch.set_num_threads(torch.get_num_threads())
     import nilearn
 
-    tokenizer = build_omnivmed.build_tiny_tokenizer()
+    tokenizer = omnivmed_tools.build_tiny_tokenizer()
     # 224 px per slice/frame, every MNI slice (189 at 1 mm), 64 video frames at 1 fps
     processor = OmniVMedProcessor(
         OmniVMedImageProcessor(video_max_pixels=224 * 224, max_slices=256, max_frames=64), tokenizer
@@ -158,8 +157,6 @@ def main(argv=None):
         "static-camera video": {"type": "video", "path": str(write_instrument_video(workdir / "instrument.mp4"))},
     }
     if args.montage_dir:
-        from visualize_pruning import visualize
-
         args.montage_dir.mkdir(parents=True, exist_ok=True)
         for name, block in media.items():
             out = args.montage_dir / f"pruning_{name.split()[0].lower()}.png"
