@@ -34,9 +34,29 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import torch
+from torch import nn
+
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
+
+import data_omnivmed  # noqa: E402
+import train_trl  # noqa: E402 (an ablation arm is a training run: train_trl.main with a loss-recording callback)
+from omnivmed.collator_omnivmed import OmniVMedCollator  # noqa: E402
+from omnivmed.configuration_omnivmed import OmniVMedConfig  # noqa: E402
+from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration, OmniVMedVisionModel  # noqa: E402
+from omnivmed.processing_omnivmed import IM_END, OmniVMedProcessor  # noqa: E402
+from omnivmed_tools import (  # noqa: E402
+    TINY_TEXT,
+    TINY_VISION,
+    build_tiny,
+    build_tiny_tokenizer,
+    load_processor,
+    load_rows,
+    save_hub_folder,
+    token_ids,
+)
 
 logger = logging.getLogger("ablate_omnivmed")
 
@@ -61,17 +81,57 @@ QUICK = dict(size="small", steps=(2, 6, 8), seeds=(0, 1, 2), tower_warmup_steps=
 TRAINING = dict(per_device_train_batch_size=8, cache_media=4096, warmup_ratio=0.05, lr_scheduler_type="cosine")
 
 
+# ------------------------------------------------------------------------------------ the learned position table arm
+class LearnedPositionVisionModel(OmniVMedVisionModel):
+    """Claim 1's comparison arm, SigLIP's scheme: no RoPE; a learned absolute (S x S x D) table (S =
+    `vision_config.position_table_size`, default 16), bilinearly interpolated to each frame's (h, w) patch grid and
+    added after the patch embedding (t gets nothing)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        size = getattr(config, "position_table_size", 16)
+        if size < 1:
+            raise ValueError(f"position_table_size must be >= 1, got {size}")
+        self.position_embedding = nn.Embedding(size**2, config.hidden_size)
+        self._init_weights(self.position_embedding)
+
+    def absolute_positions(
+        self, grid_thw: torch.Tensor, patch_positions: torch.Tensor, patch_keep_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The learned (S, S, D) table resized (bilinear) to each patch's frame grid (h, w), read at the patch's
+        (h, w): (N or N_kept, D). The t axis gets nothing, as in SigLIP applied frame by frame."""
+        size = getattr(self.config, "position_table_size", 16)
+        table = self.position_embedding.weight.view(size, size, -1).permute(2, 0, 1).unsqueeze(0)  # (1, D, S, S)
+        # which frame grid each patch has is worked out on the CPU; the reads happen on the table's device
+        grid_thw, patch_positions = grid_thw.cpu(), patch_positions.to(table.device)
+        grids = torch.repeat_interleave(grid_thw[:, 1:], grid_thw.prod(-1), dim=0)  # (N, 2) frame grid per patch
+        if patch_keep_mask is not None:
+            grids = grids[patch_keep_mask.cpu()]
+        out = table.new_zeros(patch_positions.shape[0], table.shape[1])
+        for h, w in torch.unique(grids, dim=0).tolist():
+            resized = nn.functional.interpolate(table, size=(h, w), mode="bilinear", align_corners=False)[0]
+            rows = ((grids[:, 0] == h) & (grids[:, 1] == w)).nonzero().squeeze(-1).to(table.device)
+            out[rows] = resized[:, patch_positions[rows, 1], patch_positions[rows, 2]].t()
+        return out
+
+
+class LearnedPositionOmniVMed(OmniVMedForConditionalGeneration):
+    """OmniV-Med with the learned-table tower: what the `learned_frame` arm trains, saves and loads."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model.vision_tower = LearnedPositionVisionModel(config.vision_config)
+
+
+def model_class_for(vision_config) -> type:
+    """The arm's model class: a vision config (dict or config) with position_embedding="learned" gets the table."""
+    get = vision_config.get if isinstance(vision_config, dict) else lambda k: getattr(vision_config, k, None)
+    return LearnedPositionOmniVMed if get("position_embedding") == "learned" else OmniVMedForConditionalGeneration
+
+
 # ------------------------------------------------------------------------------------------------------ one arm x seed
 def build_base(out: Path, seed: int, vision_overrides: dict) -> Path:
     """A fresh tiny model at the embedded default's pixel budget; the model arm is exactly train_trl's base."""
-    import torch
-
-    import data_omnivmed
-    from build_omnivmed import IM_END, TINY_TEXT, TINY_VISION, build_tiny, build_tiny_tokenizer, save_hub_folder, token_ids
-    from omnivmed.configuration_omnivmed import OmniVMedConfig
-    from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration
-    from omnivmed.processing_omnivmed import OmniVMedProcessor
-
     if (out / "config.json").exists():
         return out
     build_tiny(out, seed)
@@ -82,7 +142,7 @@ def build_base(out: Path, seed: int, vision_overrides: dict) -> Path:
         config = OmniVMedConfig(text_config=text, vision_config=dict(TINY_VISION, **vision_overrides),
                                 tie_word_embeddings=True, **token_ids(tokenizer))  # fmt: skip
         torch.manual_seed(seed)
-        model = OmniVMedForConditionalGeneration(config).eval()
+        model = model_class_for(vision_overrides)(config).eval()
         processor = OmniVMedProcessor.from_pretrained(out, trust_remote_code=True)
         save_hub_folder(model, processor, out, title="OmniV-Med tiny ablation arm (random weights)",
                         description=f"vision overrides {vision_overrides}", repo=out.name)  # fmt: skip
@@ -112,8 +172,6 @@ def _loss_recorder():
 
 def answer_rows(model, processor, collator, rows, batch_size=16, prune: dict | None = None, time_forward=False):
     """Greedy answers (as data_omnivmed.evaluate_default), visual tokens kept, and the summed prefill time."""
-    import torch
-
     answers, kept, total, forward_s = [], 0, 0, 0.0
     for start in range(0, len(rows), batch_size):
         batch_rows = rows[start : start + batch_size]
@@ -164,11 +222,6 @@ def sweep_configs():
 def measure_prefill(out: Path, data: Path, eval_limit: int, sweep_rows: int, repeats: int = 5) -> dict:
     """Prefill time of the sweep's rows per pruning config, measured apart from training: one process, one thread,
     configs interleaved, median of `repeats` (the time does not depend on the weights, so a fresh model serves)."""
-    import torch
-
-    from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration
-    from train_trl import OmniVMedCollator, load_processor, load_rows
-
     torch.set_num_threads(1)
     base = build_base(out / "timing-base", 0, {})
     model = OmniVMedForConditionalGeneration.from_pretrained(base).eval()
@@ -202,11 +255,9 @@ def measure_prefill(out: Path, data: Path, eval_limit: int, sweep_rows: int, rep
 
 
 def evaluate(model_dir: Path, rows, data_root, prune_sweep=False, sweep_rows=0) -> dict:
-    import data_omnivmed
-    from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration
-    from train_trl import OmniVMedCollator, load_processor
 
-    model = OmniVMedForConditionalGeneration.from_pretrained(model_dir).eval()
+    model_class = model_class_for(OmniVMedConfig.from_pretrained(model_dir).vision_config)
+    model = model_class.from_pretrained(model_dir).eval()
     processor = load_processor(model_dir)
     collator = OmniVMedCollator(processor, cache_size=100000)  # media are read once, then every config reuses them
     answers, kept, total, _ = answer_rows(model, processor, collator, rows)
@@ -228,10 +279,6 @@ def evaluate(model_dir: Path, rows, data_root, prune_sweep=False, sweep_rows=0) 
 
 def run_worker(spec: dict) -> None:
     """Train one arm with one seed through train_trl.main, score it, write results.json."""
-    import torch
-
-    import train_trl
-
     torch.set_num_threads(1)
     started = time.time()
     out = Path(spec["dir"])
@@ -239,9 +286,10 @@ def run_worker(spec: dict) -> None:
     vision, schedule = ARMS[spec["arm"]]
     base = build_base(out / "base", spec["seed"], vision)
     if spec.get("tower_warmup_steps"):  # as train_trl does for its fresh tiny model: the same start for every arm
-        stage1 = train_trl.load_rows([data / "stage1.jsonl"], data)
+        stage1 = load_rows([data / "stage1.jsonl"], data)
         base = train_trl.warm_up_tower(base, stage1, out / "tower-warmup", spec["tower_warmup_steps"], 1e-3,
-                                       2 * TRAINING["per_device_train_batch_size"], spec["seed"])  # fmt: skip
+                                       2 * TRAINING["per_device_train_batch_size"], spec["seed"],
+                                       model_class_for(vision))  # fmt: skip
     s1, s2, s3 = spec["steps"]
     common = ["--model", str(base), "--data_root", str(data), "--lr_preset", "tiny", "--seed", str(spec["seed"]),
               "--output_dir", str(out), "--num_threads", "1", "--eval", "no",
@@ -255,10 +303,10 @@ def run_worker(spec: dict) -> None:
                          "--stage3_data=" + ",".join(str(data / f"stage{s}.jsonl") for s in (1, 2, 3))]  # fmt: skip
     recorder = _loss_recorder()
     logging.getLogger("train_trl").info("ablation %s seed %d: train_trl.py %s", spec["arm"], spec["seed"], " ".join(argv))
-    final = train_trl.main(argv, callbacks=[recorder])
+    final = train_trl.main(argv, callbacks=[recorder], model_class=model_class_for(vision))
     trained = time.time() - started
 
-    rows = train_trl.load_rows([data / "eval.jsonl"], data)
+    rows = load_rows([data / "eval.jsonl"], data)
     rows = eval_selection(rows, spec.get("eval_limit", 0))
     result = dict(arm=spec["arm"], seed=spec["seed"], steps=spec["steps"], schedule=schedule, vision=vision,
                   argv=argv, losses=recorder.logs, train_s=trained,
@@ -945,8 +993,6 @@ def main(argv=None) -> Path | None:
     timing = {}
     collect(out, args.arms, args.seeds, args.steps, args.tower_warmup_steps)  # refuses a folder of runs made with other steps
     if not args.report_only:
-        import data_omnivmed
-
         started = time.time()
         data_omnivmed.build_default_dataset(data, seed=0, size=args.size)
         specs = make_specs(args, out, data)

@@ -62,8 +62,10 @@ if str(ROOT) not in sys.path:  # `omnivmed` (see omnivmed.py) and the scripts li
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from a demo that does not need them
 
+import data_omnivmed  # noqa: E402
 from omnivmed.media_omnivmed import WINDOW_PRESETS, Media  # noqa: E402
-from visualize_pruning import patches_to_frames  # noqa: E402
+from omnivmed.processing_omnivmed import OmniVMedImageProcessor  # noqa: E402
+from omnivmed_tools import TINY_IMAGE_PROCESSOR, load_model, patches_to_frames, write_instrument_video  # noqa: E402
 
 
 logger = logging.getLogger("app")
@@ -575,10 +577,8 @@ class ModelHolder:
             self._load()
 
     def _load(self):
-        from chat_omnivmed import load
-
         logger.info("loading %s", self.path)
-        self.model, self.processor = load(self.path, self.device, self.dtype)
+        self.model, self.processor = load_model(self.path, self.device, self.dtype)
 
     def _train_then_load(self):
         command = self.train_command
@@ -628,10 +628,6 @@ class ModelHolder:
         if self.processor is not None:
             return self.processor.image_processor
         if self._base_processor is None:
-            import data_omnivmed
-            from build_omnivmed import TINY_IMAGE_PROCESSOR
-            from omnivmed.processing_omnivmed import OmniVMedImageProcessor
-
             settings = {**TINY_IMAGE_PROCESSOR, **data_omnivmed.DEFAULT_PROCESSOR}
             self._base_processor = OmniVMedImageProcessor(**settings)
         return self._base_processor
@@ -838,8 +834,6 @@ def build_examples(folder: Path = EXAMPLES_DIR) -> list[Path]:
         out.append(target)
     target = folder / "instrument_sweep.mp4"
     if not target.is_file():
-        from bench.bench_pruning import write_instrument_video
-
         partial = folder / "instrument_sweep.tmp.mp4"
         write_instrument_video(partial, seconds=8, fps=8, size=224)
         partial.replace(target)

@@ -8,13 +8,13 @@ The paper's OmniV-Med-Instruct (252K samples, 14 modalities, 11 tasks) was never
 of data from the sources' published local layouts (nothing is downloaded):
 
     source          kind    reader and files
-    vqa-rad         image   evaluate_omnivmed.load_vqa_rad, split train (OSF json / LLaVA-Med json / HF parquet)
-    slake           image   evaluate_omnivmed.load_slake, train.json + imgs/ (English questions)
-    pathvqa         image   evaluate_omnivmed.load_pathvqa, split train (HF parquet / json / csv; never the .pkl)
-    m3d-vqa         volume  evaluate_omnivmed.load_m3d_vqa, M3D_VQA_train.csv (each row closed and open)
-    cholec80-vqa    image   evaluate_omnivmed.load_cholec80_vqa, the training sequences
-    endovis18-vqa   image   evaluate_omnivmed.load_endovis18_vqa, the training sequences
-    psi-ava-vqa     image   evaluate_omnivmed.load_psi_ava_vqa, Train/
+    vqa-rad         image   omnivmed_benchmarks.load_vqa_rad, split train (OSF json / LLaVA-Med json / HF parquet)
+    slake           image   omnivmed_benchmarks.load_slake, train.json + imgs/ (English questions)
+    pathvqa         image   omnivmed_benchmarks.load_pathvqa, split train (HF parquet / json / csv; never the .pkl)
+    m3d-vqa         volume  omnivmed_benchmarks.load_m3d_vqa, M3D_VQA_train.csv (each row closed and open)
+    cholec80-vqa    image   omnivmed_benchmarks.load_cholec80_vqa, the training sequences
+    endovis18-vqa   image   omnivmed_benchmarks.load_endovis18_vqa, the training sequences
+    psi-ava-vqa     image   omnivmed_benchmarks.load_psi_ava_vqa, Train/
     mimic-cxr       image   `read_mimic_cxr`: MIMIC-CXR-JPG files/pXX/pNNNNNNNN/sNNNNNNNN/*.jpg + the report
                             sNNNNNNNN.txt (same tree or mimic-cxr-reports/files/), split / metadata CSVs if present
     m3d-cap         volume  `read_m3d_cap`: M3D_Cap.json {"train": [{"image", "text"}]} + M3D_Cap_npy/ .npy + text.txt
@@ -67,13 +67,25 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import evaluate_omnivmed as ev  # noqa: E402
+from omnivmed.collator_omnivmed import OmniVMedCollator  # noqa: E402
 from omnivmed.media_omnivmed import (  # noqa: E402
     IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,
     VOLUME_EXTENSIONS,
     MediaError,
     load_media,
+)
+from omnivmed_benchmarks import LOADERS, DataError, Sample, materialise  # noqa: E402
+from omnivmed_tools import (  # noqa: E402
+    first_existing,
+    load_model,
+    load_processor,
+    load_rows,
+    normalize_answer,
+    token_overlap,
+    tokens,
+    write_jsonl,
+    yes_no,
 )
 
 
@@ -173,7 +185,7 @@ TEMPLATES = {
 NOUNS = {"image": "image", "volume": "scan", "video": "video"}
 CHECK_QUESTION = "Which imaging modality is shown in this {noun}? Answer in a few words."
 
-BENCHMARKS = tuple(b for b in ev.LOADERS if b != "omnivmed-mini")  # the test splits the guard knows
+BENCHMARKS = tuple(b for b in LOADERS if b != "omnivmed-mini")  # the test splits the guard knows
 QA_GUARDED = ("vqa-rad", "slake", "pathvqa", "m3d-vqa")  # free-text questions: a shared question + answer is a leak
 STAGE_VIEWS = {1: "2D captions and reports", 2: "2D instructions", 3: "3D + video, with a 2D instruction replay"}
 
@@ -234,7 +246,7 @@ def surgical_task(source: str, question: str, meta: dict) -> str:
     return "surgical-instrument"  # tool presence ("Is grasper used ..."), state and action
 
 
-def vqa_task(source: str, sample: ev.Sample) -> str:
+def vqa_task(source: str, sample: Sample) -> str:
     if source in ("cholec80-vqa", "endovis18-vqa", "psi-ava-vqa"):
         return surgical_task(source, sample.question, sample.meta)
     if source == "m3d-vqa":
@@ -249,7 +261,7 @@ def vqa_task(source: str, sample: ev.Sample) -> str:
     return task_from_question(sample.question)
 
 
-def _vqa_rad_modalities(samples: list[ev.Sample]) -> dict[str, tuple[str, str]]:
+def _vqa_rad_modalities(samples: list[Sample]) -> dict[str, tuple[str, str]]:
     """VQA-RAD gives no modality field: per image, the modality its own questions establish (an answer naming one,
     or a yes to "Is this a CT?"), else one named in a question, else x-ray (flagged "default" in modality_source)."""
     by_image = collections.defaultdict(list)
@@ -261,7 +273,7 @@ def _vqa_rad_modalities(samples: list[ev.Sample]) -> dict[str, tuple[str, str]]:
         for s in group:  # answers to modality questions first: they are the dataset's ground truth
             if vqa_task("vqa-rad", s) != "modality":
                 continue
-            yes = ev.yes_no(s.answer)
+            yes = yes_no(s.answer)
             found = modality_from_text(s.question) if yes == "yes" else (None if yes else modality_from_text(s.answer))
             if found:
                 break
@@ -295,7 +307,7 @@ def _safe_rel(rel: str) -> str:
 def read_benchmark_source(name: str, data: Path, split: str = "train") -> tuple[list[Candidate], list[dict]]:
     """A benchmark's training split through the evaluation harness's loader (errors collected, not raised)."""
     errors: list[str] = []
-    loaded = ev.LOADERS[name](data, split, errors=errors)
+    loaded = LOADERS[name](data, split, errors=errors)
     samples = loaded[0] if isinstance(loaded, tuple) else loaded
     rad = _vqa_rad_modalities(samples) if name == "vqa-rad" else {}
     candidates = []
@@ -372,8 +384,8 @@ def read_mimic_cxr(data: Path) -> tuple[list[Candidate], list[dict]]:
                          "files/pXX/p<subject>/s<study>/*.jpg and the reports s<study>.txt)")  # fmt: skip
     extra_roots = (data / "mimic-cxr-reports" / "files", data / "reports" / "files")
     report_roots = [files] + [p for p in extra_roots if p.is_dir()]
-    split_csv = ev._first_existing(data / "mimic-cxr-2.0.0-split.csv.gz", data / "mimic-cxr-2.0.0-split.csv")
-    meta_csv = ev._first_existing(data / "mimic-cxr-2.0.0-metadata.csv.gz", data / "mimic-cxr-2.0.0-metadata.csv")
+    split_csv = first_existing(data / "mimic-cxr-2.0.0-split.csv.gz", data / "mimic-cxr-2.0.0-split.csv")
+    meta_csv = first_existing(data / "mimic-cxr-2.0.0-metadata.csv.gz", data / "mimic-cxr-2.0.0-metadata.csv")
     split = {r["dicom_id"]: r["split"] for r in _read_csv(split_csv)} if split_csv else None
     views = {r["dicom_id"]: r.get("ViewPosition", "") for r in _read_csv(meta_csv)} if meta_csv else None
     candidates, errors, reports = [], [], {}
@@ -411,7 +423,7 @@ def read_m3d_cap(data: Path, split: str = "train") -> tuple[list[Candidate], lis
     {"train": [{"image": "ct_case/000006/Axial_C__portal_venous_phase.npy", "text": "ct_case/000006/text.txt"}, ...],
     "validation": [...], "test": [...]}, paths relative to the JSON's folder; volumes .npy (1, D, H, W) in [0, 1] (or
     NIfTI). Modality from the path (an "mr" / "mri" folder -> mri), else ct. The caption is text.txt verbatim."""
-    path = ev._first_existing(data / "M3D_Cap.json", data / "M3D_Cap_npy" / "M3D_Cap.json")
+    path = first_existing(data / "M3D_Cap.json", data / "M3D_Cap_npy" / "M3D_Cap.json")
     if path is None:
         raise BuildError(f"m3d-cap: expected {data}/M3D_Cap.json or {data}/M3D_Cap_npy/M3D_Cap.json")
     try:
@@ -453,7 +465,7 @@ def read_m3d_refseg(data: Path, split: str = "train") -> tuple[list[Candidate], 
     with M3D's "[SEG]" placeholder replaced by the region's box [d0, h0, w0, d1, h1, w1] as fractions of (D, H, W)
     (start = first voxel / size, end = (last voxel + 1) / size, 2 decimals) of the volume as stored; the .npy is
     written as NIfTI whose axial slices display exactly as the array's (slice, row, column)."""
-    path = ev._first_existing(data / f"M3D_RefSeg_{split}.csv", data / "M3D_RefSeg.csv",
+    path = first_existing(data / f"M3D_RefSeg_{split}.csv", data / "M3D_RefSeg.csv",
                               data / "M3D_RefSeg_npy" / "M3D_RefSeg.csv")  # fmt: skip
     if path is None:
         raise BuildError(f"m3d-refseg: expected {data}/M3D_RefSeg_{split}.csv or M3D_RefSeg.csv (columns "
@@ -545,7 +557,7 @@ def read_source(name: str, data: Path) -> tuple[list[Candidate], list[dict]]:
     if SOURCES[name] == "benchmark":
         try:
             return read_benchmark_source(name, data)
-        except ev.DataError as error:  # the layout itself is wrong (no files at all): nothing to build from
+        except DataError as error:  # the layout itself is wrong (no files at all): nothing to build from
             raise BuildError(str(error)) from error
     return SOURCES[name](data)
 
@@ -699,7 +711,7 @@ _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
 def qa_key(question: str, answer: str) -> str:
-    return f"{ev.normalize_answer(question)}\t{ev.normalize_answer(answer)}"
+    return f"{normalize_answer(question)}\t{normalize_answer(answer)}"
 
 
 class ContaminationGuard:
@@ -712,7 +724,7 @@ class ContaminationGuard:
         JPEG at quality 60 and 0.6x-2x resizes stay within 6 dHash bits and correlate >= 0.9999 with the original;
         of the 44,850 distinct pairs, 3 are within 8 bits (the dHash alone would drop them) and correlate <= 0.90,
         and no pair correlates above 0.981;
-    (c) the normalised question + answer (evaluate_omnivmed.normalize_answer of each) of the free-text VQA sets
+    (c) the normalised question + answer (omnivmed_tools.normalize_answer of each) of the free-text VQA sets
         (QA_GUARDED): a training row whose source question and answer both match a test question's is dropped,
         whatever the image. Generic pairs ("is this a ct", "yes") match too: that is the conservative reading;
         `qa_min_words` > 0 exempts pairs of fewer words. The surgical sets are not indexed by (c): they ask a few
@@ -730,8 +742,8 @@ class ContaminationGuard:
     def add(self, name: str, data: Path) -> None:
         errors: list[str] = []
         try:
-            loaded = ev.LOADERS[name](Path(data), "test", errors=errors)
-        except ev.DataError as error:
+            loaded = LOADERS[name](Path(data), "test", errors=errors)
+        except DataError as error:
             self.coverage[name] = {"data": str(data), "error": str(error)}
             logger.warning("contamination guard: no %s test split in %s (%s)", name, data, error)
             return
@@ -807,12 +819,12 @@ def accept_caption(draft: str, second: str, check_answer: str, modality: str, ag
       3. the check question (CHECK_QUESTION: which imaging modality is shown?) answered by the same model on the same
          medium names the modality the source states (MODALITY_PATTERNS).
     Returns (kept, reason)."""
-    words = ev.tokens(draft)
+    words = tokens(draft)
     if len(words) < min_words:
         return False, f"too short ({len(words)} words < {min_words})"
     if len(set(words)) < 0.3 * len(words):
         return False, "repetitive (distinct words < 30 %)"
-    f1 = ev.token_overlap(draft, second)[2]
+    f1 = token_overlap(draft, second)[2]
     if f1 < agreement:
         return False, f"second draft disagrees (token F1 {f1:.2f} < {agreement})"
     if not mentions_modality(check_answer, modality):
@@ -821,7 +833,7 @@ def accept_caption(draft: str, second: str, check_answer: str, modality: str, ag
 
 
 class Captioner:
-    """Drafts captions with any image-text-to-text model through transformers (evaluate_omnivmed.load_model: Auto
+    """Drafts captions with any image-text-to-text model through transformers (omnivmed_tools.load_model: Auto
     classes, trust_remote_code) and filters them with `accept_caption`: up to `tries` rounds of (draft, second draft,
     check question) per medium, the first kept draft wins; a medium none passes gets no row. Media reach the model
     as chat content blocks ({"type": "image" | "video", "path"}; volumes as {"type": "volume", ...}, which only
@@ -842,9 +854,9 @@ class Captioner:
         import torch
 
         if self._model is None:
-            self._model = ev.load_model(self.model_dir, self.device)
+            self._model = load_model(self.model_dir, self.device)
         model, processor = self._model
-        conversation = [{"role": "user", "content": [ev.materialise(block), {"type": "text", "text": prompt}]}]
+        conversation = [{"role": "user", "content": [materialise(block), {"type": "text", "text": prompt}]}]
         inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
                                                return_dict=True, return_tensors="pt")  # fmt: skip
         inputs.pop("media_metadata", None)
@@ -974,14 +986,6 @@ def stage_view(rows: list[dict], stage: int, seed: int) -> list[dict]:
     return other + [instruct[i] for i in pick]
 
 
-def _write_jsonl(path: Path, rows) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 # ================================================================================================= build
 def build(sources: list[tuple[str, Path]], out: Path, max_per_source: int | None = None, seed: int = 0,
           stages=(1, 2, 3), captioner: Captioner | None = None, benchmarks: list[tuple[str, Path]] = (),
@@ -1061,13 +1065,13 @@ def build(sources: list[tuple[str, Path]], out: Path, max_per_source: int | None
         per_source[name] = dict(stats)
         logger.info("%s: %s", name, dict(stats))
 
-    _write_jsonl(out / "all.jsonl", rows)
-    _write_jsonl(out / "errors.jsonl", errors)
-    _write_jsonl(out / "removed.jsonl", removed)
+    write_jsonl(out / "all.jsonl", rows)
+    write_jsonl(out / "errors.jsonl", errors)
+    write_jsonl(out / "removed.jsonl", removed)
     views = {}
     for stage in stages:
         view = stage_view(rows, stage, seed)
-        _write_jsonl(out / f"stage{stage}.jsonl", view)
+        write_jsonl(out / f"stage{stage}.jsonl", view)
         views[stage] = len(view)
     report = statistics(rows, per_source, guard, views, errors)
     if processor:
@@ -1098,15 +1102,13 @@ def statistics(rows: list[dict], per_source: dict, guard: ContaminationGuard, vi
 def token_lengths(jsonl: Path, data_root: Path, processor_dir: str, sample: int, seed: int) -> dict:
     """Sequence length per row as training sees it: train_trl's row reader and collator with the model's processor
     (chat template, media loaded, visual placeholders expanded after pruning). A seeded sample of `sample` rows."""
-    import train_trl
-
     if not Path(jsonl).read_text().strip():
         return {"processor": str(processor_dir), "all": {}, "by_kind": {}, "histogram": {}, "lengths": []}
-    rows = train_trl.load_rows([jsonl], data_root=data_root, skip_bad_rows=True)
+    rows = load_rows([jsonl], data_root=data_root, skip_bad_rows=True)
     if len(rows) > sample:
         rows = [rows[i] for i in sorted(random.Random(f"{seed}:tokens").sample(range(len(rows)), sample))]
-    processor = train_trl.load_processor(processor_dir)
-    collate = train_trl.OmniVMedCollator(processor)
+    processor = load_processor(processor_dir)
+    collate = OmniVMedCollator(processor)
     lengths, by_kind = [], collections.defaultdict(list)
     for row in rows:
         try:

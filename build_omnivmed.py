@@ -18,437 +18,56 @@ import collections
 import dataclasses
 import json
 import logging
-import os
 import math
-import random
 import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import AutoConfig, GenerationConfig, PreTrainedTokenizerFast
+from transformers import AutoConfig
 
 from omnivmed.configuration_omnivmed import OmniVMedConfig
 from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration
 from omnivmed.processing_omnivmed import (
     CHAT_TEMPLATE,
-    DEFAULT_SYSTEM_PROMPT,
     ENDOFTEXT,
     FRAME_TOKEN,
     IM_END,
     IM_START,
     IMAGE_TOKEN,
-    SPECIAL_TOKENS,
     OmniVMedImageProcessor,
     OmniVMedProcessor,
     VISION_END,
     VISION_START,
 )
-
-
-# Qwen2's pre-tokenizer split (the tiny tokenizer behaves like Qwen2's on whitespace, digits and punctuation)
-QWEN2_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+from omnivmed_tools import (  # noqa: F401 (the tiny preset and the Hub folder writer live there; re-exported)
+    AUTO_MAP,
+    BuildError,
+    TensorRef,
+    read_tensor_index,
+    resolve_checkpoint,
+    REMOTE_CODE_FILES,
+    TINY_CORPUS,
+    TINY_IMAGE_PROCESSOR,
+    TINY_TEXT,
+    TINY_VISION,
+    build_tiny,
+    build_tiny_tokenizer,
+    image_statistics,
+    part_license,
+    public_name,
+    push_folder,
+    read_json,
+    save_hub_folder,
+    short,
+    tiny_model,
+    token_ids,
+    write_model_card,
 )
 
-# A small English medical corpus for the tiny tokenizer (radiology, pathology, surgery, endoscopy, QA).
-TINY_CORPUS = """\
-The chest radiograph shows no focal consolidation, pleural effusion or pneumothorax.
-Heart size is within normal limits and the mediastinal contours are unremarkable.
-There is a small left pleural effusion with adjacent basilar atelectasis.
-Axial CT of the abdomen demonstrates a hypodense lesion in segment VII of the liver.
-The lesion measures 2.3 x 1.8 cm and shows peripheral nodular enhancement.
-Findings are most consistent with a hepatic hemangioma.
-MRI of the brain shows a T2 hyperintense lesion in the right frontal lobe.
-There is no restricted diffusion, mass effect or midline shift.
-The ventricles and sulci are appropriate for the patient's age.
-Contrast-enhanced CT of the chest reveals a filling defect in the right lower lobe pulmonary artery.
-Impression: acute pulmonary embolism without right heart strain.
-A 6 mm solid nodule is seen in the left upper lobe; follow-up CT in 12 months is recommended.
-Ground-glass opacities are present bilaterally in a peripheral distribution.
-The appendix is dilated to 11 mm with periappendiceal fat stranding.
-No free air or drainable fluid collection is identified.
-The kidneys are normal in size with no hydronephrosis or calculi.
-A simple cyst is noted in the upper pole of the left kidney.
-The pancreas is atrophic with a dilated main pancreatic duct.
-Ultrasound of the gallbladder shows multiple mobile echogenic stones with posterior acoustic shadowing.
-The common bile duct measures 4 mm, which is normal.
-Mammography demonstrates scattered areas of fibroglandular density.
-There is an irregular spiculated mass in the upper outer quadrant of the right breast, BI-RADS 5.
-Knee MRI shows a complex tear of the posterior horn of the medial meniscus.
-The anterior cruciate ligament is intact.
-There is a nondisplaced fracture of the distal radius.
-Degenerative changes are present at L4-L5 with moderate foraminal narrowing.
-The thyroid gland is enlarged with a dominant nodule in the right lobe.
-PET-CT shows intense FDG uptake in the mediastinal lymph nodes.
-The sagittal slice shows a compression fracture of the T12 vertebral body.
-On the coronal reconstruction the aortic root is dilated to 4.6 cm.
-Echocardiography shows a left ventricular ejection fraction of 35 percent.
-The frontal view shows an endotracheal tube 4 cm above the carina.
-A right internal jugular central venous catheter terminates in the superior vena cava.
-Histopathology shows invasive ductal carcinoma, grade 2, with lymphovascular invasion.
-The tumor cells are arranged in nests and cords within a desmoplastic stroma.
-Immunohistochemistry is positive for estrogen receptor and negative for HER2.
-The biopsy shows chronic gastritis with Helicobacter pylori organisms.
-Sections show colonic mucosa with a tubular adenoma and low-grade dysplasia.
-The margins of resection are free of tumor.
-There is extensive necrosis and a high mitotic rate.
-Hematoxylin and eosin staining reveals granulomas with central caseation.
-The skin biopsy shows a melanocytic lesion with irregular nests at the dermoepidermal junction.
-Frozen section confirms metastatic adenocarcinoma in the sentinel lymph node.
-The patient underwent laparoscopic cholecystectomy without complications.
-The surgeon identifies the cystic duct and the cystic artery before clipping.
-In this frame the grasper retracts the gallbladder fundus toward the right shoulder.
-The critical view of safety is achieved before division of the cystic structures.
-Bleeding from the liver bed is controlled with electrocautery.
-The specimen is placed in a retrieval bag and removed through the umbilical port.
-During colonoscopy a 1 cm sessile polyp was found in the ascending colon.
-The polyp was removed by cold snare polypectomy.
-Endoscopy shows erosive esophagitis, Los Angeles grade B.
-The duodenal bulb and second portion of the duodenum are normal.
-Video frames show the instrument approaching the target tissue.
-The scope is withdrawn and the procedure is complete.
-Question: Is there a pneumothorax in this image?
-Answer: No, there is no pneumothorax.
-Question: Which organ shows the abnormality?
-Answer: The liver shows a hypodense lesion.
-Question: What imaging modality was used?
-Answer: This is an axial CT scan with intravenous contrast.
-Question: Is the lesion benign or malignant?
-Answer: The features favor a benign lesion, but correlation with prior imaging is advised.
-Question: In which slice is the mass largest?
-Answer: The mass is largest on slice 23 of the axial series.
-Question: What is the plane of this MRI image?
-Answer: The image is in the sagittal plane.
-Question: Describe the findings in this pathology slide.
-Answer: The slide shows sheets of atypical cells with prominent nucleoli.
-Question: What happens in the video between 10 and 20 seconds?
-Answer: The surgeon dissects the hepatocystic triangle.
-Question: Are the lungs clear?
-Answer: Yes, the lungs are clear.
-Question: How many nodules are visible?
-Answer: Two nodules are visible in the right lung.
-Please describe this chest X-ray.
-Write the radiology report for this CT volume.
-Summarize the key findings and give an impression.
-Compare the current study with the prior examination.
-The findings are stable compared with the examination from last year.
-Interval increase in size of the right hilar mass.
-There has been interval resolution of the left lower lobe pneumonia.
-Recommend clinical correlation and follow-up imaging.
-The study is limited by motion artifact.
-Bone windows show no lytic or sclerotic lesion.
-Lung windows show centrilobular emphysema in the upper lobes.
-The soft tissue window shows a heterogeneous enhancing mass.
-The Hounsfield units of the lesion measure 45 before and 110 after contrast.
-Diffusion-weighted imaging shows an acute infarct in the left middle cerebral artery territory.
-There is a subdural hematoma along the right convexity measuring 8 mm.
-The optic nerves and chiasm are normal.
-Fundus photography shows microaneurysms and hard exudates consistent with diabetic retinopathy.
-The optical coherence tomography shows subretinal fluid.
-Dermoscopy shows an atypical pigment network with regression structures.
-The fetal ultrasound shows a single live intrauterine pregnancy.
-The estimated fetal weight is appropriate for gestational age.
-The patient is a 64-year-old man with cough and fever for three days.
-The patient is a 45-year-old woman with abdominal pain and jaundice.
-History: trauma after a motor vehicle collision.
-Technique: multiplanar multisequence MRI without and with gadolinium.
-Comparison: none available.
-Clinical indication: rule out appendicitis.
-"""
 
-_TEMPLATES = [
-    "The {organ} measures {n}.{d} cm on the {plane} {series}.",
-    "Slice {n} of {m} shows the {organ} at a spacing of {d}.{n} mm.",
-    "At {n} seconds the camera shows the {organ}.",
-    "Question: What is abnormal in the {organ}? Answer: a {n} mm {finding}.",
-]
-_FILL = {
-    "organ": ["liver", "spleen", "lung", "kidney", "heart", "brain", "pancreas", "colon", "aorta", "gallbladder"],
-    "plane": ["axial", "sagittal", "coronal"],
-    "series": ["CT", "MRI", "ultrasound", "PET-CT", "radiograph"],
-    "finding": ["nodule", "cyst", "mass", "lesion", "calcification", "polyp"],
-}
-
-
-def _tiny_corpus_lines(seed: int) -> list[str]:
-    """The built-in corpus plus seed-dependent templated lines (numbers, organs, planes) in a seed-dependent order."""
-    rng = random.Random(seed)
-    lines = TINY_CORPUS.strip().splitlines()
-    for _ in range(200):
-        template = rng.choice(_TEMPLATES)
-        lines.append(
-            template.format(
-                organ=rng.choice(_FILL["organ"]),
-                plane=rng.choice(_FILL["plane"]),
-                series=rng.choice(_FILL["series"]),
-                finding=rng.choice(_FILL["finding"]),
-                n=rng.randint(1, 99),
-                m=rng.randint(100, 300),
-                d=rng.randint(0, 9),
-            )
-        )
-    lines += _chat_lines() * 20
-    rng.shuffle(lines)
-    return lines
-
-
-def _chat_lines() -> list[str]:
-    """The chat template's role lines and the embedded default's questions and answers. A real Qwen tokenizer codes
-    such everyday English at about a token a word; without these lines the 1024-token BPE spent 29 tokens on the
-    system turn and 10-18 on each question, a third of a training row's tokens and of its training time."""
-    import data_omnivmed
-
-    lines = [f"system\n{DEFAULT_SYSTEM_PROMPT}", "user\n", "assistant\n", data_omnivmed.CAPTION_QUESTION]
-    lines += [q for questions in data_omnivmed.QUESTIONS.values() for q in questions]
-    lines += [answer for answers in data_omnivmed.ANSWERS.values() for answer in answers]
-    return lines
-
-
-def build_tiny_tokenizer(seed: int = 0, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """A Qwen2-like byte-level BPE trained offline on a built-in medical corpus.
-
-    Special tokens (fixed ids 0..6): <|endoftext|> (pad), <|im_start|>, <|im_end|> (eos: this is a chat tokenizer),
-    <|vision_start|>, <|vision_end|>, <|image_pad|>, <|frame_sep|>. Padding on the left (generation). Carries the
-    OmniV-Med chat template. Same seed and vocab_size -> byte-identical tokenizer.json. The tokenizer has exactly
-    `vocab_size` tokens up to about 1700 (beyond that the corpus runs out of merges; check `len(tokenizer)`).
-    """
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens)")
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=1,  # every pair may merge: the small corpus fills vocab_size
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(_tiny_corpus_lines(seed), trainer=trainer)
-    for index, token in enumerate(SPECIAL_TOKENS):
-        if tokenizer.token_to_id(token) != index:
-            raise RuntimeError(f"special token {token} got id {tokenizer.token_to_id(token)}, expected {index}")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        eos_token=IM_END,
-        pad_token=ENDOFTEXT,
-        bos_token=None,
-        unk_token=None,
-        extra_special_tokens={
-            "image_token": IMAGE_TOKEN,
-            "frame_token": FRAME_TOKEN,
-            "vision_start_token": VISION_START,
-            "vision_end_token": VISION_END,
-        },
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
-        model_max_length=32768,
-        chat_template=CHAT_TEMPLATE,
-    )
-
-
-
-REMOTE_CODE_FILES = (
-    "configuration_omnivmed.py",
-    "modeling_omnivmed.py",
-    "processing_omnivmed.py",
-    "pruning_omnivmed.py",
-    "media_omnivmed.py",
-    "compat_omnivmed.py",
-)
-AUTO_MAP = {
-    "AutoConfig": "configuration_omnivmed.OmniVMedConfig",
-    "AutoModel": "modeling_omnivmed.OmniVMedModel",
-    "AutoModelForImageTextToText": "modeling_omnivmed.OmniVMedForConditionalGeneration",
-    "AutoModelForCausalLM": "modeling_omnivmed.OmniVMedForConditionalGeneration",
-    "AutoProcessor": "processing_omnivmed.OmniVMedProcessor",
-}
-ROOT = Path(__file__).resolve().parent
 logger = logging.getLogger("build_omnivmed")
-
-# The tiny preset: a few million parameters, real patch size 14 so the processor defaults apply unchanged.
-TINY_VISION = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, patch_size=14)
-TINY_TEXT = dict(
-    model_type="qwen2",
-    hidden_size=256,
-    intermediate_size=1024,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=8192,
-    rms_norm_eps=1e-6,
-    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-)
-TINY_IMAGE_PROCESSOR = dict(max_pixels=224 * 224, video_max_pixels=112 * 112, max_slices=32, max_frames=32)
-
-
-def token_ids(tokenizer) -> dict:
-    vocab = tokenizer.get_vocab()
-    return dict(
-        image_token_id=vocab[IMAGE_TOKEN],
-        frame_token_id=vocab[FRAME_TOKEN],
-        vision_start_token_id=vocab[VISION_START],
-        vision_end_token_id=vocab[VISION_END],
-    )
-
-
-def tiny_model(tokenizer, seed: int) -> OmniVMedForConditionalGeneration:
-    vocab_size = -(-len(tokenizer) // 64) * 64  # rows padded to a multiple of 64, as Qwen does
-    text = dict(
-        TINY_TEXT,
-        vocab_size=vocab_size,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
-        bos_token_id=None,
-    )
-    config = OmniVMedConfig(
-        text_config=text, vision_config=TINY_VISION, tie_word_embeddings=True, **token_ids(tokenizer)
-    )
-    torch.manual_seed(seed)
-    return OmniVMedForConditionalGeneration(config).eval()
-
-
-MODEL_CARD = """---
-license: apache-2.0
-library_name: transformers
-pipeline_tag: image-text-to-text
-tags:
-- medical
-- vision-language
-- 3d
-- video
-- omnivmed
-{extra_meta}---
-
-# {title}
-
-{description}
-
-OmniV-Med reads 2D images, 3D volumes (NIfTI, DICOM series) and videos through one RoPE vision tower
-(positions (t, h, w): slice or frame, row, column), drops visual tokens that repeat the previous slice/frame
-(medical-aware token pruning), and answers in a Qwen2.5 language model.
-
-## Use
-
-```python
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
-model = AutoModelForImageTextToText.from_pretrained("{repo}", trust_remote_code=True)
-processor = AutoProcessor.from_pretrained("{repo}", trust_remote_code=True)
-messages = [{{"role": "user", "content": [
-    {{"type": "volume", "path": "scan.nii.gz"}},
-    {{"type": "text", "text": "Which side is the lesion on?"}},
-]}}]
-inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                       return_dict=True, return_tensors="pt")
-inputs.pop("media_metadata")
-output = model.generate(**inputs, max_new_tokens=64)
-print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-```
-
-## Architecture
-
-| part | shape |
-|---|---|
-| vision tower | hidden {v_hidden}, {v_layers} layers, {v_heads} heads, patch {patch}, RoPE frequencies (t, h, w) = {rope} |
-| projector | {merge_kind} merge (images {image_merge}x{image_merge}, volumes/videos {video_merge}x{video_merge}), 2-layer MLP |
-| language model | {text_type}, hidden {t_hidden}, {t_layers} layers |
-| parameters | {params:,} |
-| pruning | threshold {prune_threshold} ({prune_unit} units, reference {prune_reference}, {prune_stage}) |
-"""
-
-
-def write_model_card(out: Path, model, title: str, description: str, repo: str, extra_meta: str = ""):
-    c = model.config
-    out.joinpath("README.md").write_text(
-        MODEL_CARD.format(
-            extra_meta=extra_meta,
-            title=title,
-            description=description,
-            repo=repo,
-            v_hidden=c.vision_config.hidden_size,
-            v_layers=c.vision_config.num_hidden_layers,
-            v_heads=c.vision_config.num_attention_heads,
-            patch=c.vision_config.patch_size,
-            rope=tuple(c.vision_config.rope_axes_dims),
-            merge_kind=c.merge_kind,
-            image_merge=c.image_merge_size,
-            video_merge=c.video_merge_size,
-            text_type=c.text_config.model_type,
-            t_hidden=c.text_config.hidden_size,
-            t_layers=c.text_config.num_hidden_layers,
-            params=sum(p.numel() for p in model.parameters()),
-            prune_threshold=c.prune_threshold,
-            prune_unit=c.prune_unit,
-            prune_reference=c.prune_reference,
-            prune_stage=c.prune_stage,
-        )
-    )
-
-
-def save_hub_folder(model, processor, out: Path, max_shard_size: str | int | None = None, **card) -> Path:
-    """Everything a Hub repo needs: code, config with auto_map, safetensors (sharded above `max_shard_size`, e.g.
-    "5GB"; transformers' default when None), processor, tokenizer, card."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.config.auto_map = dict(AUTO_MAP)
-    model.config.architectures = ["OmniVMedForConditionalGeneration"]
-    model.generation_config = GenerationConfig(
-        eos_token_id=sorted({processor.tokenizer.convert_tokens_to_ids(IM_END), processor.tokenizer.eos_token_id}),
-        pad_token_id=processor.tokenizer.pad_token_id,
-        do_sample=False,
-    )
-    model.save_pretrained(out, **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
-    # the processor refuses prompts longer than the tokenizer's model_max_length: no more than the LLM can place
-    limit = getattr(model.config.text_config, "max_position_embeddings", None)
-    if limit and processor.tokenizer.model_max_length > limit:
-        processor.tokenizer.model_max_length = limit
-    processor.save_pretrained(out)
-    for name in REMOTE_CODE_FILES:
-        shutil.copyfile(ROOT / name, out / name)
-    write_model_card(out, model, **card)
-    logger.info("wrote %s", out)
-    return out
-
-
-def push_folder(folder: Path, repo_id: str, private: bool = False, token: str | None = None, message: str = "") -> str:
-    """Create the Hub repo (if needed) and upload the folder in one commit; honours HF_ENDPOINT at call time."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
-    url = api.create_repo(repo_id, exist_ok=True, private=private)
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=message or "Upload OmniV-Med")
-    logger.info("pushed %s to %s (%s)", folder, url, getattr(info, "commit_url", info))
-    return str(url)
-
-
-def build_tiny(out: Path, seed: int = 0) -> Path:
-    # the tokenizer is part of the preset: the seed only changes the weights
-    tokenizer = build_tiny_tokenizer(seed=0)
-    model = tiny_model(tokenizer, seed)
-    # the pruning rule and image_mean / image_std are the model config's (written once, in config.json)
-    processor = OmniVMedProcessor(
-        image_processor=OmniVMedImageProcessor(**TINY_IMAGE_PROCESSOR, **model.config.processor_settings()),
-        tokenizer=tokenizer,
-    )
-    return save_hub_folder(
-        model,
-        processor,
-        out,
-        title="OmniV-Med tiny (random weights)",
-        description="A randomly initialised tiny OmniV-Med for tests and the embedded default; its answers are noise "
-        "until trained (`python train_trl.py`).",
-        repo=out.name,
-    )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -479,7 +98,6 @@ VISION_ALLOW_PATTERNS = ["config.json", "preprocessor_config.json", "*.safetenso
                          "README.md", "LICENSE*"]  # fmt: skip
 LLM_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "merges.txt",
                       "README.md", "LICENSE*"]  # fmt: skip
-WEIGHTS_NAME, WEIGHTS_INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
 PATCH_EMBEDDING = "model.vision_tower.patch_embedding.weight"
 _SIGLIP_LAYER = re.compile(
     r"encoder\.layers\.(\d+)\.(layer_norm[12]|self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])\.(weight|bias)"
@@ -493,19 +111,6 @@ _LLM_KEY = re.compile(r"(embed_tokens\.weight|layers\.\d+\..+|norm\.weight)")
 _STALE_BUFFER = re.compile(r".*rotary_emb\.(?:original_)?inv_freq")
 
 
-class BuildError(ValueError):
-    """The parts cannot be composed as asked (unknown layout, unexpected or missing tensors, wrong shapes)."""
-
-
-@dataclasses.dataclass
-class TensorRef:
-    folder: Path
-    file: str
-    key: str
-    shape: tuple
-    dtype: str
-
-
 @dataclasses.dataclass
 class WeightPlan:
     """target name -> (source tensor, how it is transformed); what was dropped and what is new."""
@@ -515,73 +120,10 @@ class WeightPlan:
     new: list = dataclasses.field(default_factory=list)  # (target, reason)
 
 
-def resolve_checkpoint(id_or_dir: str, allow_patterns: list[str], revision: str | None = None) -> Path:
-    """A local folder as is; anything else is a Hub repo id, fetched with snapshot_download (config, safetensors,
-    tokenizer files; never pickle checkpoints)."""
-    path = Path(id_or_dir).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise BuildError(f"{id_or_dir} is a file; give a checkpoint folder or a Hub repo id")
-    from huggingface_hub import snapshot_download
-
-    logger.info("fetching %s from the Hub", id_or_dir)
-    try:
-        return Path(snapshot_download(repo_id=id_or_dir, revision=revision, allow_patterns=allow_patterns))
-    except Exception as error:  # offline, unknown repo, gated repo without a token: say which part failed
-        raise BuildError(
-            f"{id_or_dir} is not a local folder and could not be fetched from the Hub "
-            f"({type(error).__name__}: {error})"
-        ) from error
-
-
-def read_tensor_index(folder: Path) -> dict[str, TensorRef]:
-    """Names, shapes and dtypes of a checkpoint's tensors from the safetensors headers (no tensor data read)."""
-    index = folder / WEIGHTS_INDEX_NAME
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (folder / WEIGHTS_NAME).is_file():
-        files = [WEIGHTS_NAME]
-    else:
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
-    if not files:
-        found = sorted(p.name for p in folder.iterdir())
-        raise BuildError(
-            f"{folder}: no {WEIGHTS_NAME}, {WEIGHTS_INDEX_NAME} or *.safetensors (found {found}); pickle checkpoints "
-            "(pytorch_model.bin) are not read"
-        )
-    tensors = {}
-    for name in files:
-        if not (folder / name).is_file():
-            raise BuildError(f"{folder}: shard {name} listed in {WEIGHTS_INDEX_NAME} is missing")
-        with safe_open(folder / name, framework="pt") as f:
-            for key in f.keys():
-                view = f.get_slice(key)
-                tensors[key] = TensorRef(folder, name, key, tuple(view.get_shape()), view.get_dtype())
-    if index.is_file():
-        listed, stored = set(json.loads(index.read_text())["weight_map"]), set(tensors)
-        if listed != stored:
-            raise BuildError(
-                f"{folder}: {WEIGHTS_INDEX_NAME} and the shards disagree: listed but not stored "
-                f"{_short(sorted(listed - stored))}, stored but not listed {_short(sorted(stored - listed))}"
-            )
-    return tensors
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _short(names, limit: int = 20) -> str:
-    names = list(names)
-    shown = ", ".join(map(str, names[:limit]))
-    return f"[{shown}{f', ... ({len(names) - limit} more)' if len(names) > limit else ''}]"
-
-
 def siglip_vision_config(folder: Path) -> tuple[dict, str]:
     """OmniVMedVisionConfig fields from a SigLIP / SigLIP2 config (full model or vision-only); returns (fields, kind)
     with kind "siglip" (Conv2d patch embedding) or "siglip2" (Linear over (p, p, C) patches)."""
-    raw = _read_json(folder / "config.json")
+    raw = read_json(folder / "config.json")
     model_type = raw.get("model_type")
     if model_type not in SIGLIP_MODEL_TYPES:
         raise BuildError(
@@ -597,14 +139,6 @@ def siglip_vision_config(folder: Path) -> tuple[dict, str]:
             raise BuildError(f"{folder}: non-square patches {patch} are not supported")
         fields["patch_size"] = int(patch[0])
     return fields, ("siglip2" if model_type.startswith("siglip2") else "siglip")
-
-
-def image_statistics(folder: Path) -> tuple[list[float], list[float]]:
-    pre = _read_json(folder / "preprocessor_config.json")
-    if "image_mean" in pre and "image_std" in pre:
-        return [float(v) for v in pre["image_mean"]], [float(v) for v in pre["image_std"]]
-    logger.warning("%s has no preprocessor_config.json with image_mean/std: using SigLIP's 0.5 / 0.5", folder)
-    return [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
 
 
 def plan_vision(tensors: dict[str, TensorRef], kind: str, plan: WeightPlan):
@@ -641,7 +175,7 @@ def plan_vision(tensors: dict[str, TensorRef], kind: str, plan: WeightPlan):
         else:
             unexpected.append(key)
     if unexpected:
-        raise BuildError(f"unexpected tensors in the SigLIP checkpoint (prefix {prefix!r}): {_short(unexpected)}")
+        raise BuildError(f"unexpected tensors in the SigLIP checkpoint (prefix {prefix!r}): {short(unexpected)}")
 
 
 def plan_llm(tensors: dict[str, TensorRef], tie: bool, plan: WeightPlan):
@@ -661,7 +195,7 @@ def plan_llm(tensors: dict[str, TensorRef], tie: bool, plan: WeightPlan):
         else:
             unexpected.append(key)
     if unexpected:
-        raise BuildError(f"unexpected tensors in the LLM checkpoint: {_short(unexpected)}")
+        raise BuildError(f"unexpected tensors in the LLM checkpoint: {short(unexpected)}")
 
 
 def prepare_tokenizer(llm_folder: Path):
@@ -752,7 +286,7 @@ def print_plan_table(plan: WeightPlan, file=None):
 
 
 PRETRAINED_DESCRIPTION = """\
-Composed by `build_omnivmed.py` from [{vision}]({vision_url}) (vision tower) and [{llm}]({llm_url}) (language model):
+Composed by `build_omnivmed.py` from {vision_ref} (vision tower) and {llm_ref} (language model):
 the SigLIP tower's weights are mapped into OmniV-Med's RoPE tower (its patch-embedding Conv2d flattened into the
 equivalent Linear; its absolute position table and attention-pooling head dropped), the LLM's weights are copied
 verbatim, and the merge + MLP projector is freshly initialised. **Not trained as a whole: the projector is random
@@ -794,8 +328,8 @@ def build_pretrained(
     llm_dir = resolve_checkpoint(llm, LLM_ALLOW_PATTERNS, revision)
 
     vision_fields, vision_kind = siglip_vision_config(vision_dir)
-    mean, std = image_statistics(vision_dir)
-    llm_raw = _read_json(llm_dir / "config.json")
+    mean, std = image_statistics(vision_dir, ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]), "SigLIP's 0.5 / 0.5")
+    llm_raw = read_json(llm_dir / "config.json")
     if llm_raw.get("model_type") not in LLM_MODEL_TYPES:
         raise BuildError(
             f"{llm_dir}/config.json: model_type {llm_raw.get('model_type')!r} is not a supported LLM "
@@ -848,7 +382,7 @@ def build_pretrained(
             mismatched.append(f"{ref.key} {ref.shape} -> {name} {shape}, expected {expected[name]}")
     missing = sorted(k for k in set(expected) - set(plan.moves) if not k.startswith("model.projector."))
     problems = [
-        f"{what}: {_short(names)}"
+        f"{what}: {short(names)}"
         for what, names in (("no place in OmniV-Med", unknown), ("shape mismatches", mismatched),
                             ("not provided by the parts", missing))  # fmt: skip
         if names
@@ -899,9 +433,9 @@ def build_pretrained(
     extra_meta = ("base_model:\n" + "".join(f"- {p}\n" for p in parents)) if parents else ""
     description = PRETRAINED_DESCRIPTION.format(
         vision=hub_name(vision) or vision_dir.name,
-        vision_url=f"https://huggingface.co/{vision}" if hub_name(vision) else vision_dir.as_posix(),
+        vision_ref=f"[{vision}](https://huggingface.co/{vision})" if hub_name(vision) else f"`{vision_dir.name}`",
         llm=hub_name(llm) or llm_dir.name,
-        llm_url=f"https://huggingface.co/{llm}" if hub_name(llm) else llm_dir.as_posix(),
+        llm_ref=f"[{llm}](https://huggingface.co/{llm})" if hub_name(llm) else f"`{llm_dir.name}`",
         n_vision=n_vision,
         n_dropped_vision=n_dropped_vision,
         n_llm=len(plan.moves) - n_vision,
@@ -923,6 +457,11 @@ def build_pretrained(
         description=description,
         repo=push_to_hub or out.name,
         extra_meta=extra_meta,
+        parts=[(f"vision tower: {public_name(vision)}", part_license(vision_dir)),
+               (f"language model: {public_name(llm)}", part_license(llm_dir))],
+        training_data="The parts' own pretraining (see their model cards). The composed model has not been trained "
+        "as a whole: `train_trl.py` aligns and instruction-tunes it.",
+        evaluation="Not evaluated: the projector is random until stage-1 alignment.",
     )
     if push_to_hub:
         push_folder(out, push_to_hub, private=private, message="Build OmniV-Med from pretrained parts")

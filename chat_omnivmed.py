@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 from pathlib import Path
 
-from evaluate_omnivmed import load_model as load  # the same Auto-class loading for both scripts
+from omnivmed_tools import answer  # noqa: F401 (streamed generation, shared with app.py)
+from omnivmed_tools import load_model as load  # the same Auto-class loading for every tool
 
 
 def media_blocks(processor, files: list[str]) -> list[dict]:
@@ -42,54 +42,6 @@ def describe(blocks: list[dict]) -> str:
         what = {"image": "image", "volume": f"volume, {frames} slices", "video": f"video, {frames} frames"}[media.kind]
         parts.append(f"{Path(media.source).name} ({what})")
     return ", ".join(parts)
-
-
-def answer(model, processor, messages: list[dict], max_new_tokens: int = 128, prune_threshold: float | None = None,
-           out=sys.stdout) -> str:  # fmt: skip
-    """Generate the assistant's reply to `messages`, writing it to `out` piece by piece (TextIteratorStreamer)."""
-    from transformers import TextIteratorStreamer
-
-    extra = {} if prune_threshold is None else {"prune_threshold": prune_threshold}
-    inputs = processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", **extra
-    )
-    inputs.pop("media_metadata", None)
-    # the model refuses positions past its LLM's max_position_embeddings: fit the reply into what is left
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if limit:
-        room = limit - inputs["input_ids"].shape[1]
-        if room < 1:
-            raise ValueError(f"the conversation is {inputs['input_ids'].shape[1]} tokens long (media expanded) and "
-                             f"the model takes at most {limit}, leaving no room for a reply: start a new conversation "
-                             "or give fewer media")  # fmt: skip
-        if room < max_new_tokens:
-            print(f"[the reply is cut at {room} tokens: the model takes at most {limit}]", file=sys.stderr)
-            max_new_tokens = room
-    inputs = inputs.to(model.device)
-    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    kwargs = dict(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)
-    failure = []
-
-    def run():
-        try:
-            model.generate(**kwargs)
-        except BaseException as error:  # surfaced in the caller's thread below
-            failure.append(error)
-            streamer.end()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    pieces = []
-    for piece in streamer:
-        pieces.append(piece)
-        out.write(piece)
-        out.flush()
-    thread.join()
-    out.write("\n")
-    out.flush()
-    if failure:
-        raise failure[0]
-    return "".join(pieces).strip()
 
 
 def main(argv=None):

@@ -27,12 +27,6 @@ class OmniVMedVisionConfig(PreTrainedConfig):
         The tower encodes the packed sequence in runs of whole attention segments of at most this many patches
         (a longer segment runs alone; 0 = all at once). Same result, bounded activation memory and time linear in
         the length of a long video.
-    position_embedding (`str`, defaults to `"rope"`):
-        `"rope"`: rotary embeddings on q/k over (t, h, w) (the model). `"learned"`: no RoPE; a learned absolute
-        (S x S x D) table, bilinearly interpolated to each frame's (h, w) patch grid and added after the patch
-        embedding, as SigLIP-based towers do (t gets nothing). Exists for the ablation of `ablate_omnivmed.py`.
-    position_table_size (`int`, defaults to 16):
-        S, the side of the learned table (used only with `position_embedding="learned"`).
     """
 
     model_type = "omnivmed_vision"
@@ -51,8 +45,6 @@ class OmniVMedVisionConfig(PreTrainedConfig):
     rope_axes_dims: list[int] | None = None
     attention_scope: str = "frame"
     max_patches_per_chunk: int = 8192
-    position_embedding: str = "rope"
-    position_table_size: int = 16
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
@@ -78,10 +70,6 @@ class OmniVMedVisionConfig(PreTrainedConfig):
             raise ValueError(f"attention_scope must be 'frame' or 'clip', got {self.attention_scope!r}")
         if self.max_patches_per_chunk < 0:
             raise ValueError(f"max_patches_per_chunk must be >= 0 (0 = no chunking), got {self.max_patches_per_chunk}")
-        if self.position_embedding not in ("rope", "learned"):
-            raise ValueError(f"position_embedding must be 'rope' or 'learned', got {self.position_embedding!r}")
-        if self.position_table_size < 1:
-            raise ValueError(f"position_table_size must be >= 1, got {self.position_table_size}")
         super().__post_init__(**kwargs)
 
     @property

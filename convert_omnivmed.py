@@ -42,21 +42,6 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer, GenerationConfig
 
-from build_omnivmed import (
-    AUTO_MAP,
-    REMOTE_CODE_FILES,
-    ROOT,
-    BuildError,
-    TensorRef,
-    _read_json,
-    _short,
-    build_tiny_tokenizer,
-    push_folder,
-    read_tensor_index,
-    resolve_checkpoint,
-    token_ids,
-    write_model_card,
-)
 from omnivmed.compat_omnivmed import chat_template as compat_chat_template
 from omnivmed.configuration_omnivmed import OmniVMedConfig
 from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration
@@ -69,6 +54,24 @@ from omnivmed.processing_omnivmed import (
     VISION_START,
     OmniVMedImageProcessor,
     OmniVMedProcessor,
+)
+from omnivmed_tools import image_statistics as folder_image_statistics
+from omnivmed_tools import (
+    AUTO_MAP,
+    REMOTE_CODE_FILES,
+    ROOT,
+    BuildError,
+    TensorRef,
+    build_tiny_tokenizer,
+    part_license,
+    public_name,
+    push_folder,
+    read_json,
+    read_tensor_index,
+    resolve_checkpoint,
+    short,
+    token_ids,
+    write_model_card,
 )
 
 
@@ -281,7 +284,7 @@ def compat_mode_for(source: Source) -> str:
 
 def source_uses_token_compression(source: Source) -> bool:
     if source.layout == "native":  # transformers' port: a video processor setting, on by default
-        video = _read_json(source.folder / "video_preprocessor_config.json")
+        video = read_json(source.folder / "video_preprocessor_config.json")
         return bool(video.get("use_token_compression", True))
     return bool(source.config.get("use_token_compression", False))
 
@@ -337,11 +340,7 @@ def omnivmed_config(source: Source, token_ids: dict, mean_std, compat_pruning: b
 
 # ------------------------------------------------------------------------------------------------------ the processor
 def image_statistics(source: Source) -> tuple[list, list]:
-    pre = _read_json(source.folder / "preprocessor_config.json")
-    if "image_mean" in pre and "image_std" in pre:
-        return [float(v) for v in pre["image_mean"]], [float(v) for v in pre["image_std"]]
-    logger.warning("%s has no preprocessor_config.json: using the %s default mean/std", source.folder, source.family)
-    return FAMILY_MEAN_STD[source.family]
+    return folder_image_statistics(source.folder, FAMILY_MEAN_STD[source.family], f"the {source.family} default")
 
 
 def image_processor_settings(source: Source, config: OmniVMedConfig, mode: str | None = None) -> dict:
@@ -350,7 +349,7 @@ def image_processor_settings(source: Source, config: OmniVMedConfig, mode: str |
     (min_tokens * factor**2 per item; max_tokens * factor**2 shared by all frames of a call). Exact where no resize
     happens; resized frames differ by the kernel (theirs: PIL bicubic on uint8), see the README."""
     p = config.vision_config.patch_size
-    pre = _read_json(source.folder / "preprocessor_config.json")
+    pre = read_json(source.folder / "preprocessor_config.json")
     resample = pre.get("resample", 3)
     if resample not in (3, "bicubic"):
         raise ConversionError(f"the source image processor resamples with {resample!r}; only bicubic (3) maps")
@@ -368,7 +367,7 @@ def image_processor_settings(source: Source, config: OmniVMedConfig, mode: str |
     max_frames = 64  # OmniVMedImageProcessor's default frame budget
     if source.layout == "native":
         size = pre.get("size") or {}
-        video = _read_json(source.folder / "video_preprocessor_config.json")
+        video = read_json(source.folder / "video_preprocessor_config.json")
         video_size = video.get("size") or {}
         default_video_max = VL3_VIDEO_SIZE["longest_edge"] if mode else 28 * 28 * 1280
         settings.update(
@@ -399,7 +398,7 @@ def image_processor_settings(source: Source, config: OmniVMedConfig, mode: str |
             max_frames = HULUMED_MAX_FRAMES
             settings["max_slices"] = HULUMED_NII_NUM_SLICES
         elif mode == "videollama3_remote":
-            proc = {**VL3_REMOTE_PROCESSOR, **_read_json(source.folder / "processor_config.json")}
+            proc = {**VL3_REMOTE_PROCESSOR, **read_json(source.folder / "processor_config.json")}
             merges = (int(proc["image_merge_size"]), int(proc["video_merge_size"]))
             if merges != (config.image_merge_size, config.video_merge_size):
                 raise ConversionError(f"the source processor merges images / videos by {merges}; only (1, 2) maps")
@@ -488,11 +487,11 @@ def plan_weights(source: Source, config: OmniVMedConfig) -> Plan:
     missing = sorted(set(expected) - set(seen))
     problems = []
     if unknown:
-        problems.append(f"unknown keys (no OmniV-Med counterpart): {_short(unknown)}")
+        problems.append(f"unknown keys (no OmniV-Med counterpart): {short(unknown)}")
     if missing:
-        problems.append(f"missing keys (the OmniV-Med model needs them): {_short(missing)}")
+        problems.append(f"missing keys (the OmniV-Med model needs them): {short(missing)}")
     if mismatched:
-        problems.append(f"shape mismatches: {_short(mismatched)}")
+        problems.append(f"shape mismatches: {short(mismatched)}")
     if problems:
         raise ConversionError(f"{source.folder} cannot be converted exactly:\n  " + "\n  ".join(problems))
     if dropped:
@@ -611,7 +610,7 @@ def output_dtype(source: Source, dtype: torch.dtype | None) -> str:
 
 # ------------------------------------------------------------------------------------------------------ the folder
 CARD_DESCRIPTION = """\
-Converted from [{base}]({base_url}) ({family}, {text_type} LLM) by `convert_omnivmed.py`: a pure weight map, no
+Converted from {base_ref} ({family}, {text_type} LLM) by `convert_omnivmed.py`: a pure weight map, no
 training. The source's licence (Apache-2.0) applies to these weights.
 
 - Tower: their NaViT with 2D RoPE, expressed as `rope_axes_dims = {rope}` (no t frequencies); images merge
@@ -703,8 +702,7 @@ def convert(
         meta_model,
         title=f"{base.split('/')[-1]} (OmniV-Med format)",
         description=CARD_DESCRIPTION.format(
-            base=base,
-            base_url=f"https://huggingface.co/{base}" if base_model else folder.as_posix(),
+            base_ref=f"[{base}](https://huggingface.co/{base})" if base_model else f"`{folder.name}`",
             family="Hulu-Med" if family == "hulumed" else "VideoLLaMA3",
             text_type=source.text_type,
             rope=config.vision_config.rope_axes_dims,
@@ -717,6 +715,13 @@ def convert(
         ),
         repo=push_to_hub or out.name,
         extra_meta=f"base_model: {base_model}\n" if base_model else "",
+        # Hulu-Med and VideoLLaMA3 are published under Apache-2.0; a card of the source folder says otherwise
+        parts=[(public_name(base_model or folder.name), part_license(folder, default="apache-2.0"))],
+        training_data=f"That of `{public_name(base_model or folder.name)}` (see its model card); the conversion "
+        "changes no weight.",
+        evaluation="The conversion is checked for exactness against the source code's outputs on tiny checkpoints "
+        "(tests/test_convert_omnivmed.py); the real weights' benchmark scores are not re-measured here "
+        "(evaluate_omnivmed.py does that).",
     )
     logger.info("converted %d tensors (%.2f GB) into %s", len(plan.moves), total / 1e9, out)
     if push_to_hub:

@@ -35,13 +35,16 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import warnings
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+from omnivmed.collator_omnivmed import OmniVMedCollator
+from omnivmed.media_omnivmed import load_media
+from omnivmed_tools import ANSWERS, CAPTION_QUESTION, QUESTIONS, load_rows, normalize_answer, write_jsonl
 
 
 logger = logging.getLogger("data_omnivmed")
@@ -76,23 +79,6 @@ SIZES = {
     },
 }
 
-QUESTIONS = {
-    "modality": ["What imaging modality is this?", "Which modality was used to acquire this image?"],
-    "plane": ["In which plane is this slice?", "What is the imaging plane?"],
-    "lesion": ["Is there a lesion?", "Is a focal lesion present?"],
-    "side": ["On which side of the patient is the lesion?", "Is the lesion in the patient's left or right side?"],
-    "level": ["Is the lesion in the upper, middle or lower slices?", "Which part of the volume holds the lesion?"],
-    "direction": ["In which direction does the instrument move?", "Where does the instrument move?"],
-}
-ANSWERS = {
-    "modality": ("CT", "MR", "ultrasound"),
-    "plane": ("axial", "coronal", "sagittal"),
-    "lesion": ("yes", "no"),
-    "side": ("left", "right"),
-    "level": ("upper", "middle", "lower"),
-    "direction": ("left", "right", "up", "down"),
-}
-CAPTION_QUESTION = "Describe this image briefly."
 PLANE_SOURCES = ("MNI152 T1", "anatomical.nii", "example4d.nii.gz")
 CT_HEADS = ("693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm")
 
@@ -373,7 +359,6 @@ def _other2d_items(rng, n: int, n_us: int, root: Path, prefix: str) -> list[dict
     ultrasound frames."""
     import nibabel as nib
 
-    from omnivmed.media_omnivmed import load_media
     from pydicom.data import get_testdata_file
 
     items = []
@@ -722,7 +707,7 @@ def multi_turn(rng, rows: list[dict]) -> list[dict]:
     return merged
 
 
-def _write_jsonl(path: Path, rows: list[dict]):
+def write_jsonl(path: Path, rows: list[dict]):
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
@@ -791,10 +776,10 @@ def build_default_dataset(root: Path, seed: int = 0, size: str = "full") -> dict
         rng.shuffle(rows)
     evaluation = splits["eval"]["rows2d"] + splits["eval"]["rows3d"] + splits["eval"]["video"]
     paths = default_paths(root)
-    _write_jsonl(paths["stage1"], train["captions"])
-    _write_jsonl(paths["stage2"], rows2d)
-    _write_jsonl(paths["stage3"], stage3)
-    _write_jsonl(paths["eval"], evaluation)
+    write_jsonl(paths["stage1"], train["captions"])
+    write_jsonl(paths["stage2"], rows2d)
+    write_jsonl(paths["stage3"], stage3)
+    write_jsonl(paths["eval"], evaluation)
     counts = {name: sum(1 for _ in open(p)) for name, p in paths.items()}
     manifest.write_text(json.dumps({"build": wanted, "rows": counts}, indent=2))
     logger.info("embedded default dataset: %s", counts)
@@ -802,19 +787,21 @@ def build_default_dataset(root: Path, seed: int = 0, size: str = "full") -> dict
 
 
 # ------------------------------------------------------------------------------------------------------- evaluation
-def normalize_answer(text: str) -> str:
-    """Lower case, first line, punctuation and surrounding whitespace removed."""
-    text = text.strip().splitlines()[0] if text.strip() else ""
-    return re.sub(r"[^\w\s]", "", text).strip().lower()
+def first_line(text: str) -> str:
+    """The reply's first line: the tiny model may go on past its one-word answer within max_new_tokens."""
+    return text.strip().splitlines()[0] if text.strip() else ""
 
 
 def score_rows(rows: list[dict], answers: list[str]) -> dict:
-    """Exact match of the normalised answer, per (task, kind); chance = 1 / number of answers of the task, majority =
-    the share of the most frequent expected answer among these rows."""
+    """Exact match of the normalised answer (omnivmed_tools.normalize_answer of the reply's first line), per
+    (task, kind); chance = 1 / number of answers of the task, majority = the share of the most frequent expected answer
+    among these rows."""
     groups = defaultdict(list)
     for row, answer in zip(rows, answers):
         meta = json.loads(row["meta"])
-        groups[(meta["task"], meta["kind"])].append((normalize_answer(meta["answer"]), normalize_answer(answer)))
+        groups[(meta["task"], meta["kind"])].append(
+            (normalize_answer(meta["answer"]), normalize_answer(first_line(answer)))
+        )
     table = []
     for (task, kind), pairs in sorted(groups.items(), key=lambda kv: (["image", "volume", "video"].index(kv[0][1]), kv[0][0])):
         expected = [e for e, _ in pairs]
@@ -840,7 +827,6 @@ def evaluate_default(model_dir: Path, eval_jsonl: Path, data_root: Path, batch_s
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from train_trl import OmniVMedCollator, load_rows
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)

@@ -17,6 +17,7 @@ tensor follows the activations it indexes, and the features reach the embeddings
 
 import bisect
 import itertools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -186,7 +187,7 @@ class OmniVMedVisionAttention(nn.Module):
         k = self.k_proj(hidden_states).view(n, self.num_heads, self.head_dim)
         v = self.v_proj(hidden_states).view(n, self.num_heads, self.head_dim)
         segments = segments.to(hidden_states.device)
-        if position_embeddings is not None:  # None: the learned-table ablation, positions already in the input
+        if position_embeddings is not None:  # None: absolute positions already in the input (absolute_positions)
             cos, sin = position_embeddings
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
@@ -283,6 +284,14 @@ class OmniVMedPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = True
 
+    @staticmethod
+    def lora_target_modules(names=("q_proj", "v_proj")) -> str:
+        """PEFT `target_modules` for the language model's projections only: `LoraConfig(target_modules=
+        model.lora_target_modules())`. The vision tower's attention keeps SigLIP's q_proj / k_proj / v_proj /
+        out_proj names (so composed and converted checkpoints load by name), so the usual list ["q_proj", "v_proj"]
+        would adapt the tower too; this regex (PEFT full-matches a string) does not."""
+        return rf".*language_model\..*\.({'|'.join(re.escape(name) for name in names)})"
+
 
 class OmniVMedVisionModel(OmniVMedPreTrainedModel):
     """Packed RoPE ViT: every patch of a batch in one sequence, attention limited to segments, no position table."""
@@ -298,12 +307,8 @@ class OmniVMedVisionModel(OmniVMedPreTrainedModel):
         # a Linear over (C, p, p)-flattened patches == a Conv2d(kernel p, stride p) whose weight is flattened
         self.patch_embedding = nn.Linear(config.patch_dim, config.hidden_size)
         self.rotary_emb = OmniVMedVisionRotaryEmbedding(config)
-        if config.position_embedding == "learned":
-            # ablation arm only: SigLIP's absolute table, one row per cell of an S x S grid
-            self.position_embedding = nn.Embedding(config.position_table_size**2, config.hidden_size)
         self.layers = nn.ModuleList([OmniVMedVisionLayer(config) for _ in range(config.num_hidden_layers)])
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.gradient_checkpointing = False
         self.post_init()
 
     def get_input_embeddings(self):
@@ -344,41 +349,27 @@ class OmniVMedVisionModel(OmniVMedPreTrainedModel):
             pixel_values = pixel_values.index_select(0, kept)
             patch_positions = patch_positions.index_select(0, kept)
         lengths = segment_lengths(grid_cpu, self.config.attention_scope, keep_cpu)
-        learned = self.config.position_embedding == "learned"
-        # the learned table (ablation arm) is read for every patch once; each chunk takes its rows
-        absolute = self.interpolated_positions(grid_cpu, patch_positions, keep_cpu) if learned else None
+        absolute = self.absolute_positions(grid_cpu, patch_positions, keep_cpu)
         chunks = []
         for start, end, chunk_lengths in chunk_segments(lengths, self.config.max_patches_per_chunk):
             segments = PackedSegments.from_lengths(chunk_lengths).to(device)
             hidden_states = self.patch_embedding(pixel_values[start:end].to(self.patch_embedding.weight.dtype))
-            if learned:
+            if absolute is None:
+                position_embeddings = self.rotary_emb(patch_positions[start:end])
+            else:  # absolute positions in place of RoPE, read once for every patch; each chunk takes its rows
                 hidden_states = hidden_states + absolute[start:end]
                 position_embeddings = None
-            else:
-                position_embeddings = self.rotary_emb(patch_positions[start:end])
             for layer in self.layers:
                 hidden_states = layer(hidden_states, position_embeddings, segments, **kwargs)
             chunks.append(self.post_layernorm(hidden_states))
         return BaseModelOutput(last_hidden_state=chunks[0] if len(chunks) == 1 else torch.cat(chunks))
 
-    def interpolated_positions(
+    def absolute_positions(
         self, grid_thw: torch.Tensor, patch_positions: torch.Tensor, patch_keep_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The learned (S, S, D) table resized (bilinear) to each patch's frame grid (h, w), read at the patch's
-        (h, w): (N or N_kept, D). The t axis gets nothing, as in SigLIP applied frame by frame."""
-        size = self.config.position_table_size
-        table = self.position_embedding.weight.view(size, size, -1).permute(2, 0, 1).unsqueeze(0)  # (1, D, S, S)
-        # which frame grid each patch has is worked out on the CPU; the reads happen on the table's device
-        grid_thw, patch_positions = grid_thw.cpu(), patch_positions.to(table.device)
-        grids = torch.repeat_interleave(grid_thw[:, 1:], grid_thw.prod(-1), dim=0)  # (N, 2) frame grid per patch
-        if patch_keep_mask is not None:
-            grids = grids[patch_keep_mask.cpu()]
-        out = table.new_zeros(patch_positions.shape[0], table.shape[1])
-        for h, w in torch.unique(grids, dim=0).tolist():
-            resized = nn.functional.interpolate(table, size=(h, w), mode="bilinear", align_corners=False)[0]
-            rows = ((grids[:, 0] == h) & (grids[:, 1] == w)).nonzero().squeeze(-1).to(table.device)
-            out[rows] = resized[:, patch_positions[rows, 1], patch_positions[rows, 2]].t()
-        return out
+    ) -> torch.Tensor | None:
+        """Position vectors added to the patch embeddings in place of RoPE, (N or N_kept, D); None: the tower's
+        positions are rotary only. ablate_omnivmed.py's learned-table arm (SigLIP's scheme) overrides this."""
+        return None
 
 
 def chunk_segments(lengths: torch.Tensor, max_patches: int) -> list[tuple[int, int, torch.Tensor]]:
@@ -643,9 +634,12 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
         mm_encoder_outputs: dict | None = None,
         **kwargs,
     ) -> OmniVMedModelOutputWithPast:
-        """mm_token_type_ids and media_metadata come with the processor's outputs and are not read (placeholders are
-        found by id; metadata is for the caller). mm_encoder_outputs: {"image": get_image_features(...)}, visual
-        features encoded beforehand (generate does this), in place of the pixel inputs."""
+        """mm_token_type_ids and media_metadata are named here only because the processor returns them and
+        `generate(**inputs)` refuses keyword arguments forward does not name (its model_kwargs check); they are not
+        read (placeholders are found by id; the metadata is for the caller). mm_encoder_outputs: {"image":
+        get_image_features(...)}, visual features encoded beforehand (generate does this), in place of the pixel
+        inputs. The visual arguments are named one by one for the same check (an Unpack'ed TypedDict would hide
+        them from it)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Give exactly one of input_ids and inputs_embeds")
         visual = (mm_encoder_outputs or {}).get("image")
@@ -822,7 +816,9 @@ class OmniVMedForConditionalGeneration(OmniVMedPreTrainedModel, GenerationMixin)
         **kwargs,
     ) -> OmniVMedCausalLMOutputWithPast:
         """labels: (B, L) token ids, -100 where no loss is taken (prompt, visual tokens, padding).
-        prune_threshold overrides the config's for this call (the processor must have used the same one)."""
+        prune_threshold overrides the config's for this call (the processor must have used the same one). The other
+        arguments are OmniVMedModel.forward's (named here too: generate checks its keyword arguments against this
+        signature); mm_token_type_ids and media_metadata are accepted and not read, see there."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

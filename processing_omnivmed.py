@@ -41,6 +41,7 @@ from transformers.processing_utils import ImagesKwargs, ProcessorMixin, TextKwar
 from transformers.utils import logging
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from .collator_omnivmed import OmniVMedCollator
 from .compat_omnivmed import compat_load, from_pil, media_text, normalize_mode, target_sizes
 from .configuration_omnivmed import PROCESSOR_SETTINGS, OmniVMedConfig
 from .media_omnivmed import Media, MediaError, load_media
@@ -449,21 +450,48 @@ class OmniVMedImageProcessor(BaseImageProcessor):
         `load_media` decide); `overrides` are per-call settings (e.g. `prune_threshold=0`, `max_frames=16`) and
         `load_media` options (LOAD_OPTIONS, e.g. `modality="CT"`). `groups`: how many consecutive items belong to each
         prompt (None: all one prompt), the unit whose media share a budget in compatibility mode."""
+        s, medias = self._load_items(media, kind, overrides)
+        # plan every item (validation and the token budget) before allocating any patch
+        plans = self._plan(medias, s, overrides, groups)
+        pixel_values, patch_positions = self._patchify(plans, s)
+        p = s["patch_size"]
+        grid_thw = torch.tensor([[f.shape[0], h // p, w // p] for _, f, h, w, _ in plans], dtype=torch.int64)
+        grid_thw = grid_thw.reshape(-1, 3)
+        merge_sizes = torch.tensor([merge for *_, merge in plans], dtype=torch.int64)
+        metadata = [self._item_metadata(m, frames, h, w, merge, p) for m, frames, h, w, merge in plans]
+        keep = self._keep_mask(pixel_values, grid_thw, merge_sizes, s, metadata)
+
+        data = {
+            "pixel_values": pixel_values,
+            "patch_positions": patch_positions,
+            "grid_thw": grid_thw,
+            "merge_sizes": merge_sizes,
+            "visual_keep_mask": keep,
+        }
+        if return_tensors != "pt":
+            data = {k: v.numpy() for k, v in data.items()}
+        data["media_metadata"] = metadata
+        return BatchFeature(data=data, skip_tensor_conversion=["media_metadata"])
+
+    def _load_items(self, media, kind: str | None, overrides: dict) -> tuple[dict, list[Media]]:
+        """The call's settings (checked) and every item as a `Media`; load options are taken out of `overrides`."""
         load_options = {k: overrides.pop(k) for k in LOAD_OPTIONS if k in overrides}
         s = self._settings(**overrides)
         self._check_settings(s)
-        mode = normalize_mode(s["compat_mode"])
         items = list(media) if isinstance(media, (list, tuple)) else [media]
         load_settings = {k: v for k, v in overrides.items() if k in LOAD_SETTINGS and v is not None}
         if "compat_mode" in overrides:
-            load_settings["compat_mode"] = mode
-        medias = [self.to_media(item, kind=kind, **load_settings, **load_options) for item in items]
+            load_settings["compat_mode"] = normalize_mode(s["compat_mode"])
+        return s, [self.to_media(item, kind=kind, **load_settings, **load_options) for item in items]
+
+    def _plan(self, medias: list[Media], s: dict, overrides: dict, groups: list[int] | None = None) -> list[tuple]:
+        """(media, frames, resized h, resized w, merge) per item; refuses an item over the visual-token budget. In
+        compatibility mode the source's sizing rule (compat_omnivmed.target_sizes) decides the sizes, per prompt."""
+        mode = normalize_mode(s["compat_mode"])
         compat_sizes = None
         if mode is not None:
             shapes = [(m.kind, *self._validated_frames(m).shape[:3], from_pil(m)) for m in medias]
             compat_sizes = target_sizes(mode, shapes, s, groups)
-
-        # plan every item (validation and the token budget) before allocating any patch
         plans = []
         for index, m in enumerate(medias):
             frames = self._validated_frames(m)
@@ -489,7 +517,11 @@ class OmniVMedImageProcessor(BaseImageProcessor):
                     f"({'max_pixels' if m.kind == 'image' else 'video_max_pixels'})"
                 )
             plans.append((m, frames, h, w, merge))
+        return plans
 
+    def _patchify(self, plans: list[tuple], s: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Resize, normalise and cut every planned item into patches: pixel_values (N, 3*p*p) in merge-block order
+        and patch_positions (N, 3) = (t, h, w), written straight into one allocation."""
         p = s["patch_size"]
         patch_dim = 3 * p * p
         n_patches = sum(frames.shape[0] * (h // p) * (w // p) for _, frames, h, w, _ in plans)
@@ -500,7 +532,6 @@ class OmniVMedImageProcessor(BaseImageProcessor):
         mode = _RESAMPLE[s["resample"]]
         resize = {"mode": mode} if mode == "nearest" else {"mode": mode, "antialias": True, "align_corners": False}
 
-        grids, merges, metadata = [], [], []
         offset = 0
         for m, frames, h, w, merge in plans:
             t = frames.shape[0]
@@ -537,27 +568,29 @@ class OmniVMedImageProcessor(BaseImageProcessor):
                 pixel_values[rows].view(x.shape).copy_(x)
             patch_positions[offset : offset + t * per_frame] = patch_grid_positions(t, gh, gw, merge)
             offset += t * per_frame
-            grids.append([t, gh, gw])
-            merges.append(merge)
-            metadata.append(
-                {
-                    "kind": m.kind,
-                    "source": m.source,
-                    "num_frames": t,
-                    "original_size": [int(frames.shape[1]), int(frames.shape[2])],
-                    "resized_size": [h, w],
-                    "grid_thw": [t, gh, gw],
-                    "merge_size": merge,
-                    "spacing_mm": _plain(m.spacing_mm),
-                    "slice_positions_mm": _plain(m.slice_positions_mm),
-                    "slice_indices": _plain(m.slice_indices),
-                    "timestamps_s": _plain(m.timestamps_s),
-                    "metadata": _plain(m.metadata),
-                }
-            )
+        return pixel_values, patch_positions
 
-        grid_thw = torch.tensor(grids, dtype=torch.int64).reshape(-1, 3)
-        merge_sizes = torch.tensor(merges, dtype=torch.int64)
+    @staticmethod
+    def _item_metadata(m: Media, frames, h: int, w: int, merge: int, p: int) -> dict:
+        t = frames.shape[0]
+        return {
+            "kind": m.kind,
+            "source": m.source,
+            "num_frames": t,
+            "original_size": [int(frames.shape[1]), int(frames.shape[2])],
+            "resized_size": [h, w],
+            "grid_thw": [t, h // p, w // p],
+            "merge_size": merge,
+            "spacing_mm": _plain(m.spacing_mm),
+            "slice_positions_mm": _plain(m.slice_positions_mm),
+            "slice_indices": _plain(m.slice_indices),
+            "timestamps_s": _plain(m.timestamps_s),
+            "metadata": _plain(m.metadata),
+        }
+
+    @staticmethod
+    def _keep_mask(pixel_values, grid_thw, merge_sizes, s: dict, metadata: list[dict]) -> torch.Tensor:
+        """The pruning rule (pruning_omnivmed) on the patches; each item's metadata gets its pruning report."""
         keep = compute_keep_mask(
             pixel_values,
             grid_thw,
@@ -575,18 +608,7 @@ class OmniVMedImageProcessor(BaseImageProcessor):
         for item_meta, report in zip(metadata, reports):
             item_meta["pruning_report"] = report
         logger.debug("visual tokens (before, after pruning): %s", [(r["tokens_before"], r["tokens_after"]) for r in reports])
-
-        data = {
-            "pixel_values": pixel_values,
-            "patch_positions": patch_positions,
-            "grid_thw": grid_thw,
-            "merge_sizes": merge_sizes,
-            "visual_keep_mask": keep,
-        }
-        if return_tensors != "pt":
-            data = {k: v.numpy() for k, v in data.items()}
-        data["media_metadata"] = metadata
-        return BatchFeature(data=data, skip_tensor_conversion=["media_metadata"])
+        return keep
 
 
 # the tokenizer keywords `OmniVMedProcessor.__call__` forwards
@@ -722,6 +744,11 @@ class OmniVMedProcessor(ProcessorMixin):
     def model_input_names(self) -> list[str]:
         return list(self.tokenizer.model_input_names) + self.image_processor.model_input_names + ["mm_token_type_ids"]
 
+    def data_collator(self, prune_threshold: float | None = None, cache_size: int = 0) -> OmniVMedCollator:
+        """The training collator (collator_omnivmed.py) for this processor: rows with chat messages -> batches with
+        labels on the assistant replies; give it to SFTTrainer as `data_collator`."""
+        return OmniVMedCollator(self, prune_threshold=prune_threshold, cache_size=cache_size)
+
     # ------------------------------------------------------------------------------------------------------ loading
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
@@ -826,11 +853,13 @@ class OmniVMedProcessor(ProcessorMixin):
                 raise ValueError(
                     f"the prompts hold {counts} {IMAGE_TOKEN} placeholders per sample but the media given per sample "
                     f"number {per_sample}"
+                    + _CHAT_FORMAT_HINT
                 )
             if sum(counts) != len(items):
                 raise ValueError(
                     f"the text holds {sum(counts)} {IMAGE_TOKEN} placeholder(s) (per sample: {counts}) but "
                     f"{len(items)} media item(s) were given"
+                    + _CHAT_FORMAT_HINT
                 )
         if texts is None and not items:
             raise ValueError(f"You need to provide text and/or media to call {type(self).__name__}")
@@ -1123,6 +1152,14 @@ class OmniVMedProcessor(ProcessorMixin):
                     mask[pos] = 1
             masks.append(mask)
         return masks
+
+
+_CHAT_FORMAT_HINT = (
+    ": the prompt must hold one placeholder per medium, as the chat template writes it. Give messages instead of "
+    "plain text: processor.apply_chat_template([{'role': 'user', 'content': [{'type': 'image', 'image': ...}, "
+    "{'type': 'text', 'text': 'your question'}]}], add_generation_prompt=True, tokenize=True, return_dict=True), or "
+    "to a pipeline('image-text-to-text') text=[that message] (images inside the content blocks)"
+)
 
 
 def _flatten_media(media) -> tuple[list, list[int] | None]:

@@ -33,13 +33,11 @@ import hashlib
 import inspect
 import json
 import logging
-import math
 import os
 import re
 import shutil
 import sys
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,24 +45,30 @@ import torch
 
 
 ROOT = Path(__file__).resolve().parent
-if str(ROOT) not in sys.path:  # `omnivmed` (see omnivmed.py) and build_omnivmed live next to this script
+if str(ROOT) not in sys.path:  # `omnivmed` (see omnivmed.py) and omnivmed_tools live next to this script
     sys.path.insert(0, str(ROOT))
 
-from omnivmed.media_omnivmed import (  # noqa: E402
-    DICOM_EXTENSIONS,
-    IMAGE_EXTENSIONS,
-    VIDEO_EXTENSIONS,
-    VOLUME_EXTENSIONS,
-    MediaError,
-)
+import data_omnivmed  # noqa: E402 (the embedded default's dataset)
+from omnivmed.collator_omnivmed import OmniVMedCollator  # noqa: E402
 from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration  # noqa: E402
-from omnivmed.processing_omnivmed import LOAD_OPTIONS, LOAD_SETTINGS, SETTINGS, OmniVMedProcessor  # noqa: E402
+from omnivmed.processing_omnivmed import OmniVMedProcessor  # noqa: E402
+from omnivmed_tools import (  # noqa: E402
+    MEDIA_KINDS,
+    BadRowsError,
+    build_tiny,
+    load_processor,
+    load_rows,
+    part_license,
+    public_name,
+    push_folder,
+    save_hub_folder,
+    write_model_card,
+)
 
 
 logger = logging.getLogger("train_trl")
 
 MODULES = ("tower", "projector", "llm")
-MEDIA_KINDS = ("image", "video", "volume")
 
 
 # ------------------------------------------------------------------------------------------------------------ stages
@@ -131,468 +135,6 @@ def set_trainable(model: torch.nn.Module, modules) -> dict[str, int]:
         if param.requires_grad:
             counts[module] += param.numel()
     return counts
-
-
-# -------------------------------------------------------------------------------------------------------------- data
-class RowError(ValueError):
-    """One dataset row cannot be used; the message says why."""
-
-
-@dataclass
-class BadRow:
-    source: str  # "file.jsonl:LINE"
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.source}: {self.reason}"
-
-
-class BadRowsError(ValueError):
-    def __init__(self, bad: list[BadRow], total: int):
-        self.bad = bad
-        listing = "\n".join(f"  {b}" for b in bad)
-        super().__init__(
-            f"{len(bad)} of {total} dataset rows are unusable:\n{listing}\n"
-            "Fix them, or pass --skip_bad_rows to train on the others."
-        )
-
-
-ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-MEDIA_KEYS = {"image": "image", "images": "image", "video": "video", "videos": "video", "volume": "volume",
-              "volumes": "volume"}  # fmt: skip
-UNSUPPORTED_MEDIA_KEYS = ("audio", "audios", "speech")
-MEDIA_TAG = re.compile(r"<(image|video|volume)>")
-# what a file's extension says it holds; "dicom" files are images or volumes (multi-frame)
-_EXTENSION_KINDS = (
-    [(ext, "volume") for ext in VOLUME_EXTENSIONS]
-    + [(ext, "image") for ext in IMAGE_EXTENSIONS]
-    + [(ext, "video") for ext in VIDEO_EXTENSIONS]
-    + [(ext, "dicom") for ext in DICOM_EXTENSIONS]
-)
-_BLOCK_OPTIONS = set(LOAD_SETTINGS) | set(LOAD_OPTIONS) - {"data_root"}
-
-
-def _file_kind(path: Path) -> str | None:
-    name = path.name.lower()
-    for ext, kind in _EXTENSION_KINDS:
-        if name.endswith(ext):
-            return kind
-    return "dicom" if "." not in name else None  # DICOM files often have no extension
-
-
-def _media_block(kind: str, source) -> dict:
-    """A media entry of a LLaVA-style row (a path, a nested list of DICOM files, or a dict with 'path' and load
-    options) -> a content block."""
-    if isinstance(source, dict):
-        block = dict(source)
-        block.setdefault("type", kind)
-        return block
-    return {"type": kind, "path": source}
-
-
-def _check_media(block: dict, root: Path, where: str) -> None:
-    kind = block.get("type")
-    if kind not in MEDIA_KINDS:
-        raise RowError(f"{where}: unknown media type {kind!r} (supported: {', '.join(MEDIA_KINDS)})")
-    keys = [k for k in (kind, "path") if k in block]
-    if len(keys) != 1:
-        raise RowError(f"{where}: a {kind} block needs exactly one of '{kind}' or 'path'")
-    unknown = set(block) - {"type", keys[0]} - _BLOCK_OPTIONS
-    if unknown:
-        raise RowError(f"{where}: unknown option(s) {sorted(unknown)} in a {kind} block")
-    source = block[keys[0]]
-    paths = source if isinstance(source, list) else [source]
-    if isinstance(source, list) and kind != "volume":
-        raise RowError(f"{where}: a list of files is one DICOM series, so only a volume; got a {kind}")
-    if not paths:
-        raise RowError(f"{where}: empty list of files")
-    for path in paths:
-        if not isinstance(path, str) or not path:
-            raise RowError(f"{where}: a {kind} source must be a file path, got {path!r}")
-        p = Path(path).expanduser()
-        resolved = (p if p.is_absolute() else root / p).resolve()
-        if not resolved.is_relative_to(root):
-            raise RowError(f"{where}: {path} escapes the data root {root}")
-        if not resolved.exists():
-            raise RowError(f"{where}: {path} does not exist (under {root})")
-        if resolved.is_dir():
-            if kind != "volume" or isinstance(source, list):
-                raise RowError(f"{where}: {path} is a folder (a DICOM series), which can only be a volume")
-            continue
-        file_kind = _file_kind(resolved)
-        if file_kind is None:
-            suffix = "".join(resolved.suffixes[-2:]) or resolved.name
-            raise RowError(f"{where}: unknown media type {suffix!r} ({path})")
-        if file_kind == "dicom" and kind == "video":
-            raise RowError(f"{where}: {path} is a DICOM file, which is an image or a volume, not a video")
-        if file_kind not in ("dicom", kind):
-            raise RowError(f"{where}: {path} is a {file_kind} file but the row uses it as a {kind}")
-
-
-def _text_blocks(text: str, media: dict[str, list], where: str) -> list[dict]:
-    """Split a LLaVA turn at its <image>/<video>/<volume> tags into text and media blocks."""
-    blocks, pos = [], 0
-    for match in MEDIA_TAG.finditer(text):
-        if match.start() > pos:
-            blocks.append({"type": "text", "text": text[pos : match.start()]})
-        kind = match.group(1)
-        if not media[kind]:
-            raise RowError(f"{where}: more <{kind}> tags than {kind} entries")
-        blocks.append(media[kind].pop(0))
-        pos = match.end()
-    rest = text[pos:]
-    if blocks and rest.startswith("\n"):  # "<image>\nQuestion" -> the media block, then "Question"
-        rest = rest[1:]
-    if rest:
-        blocks.append({"type": "text", "text": rest})
-    return blocks
-
-
-def normalize_row(raw, root: Path) -> list[dict]:
-    """One JSONL row (LLaVA/VideoLLaMA3 or messages style) -> a validated list of messages whose content is a list
-    of blocks. Raises RowError naming what is wrong."""
-    if not isinstance(raw, dict):
-        raise RowError(f"a row must be a JSON object, got {type(raw).__name__}")
-    for key in UNSUPPORTED_MEDIA_KEYS:
-        if key in raw:
-            raise RowError(f"unknown media type {key!r} (supported: {', '.join(MEDIA_KINDS)})")
-    media: dict[str, list] = {kind: [] for kind in MEDIA_KINDS}
-    for key, kind in MEDIA_KEYS.items():
-        if raw.get(key) is not None:
-            value = raw[key]
-            entries = value if isinstance(value, list) else [value]
-            media[kind] += [_media_block(kind, entry) for entry in entries]
-
-    messages = []
-    if "messages" in raw:
-        if not isinstance(raw["messages"], list):
-            raise RowError("'messages' must be a list")
-        for i, message in enumerate(raw["messages"]):
-            if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-                raise RowError(f"message {i}: needs a role of system / user / assistant")
-            content = message.get("content")
-            if isinstance(content, str):
-                content = [{"type": "text", "text": content}]
-            if not isinstance(content, list):
-                raise RowError(f"message {i}: content must be a string or a list of blocks")
-            blocks = []
-            for block in content:
-                if not isinstance(block, dict) or "type" not in block:
-                    raise RowError(f"message {i}: every content block needs a 'type'")
-                if block["type"] == "text":
-                    blocks.append({"type": "text", "text": str(block.get("text", ""))})
-                    continue
-                if block["type"] in MEDIA_KINDS and block["type"] not in block and "path" not in block:
-                    # TRL style: {"type": "image"} blocks take their files from the row's "images" list in order
-                    if not media[block["type"]]:
-                        raise RowError(f"message {i}: a {block['type']} block without a source and no entry left")
-                    block = {**media[block["type"]].pop(0), **{k: v for k, v in block.items() if k != "type"}}
-                blocks.append(dict(block))
-            messages.append({"role": message["role"], "content": blocks})
-    elif "conversations" in raw:
-        if not isinstance(raw["conversations"], list):
-            raise RowError("'conversations' must be a list")
-        tags = sum(len(MEDIA_TAG.findall(str(t.get("value", "")))) for t in raw["conversations"] if isinstance(t, dict))
-        n_media = sum(len(v) for v in media.values())
-        for i, turn in enumerate(raw["conversations"]):
-            if not isinstance(turn, dict) or ROLE_ALIASES.get(turn.get("from")) is None:
-                raise RowError(f"turn {i}: 'from' must be human / gpt / system (got {turn!r:.60})")
-            role = ROLE_ALIASES[turn["from"]]
-            value = turn.get("value")
-            if not isinstance(value, str):
-                raise RowError(f"turn {i}: 'value' must be a string")
-            blocks = _text_blocks(value, media, f"turn {i}") if role == "user" else [{"type": "text", "text": value}]
-            if role != "user" and MEDIA_TAG.search(value):
-                raise RowError(f"turn {i}: media tags are only allowed in human turns")
-            messages.append({"role": role, "content": blocks})
-        if tags == 0 and n_media:  # LLaVA convention: no tag means the media come first in the first human turn
-            first = next((m for m in messages if m["role"] == "user"), None)
-            if first is None:
-                raise RowError("media given but no human turn to attach them to")
-            first["content"] = [b for kind in MEDIA_KINDS for b in media[kind]] + first["content"]
-            media = {kind: [] for kind in MEDIA_KINDS}
-    else:
-        raise RowError("no 'messages' or 'conversations'")
-
-    leftover = {kind: len(v) for kind, v in media.items() if v}
-    if leftover:
-        raise RowError(f"media entries not placed in the conversation (no matching tag / block): {leftover}")
-    if not any(m["role"] == "assistant" and any(b.get("text", "").strip() for b in m["content"]) for m in messages):
-        raise RowError("no assistant turn (nothing to learn from)")
-    for i, message in enumerate(messages):
-        for block in message["content"]:
-            if block["type"] != "text":
-                _check_media(block, root, f"message {i}")
-    return messages
-
-
-def _media_limits() -> dict:
-    """load_media's file-size limits (the processor loads with these defaults)."""
-    from omnivmed.media_omnivmed import load_media
-
-    params = inspect.signature(load_media).parameters
-    return {name: params[name].default for name in ("max_image_pixels", "max_voxels")}
-
-
-def _visual_tokens(image_processor, kind: str, frames: int, height: int, width: int) -> int:
-    """LLM visual tokens (before pruning) of `frames` frames of height x width, as the image processor plans them."""
-    h, w, merge = image_processor.get_resized_size(height, width, kind)
-    p = image_processor.patch_size
-    return frames * (h // (p * merge)) * (w // (p * merge))
-
-
-def _worst_case_tokens(image_processor, kind: str, block: dict) -> int:
-    """The most visual tokens any file can give as a `kind` under the processor's settings (frame count and pixel
-    budget caps), so files need no reading when this fits the budget."""
-    ip = image_processor
-    if kind == "image":
-        per_frame, frames = ip.max_pixels, 1
-    else:
-        cap = "max_slices" if kind == "volume" else "max_frames"
-        per_frame, frames = ip.video_max_pixels, int(block.get(cap, getattr(ip, cap)))
-    merge = ip.image_merge_size if kind == "image" else ip.video_merge_size
-    return frames * (per_frame // (ip.patch_size * merge) ** 2)
-
-
-def _check_media_cheaply(block: dict, root: Path, image_processor) -> None:
-    """Find a medium the processor would reject (too many pixels or voxels, extreme aspect ratio, more visual tokens
-    than max_total_visual_tokens) from file headers, before any model is loaded; raises RowError naming the file and
-    the cause. Only what a header proves is reported: an unreadable header is left to the loader's own message."""
-    kind = block["type"]
-    source = block.get(kind, block.get("path"))
-    if isinstance(source, list):
-        return  # a DICOM series: its size is known only once its files are grouped (checked when loaded)
-    path = Path(source).expanduser()
-    path = (path if path.is_absolute() else root / path).resolve()
-    if path.is_dir():
-        return
-    ip, limits = image_processor, _media_limits()
-    budget = ip.max_total_visual_tokens
-    file_kind = _file_kind(path)
-    try:
-        if file_kind == "image":
-            from PIL import Image
-
-            try:
-                with Image.open(path) as im:  # reads the header only
-                    width, height = im.size
-            except Image.DecompressionBombError as e:
-                raise RowError(f"{path}: image too large ({e})") from None
-        elif file_kind == "dicom":
-            import pydicom
-
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-            height, width = int(ds.Rows), int(ds.Columns)
-            frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-            if kind == "volume":  # a multi-frame volume may be resliced: only its voxel count is known here
-                if frames * height * width > limits["max_voxels"]:
-                    raise RowError(f"{path}: the header claims {frames} frames of {height}x{width}, more than "
-                                   f"max_voxels={limits['max_voxels']}")  # fmt: skip
-                height = width = None
-        elif file_kind == "volume":
-            import nibabel
-
-            shape = tuple(int(n) for n in nibabel.load(path).shape) + (1, 1, 1)
-            n_vox = math.prod(shape[:3])
-            if n_vox > limits["max_voxels"]:
-                raise RowError(f"{path}: the header claims {'x'.join(map(str, shape[:3]))} = {n_vox} voxels, "
-                               f"more than max_voxels={limits['max_voxels']}")  # fmt: skip
-            height = width = None
-        elif file_kind == "video":
-            import av
-
-            with av.open(str(path)) as container:
-                stream = container.streams.video[0]
-                width, height = stream.width, stream.height
-        else:
-            return
-    except RowError:
-        raise
-    except Exception:  # noqa: BLE001 - the loader reports unreadable files with its own, better message
-        return
-    if height is not None:
-        if height * width > limits["max_image_pixels"]:
-            what = "frames are" if kind == "video" else "image is"
-            raise RowError(f"{path}: {what} {width}x{height} = {width * height} pixels, more than "
-                           f"max_image_pixels={limits['max_image_pixels']}")  # fmt: skip
-        try:  # the aspect ratio and the grid, as the processor plans them
-            per_frame = _visual_tokens(ip, kind, 1, height, width)
-        except ValueError as e:
-            raise RowError(f"{path}: {e}") from None
-        if kind == "image" and per_frame > budget:
-            raise RowError(f"{path}: {height}x{width} gives {per_frame} visual tokens, more than "
-                           f"max_total_visual_tokens={budget}")  # fmt: skip
-    if kind != "image" and _worst_case_tokens(ip, kind, block) > budget:
-        # the settings allow more tokens than the budget: only the file's real frame count tells; load it
-        try:
-            media = ip.to_media({**block, "data_root": root})
-        except (MediaError, ValueError, ImportError) as e:
-            raise RowError(str(e)) from None
-        _check_loaded_budget(media, ip, path)
-
-
-def _check_loaded_budget(media, image_processor, where) -> None:
-    t, height, width = media.frames.shape[:3]
-    try:
-        n = _visual_tokens(image_processor, media.kind, t, height, width)
-    except ValueError as e:
-        raise RowError(f"{where}: {e}") from None
-    if n > image_processor.max_total_visual_tokens:
-        raise RowError(f"{where}: {t} frame(s) of {height}x{width} give {n} visual tokens before pruning, more than "
-                       f"max_total_visual_tokens={image_processor.max_total_visual_tokens}; lower max_frames / "
-                       "max_slices or the pixel budget")  # fmt: skip
-
-
-def load_rows(paths, data_root=None, skip_bad_rows: bool = False, validate_with=None, load_media: bool = True
-              ) -> list[dict]:  # fmt: skip
-    """Read JSONL files -> rows {"messages": JSON string, "data_root": str, "source": "file:line", "meta": JSON string}.
-
-    Every row is checked (JSON, format, roles, an assistant turn, known media types, paths inside the data root and
-    existing, extension vs. kind). With `validate_with` (a processor), every medium is also checked against what the
-    processor accepts (pixel / voxel limits, aspect ratio, max_total_visual_tokens): from file headers when
-    `load_media` is False, else by loading it once. Bad rows are collected; `skip_bad_rows=False` raises BadRowsError
-    listing all of them (file:line and cause), True logs them and drops them. Missing files are an error naming them;
-    a UTF-8 byte order mark is read as such; rows repeated verbatim are kept, with a warning giving their count.
-    Top-level keys other than the media and conversation keys (e.g. "id", "task", "answer") travel in "meta".
-    """
-    paths = [Path(p) for p in paths]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"training data not found: {', '.join(missing)}" + (
-            "" if all(p.parent.is_dir() for p in map(Path, missing)) else " (its folder does not exist)"))  # fmt: skip
-    rows, bad, total = [], [], 0
-    seen: dict[str, str] = {}
-    duplicates: list[tuple[str, str]] = []
-    known = set(MEDIA_KEYS) | {"messages", "conversations"}
-    for path in paths:
-        root = Path(data_root if data_root is not None else path.parent).expanduser().resolve()
-        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte order mark is not part of the first row
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                total += 1
-                source = f"{path}:{lineno}"
-                try:
-                    try:
-                        raw = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise RowError(f"not valid JSON ({e.msg} at column {e.colno})") from None
-                    messages = normalize_row(raw, root)
-                    if validate_with is not None:
-                        for message in messages:
-                            for block in message["content"]:
-                                if block["type"] == "text":
-                                    continue
-                                if not load_media:
-                                    _check_media_cheaply(block, root, validate_with.image_processor)
-                                    continue
-                                try:
-                                    media = validate_with.image_processor.to_media({**block, "data_root": root})
-                                except (MediaError, ValueError, ImportError) as e:
-                                    raise RowError(str(e)) from None
-                                _check_loaded_budget(media, validate_with.image_processor, media.source)
-                except RowError as e:
-                    bad.append(BadRow(source, str(e)))
-                    continue
-                key = json.dumps([raw, str(root)], sort_keys=True)
-                if key in seen:
-                    duplicates.append((source, seen[key]))
-                else:
-                    seen[key] = source
-                meta = {k: v for k, v in raw.items() if k not in known}
-                rows.append(
-                    {
-                        "messages": json.dumps(messages),
-                        "data_root": str(root),
-                        "source": source,
-                        "meta": json.dumps(meta),
-                    }
-                )
-    if bad:
-        if not skip_bad_rows:
-            raise BadRowsError(bad, total)
-        logger.warning(
-            "skipping %d bad row(s) of %d:\n%s", len(bad), total, "\n".join(f"  {b}" for b in bad)
-        )
-    if duplicates:
-        listing = "\n".join(f"  {a} repeats {b}" for a, b in duplicates[:10])
-        logger.warning("%d duplicate row(s) of %d (kept: each is trained on as often as it appears):\n%s%s",
-                       len(duplicates), total, listing, "\n  ..." if len(duplicates) > 10 else "")  # fmt: skip
-    if not rows:
-        raise ValueError(f"no usable rows in {[str(p) for p in paths]}")
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------------------- collator
-class OmniVMedCollator:
-    """Batches conversations through the processor (media loaded, resized, patched, pruned; placeholders expanded).
-
-    Returns input_ids / attention_mask / labels (B, L) padded on the right, mm_token_type_ids, and the packed visual
-    tensors of the whole batch concatenated (pixel_values (N, C*p*p), patch_positions, grid_thw, merge_sizes,
-    visual_keep_mask), which is what the model expects. labels = input_ids where the processor's assistant mask is 1
-    (assistant replies and their <|im_end|>), else -100. media_metadata is dropped.
-
-    prune_threshold: per-batch override of the processor's threshold (0 = no pruning); the processor's keep mask
-    travels with the batch, so the model uses exactly the tokens the text was expanded for.
-    cache_size: keep up to this many loaded media in memory (small datasets read many times; 0 = off).
-    """
-
-    def __init__(self, processor, prune_threshold: float | None = None, cache_size: int = 0):
-        self.processor = processor
-        self.prune_threshold = prune_threshold
-        self.cache_size = cache_size
-        self._cache: OrderedDict = OrderedDict()
-
-    def _media(self, block: dict, data_root: str | None) -> dict:
-        if data_root is not None:
-            block = {**block, "data_root": data_root}
-        if not self.cache_size:
-            return block
-        key = json.dumps(block, sort_keys=True)
-        media = self._cache.get(key)
-        if media is None:
-            media = self.processor.image_processor.to_media(block)
-            self._cache[key] = media
-            if len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(key)
-        return {"type": block["type"], block["type"]: media}
-
-    def conversation(self, example: dict, drop_last_assistant: bool = False) -> list[dict]:
-        messages = example["messages"]
-        messages = json.loads(messages) if isinstance(messages, str) else messages
-        if drop_last_assistant and messages and messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
-        root = example.get("data_root")
-        return [
-            {
-                "role": m["role"],
-                "content": [b if b["type"] == "text" else self._media(b, root) for b in m["content"]],
-            }
-            for m in messages
-        ]
-
-    def __call__(self, examples: list[dict]) -> dict:
-        kwargs = {} if self.prune_threshold is None else {"prune_threshold": self.prune_threshold}
-        try:
-            batch = self.processor.apply_chat_template(
-                [self.conversation(ex) for ex in examples],
-                tokenize=True,
-                return_dict=True,
-                return_tensors="pt",
-                return_assistant_tokens_mask=True,
-                padding=True,
-                padding_side="right",
-                **kwargs,
-            )
-        except (MediaError, ValueError) as e:
-            sources = ", ".join(ex.get("source", "?") for ex in examples)
-            raise RuntimeError(f"could not build a batch from rows [{sources}]: {e}") from e
-        batch.pop("media_metadata", None)
-        assistant = torch.as_tensor(batch.pop("assistant_masks"))
-        batch["labels"] = batch["input_ids"].masked_fill((assistant == 0) | (batch["attention_mask"] == 0), -100)
-        return dict(batch)
 
 
 # ----------------------------------------------------------------------------------------------------------- trainer
@@ -664,13 +206,6 @@ def _per_stage(value, stages: list[int], cast, name: str) -> dict:
     if len(parts) != len(stages):
         raise SystemExit(f"--{name} gives {len(parts)} values for {len(stages)} stages ({stages})")
     return {s: cast(p) for s, p in zip(stages, parts)}
-
-
-def _json_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -769,22 +304,6 @@ class StagePlan:
     dir: Path = field(default=None)
 
 
-def _processor_overrides(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in SETTINGS:
-            raise SystemExit(f"--processor {item!r}: expected KEY=VALUE with KEY one of {list(SETTINGS)}")
-        out[key] = _json_value(value)
-    return out
-
-
-def load_processor(path, overrides: list[str] = ()) -> OmniVMedProcessor:
-    """The processor of a Hub folder / repo, with --processor KEY=VALUE overrides. (trust_remote_code: the tokenizer
-    loader reads config.json, whose auto_map points at this repo's own code.)"""
-    return OmniVMedProcessor.from_pretrained(path, trust_remote_code=True, **_processor_overrides(list(overrides)))
-
-
 def _accelerator_available() -> bool:
     accelerator = getattr(torch, "accelerator", None)
     if accelerator is not None:
@@ -817,7 +336,8 @@ def _caption_examples(rows: list[dict]) -> list[tuple[dict, str]]:
     return examples
 
 
-def warm_up_tower(start: Path, rows: list[dict], out: Path, steps: int, lr: float, batch_size: int, seed: int) -> Path:
+def warm_up_tower(start: Path, rows: list[dict], out: Path, steps: int, lr: float, batch_size: int, seed: int,
+                  model_class=OmniVMedForConditionalGeneration) -> Path:
     """Give a randomly initialised tower visual features before stage 1, the job SigLIP's pretraining does for the
     real model (stage 1 freezes the tower: a random one would stay random through alignment). CatLIP-style
     (Mehta et al. 2024): predict which words a 2D image's caption holds from the tower's mean-pooled output
@@ -826,7 +346,6 @@ def warm_up_tower(start: Path, rows: list[dict], out: Path, steps: int, lr: floa
     distinct captions ask for and loses what later tasks need (a linear probe of instrument direction on its video
     features fell from 100 % to 83 %); SigLIP 2 adds local objectives for the same reason. Only 2D image-caption rows
     are used, as in SigLIP's pretraining. Writes a complete Hub folder at `out` (reused when it is already there)."""
-    from build_omnivmed import save_hub_folder
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
@@ -843,7 +362,7 @@ def warm_up_tower(start: Path, rows: list[dict], out: Path, steps: int, lr: floa
     for i, (_, text) in enumerate(examples):
         targets[i, [words.index(w) for w in CAPTION_WORD.findall(text.lower())]] = 1.0
     processor = OmniVMedProcessor.from_pretrained(start)
-    model = OmniVMedForConditionalGeneration.from_pretrained(start)
+    model = model_class.from_pretrained(start)
     tower = model.model.vision_tower
     torch.manual_seed(seed)
     head = torch.nn.Linear(tower.config.hidden_size, len(words))
@@ -883,6 +402,7 @@ def warm_up_tower(start: Path, rows: list[dict], out: Path, steps: int, lr: floa
         title="OmniV-Med tiny (tower warmed up)",
         description=f"The tiny OmniV-Med with its vision tower warmed up for {steps} steps on caption words and "
         "pixel read-back (`train_trl.warm_up_tower`); projector and LLM still random.",
+        training_data="The stage-1 image-caption rows (their caption words and pixels); projector and LLM untrained.",
         repo=out.name,
     )
     (out / RECIPE_FILE).write_text(json.dumps(recipe, indent=1))
@@ -952,20 +472,20 @@ def _barrier():
 def _lora_config(args, train: tuple):
     from peft import LoraConfig
 
-    targets = "|".join(re.escape(t) for t in args.lora_target_modules.split(","))
     return LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         # only the LLM's linear layers: the tower has q/k/v projections of the same names
-        target_modules=rf".*language_model\..*\.({targets})",
+        target_modules=OmniVMedForConditionalGeneration.lora_target_modules(args.lora_target_modules.split(",")),
         modules_to_save=[name for module, name in (("tower", "vision_tower"), ("projector", "projector")) if module in train],
         task_type="CAUSAL_LM",
     )
 
 
-def _card(plans: list[StagePlan], plan: StagePlan, start: str, lora: bool) -> dict:
+def _card(plans: list[StagePlan], plan: StagePlan, args, lora: bool) -> dict:
     done = [p for p in plans if p.stage.number <= plan.stage.number]
+    start = public_name(args.model_label)
     lines = [
         f"Fine-tuned from `{start}` with `train_trl.py` (TRL SFTTrainer), stage(s) "
         + ", ".join(f"{p.stage.number} ({p.stage.name})" for p in done) + ".",
@@ -978,7 +498,23 @@ def _card(plans: list[StagePlan], plan: StagePlan, start: str, lora: bool) -> di
         trained = ", ".join(p.train) + (" (LLM via LoRA, merged)" if lora and "llm" in p.train else "")
         lines.append(f"| {p.stage.number} {p.stage.name} | {trained} | {lrs} | "
                      f"{p.max_steps if p.max_steps > 0 else f'{p.epochs:g} epoch(s)'} | {len(p.data)} |")  # fmt: skip
-    return dict(title=f"OmniV-Med fine-tuned (stage {plan.stage.number}: {plan.stage.name})", description="\n".join(lines))
+    if args.data is None and not any(getattr(args, f"stage{s}_data", None) for s in (1, 2, 3)):
+        data = ("The embedded default dataset (`data_omnivmed.py`): MNI152, nibabel and pydicom test data with planted "
+                "lesions and synthetic endoscopy videos; a toy task set for checking the pipeline, not clinical data.")
+    else:
+        files = {p.stage.number: getattr(args, f"stage{p.stage.number}_data", None) or args.data for p in done}
+        data = "JSONL rows, per stage: " + "; ".join(
+            f"stage {n}: " + ", ".join(Path(f).name for f in str(v).split(",")) for n, v in files.items()
+        ) + " (file names as given to train_trl.py; their sources and licences are the data owner's to state)."
+    return dict(
+        title=f"OmniV-Med fine-tuned (stage {plan.stage.number}: {plan.stage.name})",
+        description="\n".join(lines),
+        repo=args.hub_model_id or "<your-name>/<this-repo>",
+        training_data=data,
+        evaluation="Not evaluated by train_trl.py (the embedded default appends its held-out table below); "
+        "evaluate_omnivmed.py scores the public benchmarks.",
+        parts=[(start, part_license(args.model_label) if Path(str(args.model_label)).exists() else None)],
+    )
 
 
 def _replica_fingerprint(model) -> torch.Tensor:
@@ -1005,13 +541,12 @@ def check_replicas(model) -> None:
         raise RuntimeError(f"the processes hold different weights: {[g.tolist() for g in gathered]}")
 
 
-def save_model_folder(trainer, processor, out: Path, start_model: str, lora: bool, card: dict) -> Path:
-    """Write the trained model as a complete Hub folder (build_omnivmed.save_hub_folder) on the main process.
+def save_model_folder(trainer, processor, out: Path, start_model: str, lora: bool, card: dict,
+                      model_class=OmniVMedForConditionalGeneration) -> Path:
+    """Write the trained model as a complete Hub folder (omnivmed_tools.save_hub_folder) on the main process.
 
     DeepSpeed / FSDP: the full weights are gathered by `trainer.save_model` first. LoRA: the adapter is saved to
     `out/adapter` (with the processor), then merged into a fresh copy of the start model."""
-    from build_omnivmed import save_hub_folder
-
     out = Path(out)
     sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
     if lora:
@@ -1021,19 +556,22 @@ def save_model_folder(trainer, processor, out: Path, start_model: str, lora: boo
             from peft import PeftModel
 
             processor.save_pretrained(adapter)
-            base = OmniVMedForConditionalGeneration.from_pretrained(start_model)
+            base = model_class.from_pretrained(start_model)
             model = PeftModel.from_pretrained(base, adapter).merge_and_unload()
-            save_hub_folder(model, processor, out, repo=out.name, **card)
+            # PEFT's own card is an empty template: the adapter gets the same card as the merged model
+            write_model_card(adapter, model, **{**card, "title": card["title"] + " (LoRA adapter)"},
+                             library_name="peft")
+            save_hub_folder(model, processor, out, **card)
     elif sharded:
         gathered = out.parent / "gathered"
         trainer.save_model(str(gathered))
         if trainer.accelerator.is_main_process:
-            model = OmniVMedForConditionalGeneration.from_pretrained(gathered)
-            save_hub_folder(model, processor, out, repo=out.name, **card)
+            model = model_class.from_pretrained(gathered)
+            save_hub_folder(model, processor, out, **card)
             shutil.rmtree(gathered, ignore_errors=True)
     elif trainer.accelerator.is_main_process:
         model = trainer.accelerator.unwrap_model(trainer.model)
-        save_hub_folder(model, processor, out, repo=out.name, **card)
+        save_hub_folder(model, processor, out, **card)
     trainer.accelerator.wait_for_everyone()
     return out
 
@@ -1083,7 +621,7 @@ def run_stage(plan: StagePlan, start_model: str, args, plans: list, callbacks=()
     load_kwargs = {"dtype": getattr(torch, args.dtype)}
     if args.attn_implementation:
         load_kwargs["attn_implementation"] = args.attn_implementation
-    model = OmniVMedForConditionalGeneration.from_pretrained(start_model, **load_kwargs)
+    model = args.model_class.from_pretrained(start_model, **load_kwargs)
     lora = args.lora and "llm" in plan.train
     counts = set_trainable(model, [m for m in plan.train if not (lora and m == "llm")])
     logger.info(
@@ -1121,7 +659,8 @@ def run_stage(plan: StagePlan, start_model: str, args, plans: list, callbacks=()
     logger.info("stage %d trained in %.1f s", stage.number, time.time() - started)
     if args.check_replicas:
         check_replicas(trainer.accelerator.unwrap_model(trainer.model))
-    out = save_model_folder(trainer, processor, plan.dir / "model", start_model, lora, _card(plans, plan, args.model_label, lora))
+    out = save_model_folder(trainer, processor, plan.dir / "model", start_model, lora, _card(plans, plan, args, lora),
+                            args.model_class)
     if _is_main():
         (out / "omnivmed_stage.json").write_text(
             json.dumps(
@@ -1161,21 +700,10 @@ def _resume_point(plan: StagePlan, resume: str | None):
     return str(path) if path.parent == plan.dir.resolve() else None
 
 
-def push_folder(folder: Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
-    """Create the repo (if needed) and upload the folder in one commit; honours HF_ENDPOINT at call time."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
-    url = api.create_repo(repo_id, exist_ok=True, private=private)
-    info = api.upload_folder(
-        repo_id=repo_id, folder_path=str(folder), commit_message="Upload OmniV-Med fine-tuned with train_trl.py"
-    )
-    logger.info("pushed %s to %s (%s)", folder, url, getattr(info, "commit_url", info))
-    return str(url)
-
-
-def main(argv=None, callbacks=()) -> Path:
+def main(argv=None, callbacks=(), model_class=OmniVMedForConditionalGeneration) -> Path:
+    """`model_class`: what the stages load and save (ablate_omnivmed.py passes its learned-position-table arm)."""
     args = build_parser().parse_args(argv)
+    args.model_class = model_class
     logging.basicConfig(
         level=logging.INFO if _is_main() else logging.WARNING,
         format="%(asctime)s %(name)s: %(message)s",
@@ -1216,15 +744,13 @@ def _main(args, callbacks) -> Path:
     output_dir = args.output_dir.resolve()
     default_items = None
     if args.model is None:
-        args.model_label = "a fresh tiny OmniV-Med (build_omnivmed.build_tiny)"
+        args.model_label = "a fresh tiny OmniV-Med (omnivmed_tools.build_tiny)"
         _init_distributed()  # the other ranks wait for rank 0 to build the tiny model and the dataset
         start = output_dir / "base"
         if _is_main():
             _build_base(start, args.seed, embedded)
         _barrier()
         if embedded:
-            import data_omnivmed
-
             if _is_main():
                 data_omnivmed.build_default_dataset(output_dir / "data", seed=args.seed, size=args.default_size)
             _barrier()
@@ -1243,7 +769,7 @@ def _main(args, callbacks) -> Path:
                     checked_rows[s] = _stage_rows(stage_data[s], args, validator)
                 rows = checked_rows[1]
                 warm_up_tower(start, rows, warm, args.tower_warmup_steps, args.tower_warmup_lr,
-                              args.per_device_train_batch_size * 2, args.seed)  # fmt: skip
+                              args.per_device_train_batch_size * 2, args.seed, args.model_class)  # fmt: skip
             _barrier()
             start = warm
         start_model = str(start)
@@ -1298,13 +824,14 @@ def _main(args, callbacks) -> Path:
     _barrier()
 
     if embedded and _is_main() and args.eval != "no":
-        import data_omnivmed
-
         report = data_omnivmed.evaluate_default(final, default_items["eval"], output_dir / "data")
         data_omnivmed.append_results_to_card(final, report)
         print(report["text"])
     if args.push_to_hub and _is_main():
-        push_folder(final, args.hub_model_id, args.hub_private_repo, args.hub_token)
+        push_folder(
+            final, args.hub_model_id, args.hub_private_repo, args.hub_token,
+            message="Upload OmniV-Med fine-tuned with train_trl.py",
+        )
     _barrier()
     logger.info("done in %.1f s", time.time() - started)
     return final
@@ -1312,18 +839,14 @@ def _main(args, callbacks) -> Path:
 
 def _build_base(out: Path, seed: int, embedded: bool):
     """The fresh tiny model (reused when an earlier run built it from the same recipe)."""
-    from build_omnivmed import build_tiny
-
-    # data_omnivmed.py even without the embedded data: the tiny tokenizer's corpus holds its questions and answers
-    sources = ["build_omnivmed.py", "configuration_omnivmed.py", "modeling_omnivmed.py", "processing_omnivmed.py",
+    # omnivmed_tools.py holds the tiny preset and the tokenizer's corpus (with the embedded default's questions)
+    sources = ["omnivmed_tools.py", "configuration_omnivmed.py", "modeling_omnivmed.py", "processing_omnivmed.py",
                "data_omnivmed.py"]  # fmt: skip
     recipe = dict(seed=seed, embedded=embedded, code=_sources_digest(sources))
     if _reusable(out, recipe, "tiny model"):
         return
     build_tiny(out, seed)
     if embedded:  # the embedded default trains at a small pixel budget; the saved processor keeps it
-        import data_omnivmed
-
         processor = OmniVMedProcessor.from_pretrained(out, trust_remote_code=True, **data_omnivmed.DEFAULT_PROCESSOR)
         processor.save_pretrained(out)
     (out / RECIPE_FILE).write_text(json.dumps(recipe, indent=1))
@@ -1331,8 +854,6 @@ def _build_base(out: Path, seed: int, embedded: bool):
 
 def _apply_embedded_defaults(args, stages: list[int]):
     """Training settings of the embedded default, where the command line did not set them."""
-    import data_omnivmed
-
     defaults = data_omnivmed.DEFAULT_TRAINING
     if args.max_steps is None:
         args.max_steps = ",".join(str(defaults["max_steps"][s]) for s in stages)

@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Row, Timer, current_rss_bytes, fmt_s, peak_rss_bytes, reset_peak_rss, run_child  # noqa: E402
 
-import build_omnivmed  # noqa: E402
+import omnivmed_tools  # noqa: E402
 from omnivmed.media_omnivmed import Media  # noqa: E402
 from omnivmed.processing_omnivmed import OmniVMedImageProcessor, OmniVMedProcessor  # noqa: E402
 
@@ -26,11 +26,11 @@ COMMAND = "python bench/bench_llm.py"
 
 
 def tiny():
-    tokenizer = build_omnivmed.build_tiny_tokenizer()
-    model = build_omnivmed.tiny_model(tokenizer, 0)
+    tokenizer = omnivmed_tools.build_tiny_tokenizer()
+    model = omnivmed_tools.tiny_model(tokenizer, 0)
     model.set_attn_implementation("sdpa")
     processor = OmniVMedProcessor(
-        OmniVMedImageProcessor(**dict(build_omnivmed.TINY_IMAGE_PROCESSOR, max_frames=4096,
+        OmniVMedImageProcessor(**dict(omnivmed_tools.TINY_IMAGE_PROCESSOR, max_frames=4096,
                                       max_total_visual_tokens=10**6)),
         tokenizer,
     )

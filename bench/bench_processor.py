@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Row, Timer, fmt_s  # noqa: E402
 
 from omnivmed.processing_omnivmed import OmniVMedImageProcessor  # noqa: E402
+from omnivmed_tools import write_instrument_video  # noqa: E402
 
 
 MNI = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
@@ -126,8 +127,6 @@ def bench_3d(repeats: int, max_slices: int = 64) -> list[Row]:
 
 
 def bench_video(repeats: int, seconds: int = 64) -> list[Row]:
-    from bench_pruning import write_instrument_video
-
     path = write_instrument_video(Path(tempfile.mkdtemp()) / "instrument.mp4", seconds=seconds)
     ours = OmniVMedImageProcessor(video_max_pixels=224 * 224, max_frames=seconds, fps=1.0)
     arms = {b: (lambda b=b: ours([str(path)], kind="video", video_backend=b)) for b in ("decord", "pyav")}

@@ -16,27 +16,29 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import build_omnivmed  # noqa: E402
+import omnivmed_tools  # noqa: E402
+from common import Row  # noqa: E402
 from omnivmed.configuration_omnivmed import OmniVMedConfig  # noqa: E402
 from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration  # noqa: E402
 from omnivmed.processing_omnivmed import OmniVMedImageProcessor, OmniVMedProcessor  # noqa: E402
+from omnivmed_tools import endoscopic_scene, visualize, write_instrument_video  # noqa: E402,F401 (re-exported)
 
 
 MNI = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 CONFIGS = {
-    "tiny": dict(vision=build_omnivmed.TINY_VISION, text=build_omnivmed.TINY_TEXT),
+    "tiny": dict(vision=omnivmed_tools.TINY_VISION, text=omnivmed_tools.TINY_TEXT),
     # a ViT-S-sized tower and a half-depth Qwen2.5-0.5B-shaped LLM
     "mid": dict(
         vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6, patch_size=14),
         text=dict(
-            build_omnivmed.TINY_TEXT,
+            omnivmed_tools.TINY_TEXT,
             hidden_size=896,
             intermediate_size=4864,
             num_hidden_layers=12,
@@ -47,49 +49,10 @@ CONFIGS = {
 }
 
 
-def endoscopic_scene(size: int, seed: int = 0) -> np.ndarray:
-    """A static 'endoscopic' background: smooth pink texture, (size, size, 3) in [0, 1]."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    texture = sum(
-        np.sin(2 * np.pi * (fx * xx + fy * yy) + phase)
-        for fx, fy, phase in rng.uniform([1, 1, 0], [6, 6, 2 * np.pi], size=(8, 3))
-    )
-    texture = (texture - texture.min()) / np.ptp(texture)
-    return np.stack([0.55 + 0.35 * texture, 0.25 + 0.2 * texture, 0.25 + 0.15 * texture], -1)
-
-
-def write_instrument_video(path: Path, seconds: int = 64, fps: int = 8, size: int = 224, seed: int = 0) -> Path:
-    """A static 'endoscopic' scene (smooth pink texture) with a grey instrument sweeping left to right and back."""
-    import av
-
-    scene = endoscopic_scene(size, seed)
-    container = av.open(str(path), "w")
-    stream = container.add_stream("libx264", rate=fps)
-    stream.width = stream.height = size
-    stream.pix_fmt = "yuv420p"
-    stream.options = {"crf": "18"}
-    n = seconds * fps
-    for i in range(n):
-        frame = scene.copy()
-        phase = (i / n) * 2  # one sweep right, one back
-        x = int((phase if phase < 1 else 2 - phase) * (size - 40))
-        y = size // 2 + int(20 * np.sin(2 * np.pi * i / n))
-        frame[y - 6 : y + 6, : x + 30] = 0.75  # shaft from the left edge
-        frame[y - 12 : y + 12, x + 30 : x + 40] = 0.9  # jaws
-        image = av.VideoFrame.from_ndarray((frame * 255).astype(np.uint8), format="rgb24")
-        for packet in stream.encode(image):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
-    return path
-
-
 def model_for(name: str, tokenizer) -> OmniVMedForConditionalGeneration:
     c = CONFIGS[name]
     text = dict(c["text"], vocab_size=-(-len(tokenizer) // 64) * 64, pad_token_id=tokenizer.pad_token_id)
-    config = OmniVMedConfig(text_config=text, vision_config=c["vision"], **build_omnivmed.token_ids(tokenizer))
+    config = OmniVMedConfig(text_config=text, vision_config=c["vision"], **omnivmed_tools.token_ids(tokenizer))
     torch.manual_seed(0)
     model = OmniVMedForConditionalGeneration(config).eval()
     model.set_attn_implementation("sdpa")
@@ -141,11 +104,8 @@ def run(configs=("tiny",), repeats: int = 3, quick: bool = False) -> list:
     """The measurements of `main` as rows of BENCHMARKS.md (bench/run_all.py)."""
     import nilearn
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import Row
-
     slices, seconds = (6, 4) if quick else (256, 64)
-    tokenizer = build_omnivmed.build_tiny_tokenizer()
+    tokenizer = omnivmed_tools.build_tiny_tokenizer()
     processor = OmniVMedProcessor(
         OmniVMedImageProcessor(video_max_pixels=224 * 224, max_slices=slices, max_frames=seconds), tokenizer
     )
@@ -186,7 +146,7 @@ def main(argv=None):
     torch.set_num_threads(torch.get_num_threads())
     import nilearn
 
-    tokenizer = build_omnivmed.build_tiny_tokenizer()
+    tokenizer = omnivmed_tools.build_tiny_tokenizer()
     # 224 px per slice/frame, every MNI slice (189 at 1 mm), 64 video frames at 1 fps
     processor = OmniVMedProcessor(
         OmniVMedImageProcessor(video_max_pixels=224 * 224, max_slices=256, max_frames=64), tokenizer
@@ -197,8 +157,6 @@ def main(argv=None):
         "static-camera video": {"type": "video", "path": str(write_instrument_video(workdir / "instrument.mp4"))},
     }
     if args.montage_dir:
-        from visualize_pruning import visualize
-
         args.montage_dir.mkdir(parents=True, exist_ok=True)
         for name, block in media.items():
             out = args.montage_dir / f"pruning_{name.split()[0].lower()}.png"

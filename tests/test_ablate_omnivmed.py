@@ -5,8 +5,12 @@ import json
 import math
 
 import pytest
+import torch
+from conftest import tiny_config_dict
 
 import ablate_omnivmed as A
+from omnivmed.configuration_omnivmed import OmniVMedConfig
+from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration, patch_positions_from_grid
 
 
 TABLE_HEADERS = (
@@ -95,3 +99,74 @@ def test_sweep_rows_are_a_seeded_sample_not_a_stride():
     assert all(m["kind"] == "video" for m in meta) and [m["i"] for m in meta] == sorted(m["i"] for m in meta)
     assert picked == A.sweep_selection(rows, 20)
     assert len(A.sweep_selection(rows, 0)) == 40
+
+
+# --- the learned absolute position table (claim 1's comparison arm, kept out of the model) ------------------------
+
+
+def learned_model(seed=0, **vision):
+    torch.manual_seed(seed)
+    config = OmniVMedConfig(**tiny_config_dict(vision_config={"position_embedding": "learned", **vision}))
+    assert A.model_class_for(config.vision_config) is A.LearnedPositionOmniVMed
+    return A.LearnedPositionOmniVMed(config).eval()
+
+
+def visual_inputs(grids, seed=0, patch_dim=48):
+    grid = torch.tensor(grids)
+    n = int(grid.prod(-1).sum())
+    return torch.randn(n, patch_dim, generator=torch.Generator().manual_seed(seed)), grid
+
+
+@pytest.mark.parametrize("grids", [[[1, 2, 2]], [[1, 4, 14], [3, 6, 4]], [[1, 16, 16], [2, 30, 6]]])
+def test_learned_table_any_grid_positions_matter_time_does_not(grids):
+    vision = learned_model(position_table_size=5, attention_scope="clip").model.vision_tower
+    assert vision.position_embedding.weight.shape == (25, 48)
+    pv, grid = visual_inputs(grids)
+    pos = patch_positions_from_grid(grid, torch.full((len(grids),), 2))
+    out = vision(pv, grid, pos).last_hidden_state
+    assert out.shape == (pv.shape[0], 48) and torch.isfinite(out).all()
+    # interpolated to the item's grid: a 5 x 5 grid reads the table as it is
+    if grids == [[1, 2, 2]]:
+        pos5 = torch.tensor([[0, i, j] for i in range(5) for j in range(5)])
+        emb = vision.absolute_positions(torch.tensor([[1, 5, 5]]), pos5)
+        torch.testing.assert_close(emb, vision.position_embedding.weight, atol=1e-6, rtol=1e-6)
+    # (h, w) positions matter (no RoPE, so only through the table) ...
+    n0 = grids[0][0] * grids[0][1] * grids[0][2]
+    perm = pos.clone()
+    perm[:n0] = pos[:n0][torch.randperm(n0, generator=torch.Generator().manual_seed(1))]
+    assert not torch.allclose(vision(pv, grid, perm).last_hidden_state[:n0], out[:n0], atol=1e-4)
+    # ... the slice / frame index does not, even in clip scope (SigLIP's table has no t)
+    swapped_t = pos.clone()
+    swapped_t[:, 0] = torch.repeat_interleave(grid[:, 0], grid.prod(-1)) - 1 - pos[:, 0]
+    torch.testing.assert_close(vision(pv, grid, swapped_t).last_hidden_state, out, atol=1e-5, rtol=1e-5)
+    # a keep mask runs the kept patches with the same table entries
+    keep = torch.rand(pv.shape[0], generator=torch.Generator().manual_seed(2)) > 0.3
+    assert vision(pv, grid, pos, patch_keep_mask=keep).last_hidden_state.shape == (int(keep.sum()), 48)
+    emb = vision.absolute_positions(grid, pos)
+    torch.testing.assert_close(vision.absolute_positions(grid, pos[keep], keep), emb[keep])
+
+
+def test_learned_table_arm_save_load_round_trip_and_chunking(tmp_path):
+    model = learned_model(position_table_size=6)
+    model.save_pretrained(tmp_path)
+    config = OmniVMedConfig.from_pretrained(tmp_path)
+    assert config.vision_config.position_embedding == "learned" and config.vision_config.position_table_size == 6
+    loaded = A.model_class_for(config.vision_config).from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(loaded.model.vision_tower.position_embedding.weight,
+                               model.model.vision_tower.position_embedding.weight)  # fmt: skip
+    grids = [[1, 4, 6], [2, 4, 4]]
+    pv, grid = visual_inputs(grids)
+    n_visual = sum(t * (h // 2) * (w // 2) for t, h, w in grids)
+    ids = torch.tensor([[1, 2] + [5] * n_visual + [3, 4]])
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=pv, grid_thw=grid, prune_threshold=0.0).logits
+        out = loaded(input_ids=ids, pixel_values=pv, grid_thw=grid, prune_threshold=0.0).logits
+    torch.testing.assert_close(out, ref)
+    # the model's own class does not carry the table (the arm is the ablation's, not the product's)
+    assert not hasattr(OmniVMedForConditionalGeneration(config).model.vision_tower, "position_embedding")
+    # encoding in runs of whole segments gives the whole sequence's features with the table too
+    merge = torch.full((2,), 2)
+    vision = model.model.vision_tower
+    whole = vision(pv, grid, merge_sizes=merge).last_hidden_state
+    vision.config.max_patches_per_chunk = 16
+    torch.testing.assert_close(vision(pv, grid, merge_sizes=merge).last_hidden_state, whole, atol=1e-5, rtol=1e-5)

@@ -15,6 +15,7 @@ from PIL import Image
 
 import build_instruct_omnivmed as bi
 import evaluate_omnivmed as ev
+import omnivmed_benchmarks
 import test_evaluate_omnivmed as evt  # the benchmark fixtures of the evaluation tests
 
 
@@ -188,7 +189,7 @@ def make_m3d(root: Path) -> Path:
     (caps / "M3D_Cap.json").write_text(json.dumps(index))
     with (root / "M3D_VQA_train.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(list(ev.M3D_COLUMNS))
+        w.writerow(list(omnivmed_benchmarks.M3D_COLUMNS))
         w.writerow(["M3D_Cap_npy/ct_case/000002/Axial.npy", "Which organ has the cyst?", "Liver", "Kidney", "Spleen",
                     "Lung", "Liver", "A", "3"])  # fmt: skip
         w.writerow(["M3D_Cap_npy/ct_case/000004/Axial.npy", "In which plane?", "Axial", "Coronal", "Sagittal",

@@ -40,6 +40,7 @@ def test_folder_is_a_complete_hub_repo(tiny_dir):
         "processing_omnivmed.py",
         "pruning_omnivmed.py",
         "media_omnivmed.py",
+        "collator_omnivmed.py",
         "processor_config.json",
         "tokenizer.json",
         "tokenizer_config.json",
@@ -128,6 +129,55 @@ def test_loads_in_a_new_process_through_auto_classes_and_matches(tiny_dir, tmp_p
     torch.testing.assert_close(saved["logits"], logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(saved["causal"], logits, atol=1e-5, rtol=1e-5)
     assert saved["hidden"].shape[:2] == logits.shape[:2]
+
+
+READERS_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import numpy as np, nibabel, pydicom.data
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    processor = AutoProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(sys.argv[1], trust_remote_code=True)
+    try:
+        import omnivmed  # the checkout's package shim must not be reachable: the code comes from the folder
+        sys.exit("the repo is on sys.path")
+    except ImportError:
+        pass
+    nifti = Path(nibabel.__file__).parent / "tests" / "data" / "anatomical.nii"
+    blocks = [{"type": "volume", "path": str(nifti)},
+              {"type": "volume", "path": pydicom.data.get_testdata_file("CT_small.dcm")},
+              {"type": "video", "video": np.zeros((3, 32, 32, 3), dtype=np.uint8)}]
+    kinds = [processor.image_processor.to_media(b).kind for b in blocks]
+    modules = sorted(m.split(".")[-1] for m, mod in sys.modules.items()
+                     if m.split(".")[-1].endswith("_omnivmed") and getattr(mod, "__file__", None))
+    print(json.dumps({"kinds": kinds, "modules": modules}))
+    """
+)
+
+
+def test_every_remote_code_file_travels_and_the_readers_run_from_a_fresh_directory(tiny_dir, tmp_path):
+    """A copy of the folder, a directory without the repo, no PYTHONPATH: NIfTI, DICOM and array readers all run from
+    the files the folder carries (a code file missing from REMOTE_CODE_FILES fails the import here)."""
+    from omnivmed_tools import REMOTE_CODE_FILES
+
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for f in tiny_dir.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    script = tmp_path / "readers.py"
+    script.write_text(READERS_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, "-I", str(script), str(folder)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["kinds"] == ["volume", "volume", "video"]
+    assert set(report["modules"]) == {name.removesuffix(".py") for name in REMOTE_CODE_FILES}
 
 
 def test_loading_without_trust_remote_code_fails_with_transformers_message(tiny_dir, tmp_path):
@@ -288,6 +338,9 @@ def test_pretrained_build_reloads_in_a_new_process_offline(built_dir, tmp_path):
     out, _ = built_dir
     card = (out / "README.md").read_text()
     assert "projector is random" in card and "pipeline_tag: image-text-to-text" in card
+    # local parts are named, never located; their licences are unknown (no card), so the whole is `license: other`
+    assert str(out.parent.parent) not in card and "siglip (a local folder)" in card
+    assert "license: other" in card.split("---")[1] and "unknown (see its own model card)" in card
     script = tmp_path / "load.py"
     script.write_text(LOAD_SCRIPT)
     result = subprocess.run(

@@ -43,6 +43,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from omnivmed import dicom_omnivmed  # noqa: E402
 from omnivmed import media_omnivmed as mo  # noqa: E402
 from omnivmed.processing_omnivmed import OmniVMedImageProcessor  # noqa: E402
 
@@ -352,8 +353,8 @@ def vol_wide(shape=(6, 7, 5)) -> np.ndarray:
 def check_pydicom_window(m, path, center=None, width=None):
     ds = pydicom.dcmread(path)
     hu = apply_rescale(ds.pixel_array, ds).astype(np.float64)
-    c = float(center if center is not None else mo._first_value(ds.WindowCenter))
-    w = float(width if width is not None else mo._first_value(ds.WindowWidth))
+    c = float(center if center is not None else dicom_omnivmed._first_value(ds.WindowCenter))
+    w = float(width if width is not None else dicom_omnivmed._first_value(ds.WindowWidth))
     ref = np.clip((hu - (c - w / 2)) / w, 0, 1)
     close(m.frames[0, ..., 0], ref, 1e-5, "HU vs pydicom apply_rescale + window")
 

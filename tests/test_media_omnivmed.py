@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from media_omnivmed import WINDOW_PRESETS, Media, MediaError, load_media  # noqa: E402
+from omnivmed.media_omnivmed import WINDOW_PRESETS, Media, MediaError, load_media  # noqa: E402
 
 nib = pytest.importorskip("nibabel")
 pydicom = pytest.importorskip("pydicom")
@@ -416,7 +416,7 @@ def test_sagittal_dicom_series_is_reoriented(tmp_path):
 
 def test_dicom_reorientation_rule_matches_nibabel():
     # DICOM volumes use the module's own closest-canonical rule; it must agree with nibabel's.
-    from media_omnivmed import _closest_canonical_ornt
+    from omnivmed.volume_omnivmed import closest_canonical_ornt as _closest_canonical_ornt
 
     rng = np.random.default_rng(0)
     for _ in range(200):

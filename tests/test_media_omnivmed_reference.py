@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from media_omnivmed import WINDOW_PRESETS, MediaError, load_media  # noqa: E402
+from omnivmed.media_omnivmed import WINDOW_PRESETS, MediaError, load_media  # noqa: E402
 
 nib = pytest.importorskip("nibabel")
 pydicom = pytest.importorskip("pydicom")

@@ -105,73 +105,15 @@ def test_any_image_size_runs(hw):
     assert out.shape == (hw[0] * hw[1], 48) and torch.isfinite(out).all()
 
 
-# --- the learned absolute position table (ablation arm of ablate_omnivmed.py) -----------------------------------
-
-
-def test_default_tower_is_rope_and_explicit_rope_is_the_same_model():
-    default = make_model(seed=3)
-    explicit = make_model(seed=3, vision_config={"position_embedding": "rope"})
-    assert default.config.vision_config.position_embedding == "rope"
-    assert default.state_dict().keys() == explicit.state_dict().keys()
+def test_tower_is_rope_over_the_patches_and_nothing_else():
+    """Positions reach the tower only through RoPE: the forward equals patch embedding + layers with the rotary
+    embedding of the positions + final norm (absolute_positions adds nothing)."""
+    model = make_model(seed=3)
     pv, grid = visual_inputs([[1, 4, 6], [3, 4, 4]])
     pos = patch_positions_from_grid(grid, torch.tensor([2, 2]))
-    out = tower(default)(pv, grid, pos).last_hidden_state
-    torch.testing.assert_close(out, tower(explicit)(pv, grid, pos).last_hidden_state, atol=0, rtol=0)
-    torch.testing.assert_close(out, _tower_raw(tower(default), pv, grid, pos), atol=0, rtol=0)
-
-
-@pytest.mark.parametrize("grids", [[[1, 2, 2]], [[1, 4, 14], [3, 6, 4]], [[1, 16, 16], [2, 30, 6]]])
-def test_learned_table_any_grid_positions_matter_time_does_not(grids):
-    model = make_model(vision_config={"position_embedding": "learned", "position_table_size": 5,
-                                      "attention_scope": "clip"})  # fmt: skip
-    vision = tower(model)
-    assert vision.position_embedding.weight.shape == (25, 48)
-    pv, grid = visual_inputs(grids)
-    merge = torch.full((len(grids),), 2)
-    pos = patch_positions_from_grid(grid, merge)
-    out = vision(pv, grid, pos).last_hidden_state
-    assert out.shape == (pv.shape[0], 48) and torch.isfinite(out).all()
-    # interpolated to the item's grid: a 5 x 5 grid reads the table as it is
-    if grids == [[1, 2, 2]]:
-        pos5 = torch.tensor([[0, i, j] for i in range(5) for j in range(5)])
-        emb = vision.interpolated_positions(torch.tensor([[1, 5, 5]]), pos5)
-        torch.testing.assert_close(emb, vision.position_embedding.weight, atol=1e-6, rtol=1e-6)
-    # (h, w) positions matter (no RoPE, so only through the table) ...
-    n0 = grids[0][0] * grids[0][1] * grids[0][2]
-    perm = pos.clone()
-    perm[:n0] = pos[:n0][torch.randperm(n0, generator=torch.Generator().manual_seed(1))]
-    assert not torch.allclose(vision(pv, grid, perm).last_hidden_state[:n0], out[:n0], atol=1e-4)
-    # ... the slice / frame index does not, even in clip scope (SigLIP's table has no t)
-    swapped_t = pos.clone()
-    swapped_t[:, 0] = torch.repeat_interleave(grid[:, 0], grid.prod(-1)) - 1 - pos[:, 0]
-    torch.testing.assert_close(vision(pv, grid, swapped_t).last_hidden_state, out, atol=1e-5, rtol=1e-5)
-    # a keep mask runs the kept patches with the same table entries
-    keep = torch.rand(pv.shape[0], generator=torch.Generator().manual_seed(2)) > 0.3
-    kept = vision(pv, grid, pos, patch_keep_mask=keep).last_hidden_state
-    assert kept.shape == (int(keep.sum()), 48)
-    emb = vision.interpolated_positions(grid, pos)
-    torch.testing.assert_close(vision.interpolated_positions(grid, pos[keep], keep), emb[keep])
-
-
-def test_learned_table_save_load_round_trip(tmp_path):
-    model = make_model(vision_config={"position_embedding": "learned", "position_table_size": 6})
-    model.save_pretrained(tmp_path)
-    loaded = OmniVMedForConditionalGeneration.from_pretrained(tmp_path).eval()
-    assert loaded.config.vision_config.position_embedding == "learned"
-    assert loaded.config.vision_config.position_table_size == 6
-    torch.testing.assert_close(tower(loaded).position_embedding.weight, tower(model).position_embedding.weight)
-    grids = [[1, 4, 6], [2, 4, 4]]
-    pv, grid = visual_inputs(grids)
-    ids = torch.tensor([prompt_ids(n_tokens(grids))])
-    with torch.no_grad():
-        ref = model(input_ids=ids, pixel_values=pv, grid_thw=grid, prune_threshold=0.0).logits
-        out = loaded(input_ids=ids, pixel_values=pv, grid_thw=grid, prune_threshold=0.0).logits
-    torch.testing.assert_close(out, ref)
-
-
-def test_position_embedding_setting_is_checked():
-    with pytest.raises(ValueError, match="position_embedding"):
-        make_model(vision_config={"position_embedding": "sincos"})
+    assert tower(model).absolute_positions(grid, pos) is None
+    out = tower(model)(pv, grid, pos).last_hidden_state
+    torch.testing.assert_close(out, _tower_raw(tower(model), pv, grid, pos), atol=0, rtol=0)
 
 
 def test_packed_batch_equals_each_alone():
@@ -188,10 +130,8 @@ def test_packed_batch_equals_each_alone():
         offset += n
 
 
-@pytest.mark.parametrize("scope,impl,positions", [("frame", "eager", "rope"), ("clip", "eager", "rope"),
-                                                   ("frame", "sdpa", "rope"), ("clip", "sdpa", "rope"),
-                                                   ("frame", "sdpa", "learned")])  # fmt: skip
-def test_chunked_tower_equals_whole(scope, impl, positions):
+@pytest.mark.parametrize("scope,impl", [("frame", "eager"), ("clip", "eager"), ("frame", "sdpa"), ("clip", "sdpa")])
+def test_chunked_tower_equals_whole(scope, impl):
     """Encoding in runs of whole segments (a long video's memory bound) gives the whole sequence's features, for a
     mixed batch whose segments come in several lengths, interleaved, with and without a patch keep mask."""
     grids = [[1, 4, 6], [5, 4, 4], [1, 2, 2], [3, 4, 4], [1, 8, 2]]
@@ -200,8 +140,7 @@ def test_chunked_tower_equals_whole(scope, impl, positions):
     keep = torch.rand(pv.shape[0], generator=torch.Generator().manual_seed(2)) > 0.3
     results = {}
     for max_patches in (0, 16, 40, 1):  # 1: every segment alone; 40 never divides the segments evenly
-        model = make_model(vision_config={"attention_scope": scope, "max_patches_per_chunk": max_patches,
-                                          "position_embedding": positions})  # fmt: skip
+        model = make_model(vision_config={"attention_scope": scope, "max_patches_per_chunk": max_patches})
         model.set_attn_implementation(impl)
         results[max_patches] = [
             tower(model)(pv, grid, merge_sizes=merge, patch_keep_mask=mask).last_hidden_state for mask in (None, keep)
@@ -542,3 +481,18 @@ def test_tower_on_another_device_than_its_inputs():
     with torch.no_grad(), recorder:
         out = model(input_ids=torch.tensor([prompt_ids(8)]), pixel_values=pv, grid_thw=grid, prune_threshold=0.0)
     assert recorder.mixed == [] and out.logits.device.type == "meta"
+
+
+def test_lora_target_modules_adapt_the_language_model_only():
+    """The usual target_modules list also matches the tower's SigLIP-named projections; the model's regex does not."""
+    from peft import LoraConfig, get_peft_model
+
+    def adapted(target_modules):
+        peft_model = get_peft_model(make_model(), LoraConfig(r=2, target_modules=target_modules))
+        return {name.split(".lora_A")[0] for name, _ in peft_model.named_parameters() if ".lora_A." in name}
+
+    usual = adapted(["q_proj", "v_proj"])
+    assert any("vision_tower" in name for name in usual)  # why the regex exists
+    ours = adapted(OmniVMedForConditionalGeneration.lora_target_modules())
+    layers = tiny_config_dict()["text_config"]["num_hidden_layers"]
+    assert ours == {n for n in usual if "language_model" in n} and len(ours) == 2 * layers

@@ -265,6 +265,17 @@ def test_media_count_mismatch_raises(tokenizer):
         processor(text=f"{PH}{PH}", images=[item], volumes=[item])
 
 
+def test_plain_text_with_an_image_points_to_the_chat_format(tokenizer):
+    """What pipeline("image-text-to-text")(images=..., text="a question") calls: the error says how to ask instead."""
+    processor = make_processor(tokenizer)
+    image = media(random_frames(1, 56, 56), "image")
+    with pytest.raises(ValueError, match=r"(?s)0 <\|image_pad\|> placeholder.*apply_chat_template.*'role': 'user'"):
+        processor(images=[image], text="What is this?")
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]}]
+    out = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert out["grid_thw"].tolist() == [[1, 4, 4]]
+
+
 def test_invalid_frames_raise_naming_the_source():
     ip = OmniVMedImageProcessor()
     bad = random_frames(2, 56, 56)

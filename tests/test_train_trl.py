@@ -259,6 +259,9 @@ def test_lora_trains_only_adapters_and_reloads(tiny_dir, data_dir, tmp_path):
 
     adapter = tmp_path / "run" / "stage2-instruct2d" / "adapter"
     assert (adapter / "adapter_config.json").exists()
+    card = (adapter / "README.md").read_text()  # ours, not PEFT's empty template
+    assert "library_name: peft" in card and "(LoRA adapter)" in card and "Not for clinical use" in card
+    assert str(tmp_path) not in card and str(tiny_dir) not in card
     processor = load_processor(final)
     messages = [{"role": "user", "content": [{"type": "image", "path": str(data_dir / "img1.png")},
                                              {"type": "text", "text": "Where is the block?"}]}]  # fmt: skip
@@ -370,6 +373,7 @@ def test_push_to_hub_uploads_a_complete_repo(tiny_dir, data_dir, tmp_path, https
                "--hub_model_id", "me/tiny"))  # fmt: skip
     assert len(commits) == 1
     assert validated and validated[0].startswith("---\n")
+    assert 'from_pretrained("me/tiny"' in validated[0] and str(tmp_path) not in validated[0]
     header, *files = commits[0]
     assert header["key"] == "header"
     uploaded = {f["value"]["path"]: base64.b64decode(f["value"]["content"]) for f in files if f["key"] == "file"}
@@ -625,7 +629,8 @@ def test_embedded_default_end_to_end_is_deterministic(tmp_path, capsys):
     first = main([*args, "--output_dir", str(tmp_path / "a")])
     report = capsys.readouterr().out
     assert "Held-out accuracy" in report and "| direction | video |" in report and "chance" in report
-    assert "Embedded default results" in (first / "README.md").read_text()
+    card = (first / "README.md").read_text()
+    assert "Embedded default results" in card and "embedded default dataset" in card and str(tmp_path) not in card
     second = main([*args, "--output_dir", str(tmp_path / "b"), "--eval", "no"])
     import nibabel as nib
 
