@@ -65,7 +65,13 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls f
 import data_omnivmed  # noqa: E402
 from omnivmed.media_omnivmed import WINDOW_PRESETS, Media  # noqa: E402
 from omnivmed.processing_omnivmed import OmniVMedImageProcessor  # noqa: E402
-from omnivmed_tools import TINY_IMAGE_PROCESSOR, load_model, patches_to_frames, write_instrument_video  # noqa: E402
+from omnivmed_tools import (  # noqa: E402
+    TINY_IMAGE_PROCESSOR,
+    load_model,
+    patches_to_frames,
+    stream_generate,
+    write_instrument_video,
+)
 
 
 logger = logging.getLogger("app")
@@ -712,48 +718,20 @@ class ModelHolder:
         return inputs.to(self.model.device)
 
     def _generate(self, messages, max_new_tokens, threshold, cancel, emit, attribution) -> str:
-        """chat_omnivmed.answer's generation (greedy, streamed) with a stopping criterion that reads `cancel`."""
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-        class StopOnCancel(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
-
+        """omnivmed_tools.stream_generate (greedy, streamed), ended at the next token once `cancel` is set."""
         inputs = self._inputs(messages, threshold)
-        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        result, failure = {}, []
-
-        def run():
-            try:
-                with torch.inference_mode():
-                    result["ids"] = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                                        streamer=streamer,
-                                                        stopping_criteria=StoppingCriteriaList([StopOnCancel()]))
-            except BaseException as error:  # surfaced below
-                failure.append(error)
-                streamer.end()
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        pieces = []
-        for piece in streamer:
-            pieces.append(piece)
-            emit(piece)
-        thread.join()
-        if failure:
-            raise failure[0]
+        text, ids = stream_generate(self.model, self.processor.tokenizer, inputs, max_new_tokens, emit, stop=cancel)
         if cancel.is_set():
-            logger.info("answer cancelled (page stopped, reloaded or closed) after %d pieces; the model is free",
-                        len(pieces))  # fmt: skip
+            logger.info("answer cancelled (page stopped, reloaded or closed) after %d characters; the model is free",
+                        len(text))  # fmt: skip
             raise Cancelled()
         if attribution is not None:
             try:
-                attribution["attention_shares"] = self.attention_shares(inputs, result["ids"])
+                attribution["attention_shares"] = self.attention_shares(inputs, ids)
             except Exception as error:  # the answer stands without its heat map; the page says why
                 logger.exception("attention attribution failed")
                 attribution["error"] = f"{type(error).__name__}: {error}"
-        return "".join(pieces).strip()
+        return text
 
     def attention_shares(self, inputs, sequences) -> dict:
         """Where the answer looked: one forward pass of prompt + answer with eager attention in the language model;

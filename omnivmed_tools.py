@@ -35,6 +35,8 @@ from transformers import (
     AutoProcessor,
     GenerationConfig,
     PreTrainedTokenizerFast,
+    StoppingCriteria,
+    StoppingCriteriaList,
     TextIteratorStreamer,
 )
 
@@ -1195,13 +1197,39 @@ def answer(model, processor, messages: list[dict], max_new_tokens: int = 128, pr
             print(f"[the reply is cut at {room} tokens: the model takes at most {limit}]", file=sys.stderr)
             max_new_tokens = room
     inputs = inputs.to(model.device)
-    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+    def emit(piece: str):
+        out.write(piece)
+        out.flush()
+
+    text, _ = stream_generate(model, processor.tokenizer, inputs, max_new_tokens, emit)
+    out.write("\n")
+    out.flush()
+    return text
+
+
+class _StopWhenSet(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def stream_generate(model, tokenizer, inputs, max_new_tokens: int, emit, stop: threading.Event | None = None):
+    """Greedy generation in a worker thread; each decoded piece goes to `emit` as it comes (TextIteratorStreamer).
+    `stop`, set from any thread (a user pressing Stop, a page closing), ends the generation at its next token.
+    Returns (the reply text, the generated ids: prompt + reply)."""
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = dict(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)
-    failure = []
+    if stop is not None:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_StopWhenSet(stop)])
+    result, failure = {}, []
 
     def run():
         try:
-            model.generate(**kwargs)
+            with torch.inference_mode():
+                result["ids"] = model.generate(**kwargs)
         except BaseException as error:  # surfaced in the caller's thread below
             failure.append(error)
             streamer.end()
@@ -1211,14 +1239,11 @@ def answer(model, processor, messages: list[dict], max_new_tokens: int = 128, pr
     pieces = []
     for piece in streamer:
         pieces.append(piece)
-        out.write(piece)
-        out.flush()
+        emit(piece)
     thread.join()
-    out.write("\n")
-    out.flush()
     if failure:
         raise failure[0]
-    return "".join(pieces).strip()
+    return "".join(pieces).strip(), result.get("ids")
 
 
 # ================================================================================================= showing what pruning keeps
