@@ -1,0 +1,383 @@
+"""Real-scale shapes with random weights in bf16: time to first token and peak RSS, ours vs transformers' Qwen2.5-VL.
+
+    OMP_NUM_THREADS=1 python bench/bench_realscale.py [--shapes 1.5B,7B] [--media image,volume,video] [--repeats 1]
+                                                      [--threads 1] [--json FILE] [--markdown FILE] [--quick]
+
+Shapes: "1.5B" is the root config.json (so400m-shaped tower + Qwen2.5-1.5B LLM); "7B" the same tower with the
+Qwen2.5-7B LLM (hyperparameters below, from Qwen2.5-7B's published config.json); "tiny" (--quick) the test-suite model.
+Inputs: a 448 x 448 image, the MNI152 T1 volume (nilearn) at 64 axial slices, a 64-frame 448 px video (a synthetic
+static-camera scene with an instrument sweeping across, 64 s sampled at 1 fps).
+Arms per input: ours with pruning off (threshold 0), default pruning post-encoder and pre-encoder (config
+prune_stage), and Qwen2.5-VL (random weights, the same LLM shape, its own ViT of Qwen2.5-VL-3B/7B's shape) given the
+same number of visual tokens and the same sequence length as our unpruned arm. 2D images are never pruned, so the
+image has two arms.
+
+Each arm runs in a fresh child process (bench/common.py run_child): the model is built there (random init, bf16),
+then the clock runs over processor + generate(max_new_tokens=1) (ours) or generate alone (Qwen2.5-VL, fed patch
+tensors: its processor is not timed); peak RSS is the child's VmHWM over the whole child (model + activations).
+Rounds interleave the arms (arm A, B, C, ... then again), so machine noise hits every arm alike and the ratios within
+one run are what count. Qwen2.5-VL merges 2 frames per token (temporal patch 2); to give it the same visual token
+count its grid gets t = our frame count, i.e. it sees 2x the pixels per token row of a video: the comparison is at
+equal LLM tokens, which is where the LLM's cost lies.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, Row, machine_facts, peak_rss_bytes, run_child  # noqa: E402
+
+import build_omnivmed  # noqa: E402
+
+
+COMMAND = "OMP_NUM_THREADS=1 python bench/bench_realscale.py"
+MNI = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+
+# Qwen2.5-7B (Qwen/Qwen2.5-7B config.json): 28 layers, hidden 3584, MLP 18944, 28 query / 4 key-value heads
+QWEN25_7B_TEXT = dict(
+    model_type="qwen2",
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    vocab_size=152064,
+    tie_word_embeddings=False,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    hidden_act="silu",
+)
+# Qwen2.5-VL-3B/7B's ViT: 32 layers, hidden 1280, SwiGLU MLP 3420, 16 heads, windowed attention but in 4 layers
+QWEN25_VL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+                        spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                        fullatt_block_indexes=[7, 15, 23, 31])  # fmt: skip
+TINY_QWEN_VL_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1])  # fmt: skip
+
+
+def shape_configs(shape: str, tokenizer) -> tuple[dict, dict]:
+    """(vision_config, text_config) dicts of a named shape."""
+    if shape == "tiny":
+        text = dict(build_omnivmed.TINY_TEXT, vocab_size=-(-len(tokenizer) // 64) * 64)
+        return dict(build_omnivmed.TINY_VISION), text
+    root = json.loads((ROOT / "config.json").read_text())
+    vision = {k: v for k, v in root["vision_config"].items() if k != "model_type"}
+    if shape == "1.5B":
+        text = dict(root["text_config"])
+        text.pop("layer_types", None)
+        return vision, text
+    if shape == "7B":
+        return vision, dict(QWEN25_7B_TEXT)
+    raise ValueError(f"unknown shape {shape!r}; choose tiny, 1.5B or 7B")
+
+
+def build_ours(shape: str, tokenizer, prune_stage: str = "post_encoder", dtype=torch.bfloat16, device="cpu",
+               layers: int | None = None):
+    """Our model at `shape`, random weights, built directly in `dtype` on `device` (no fp32 copy ever exists);
+    `layers` cuts both the tower and the LLM to that many layers (checks about placement, not speed)."""
+    from omnivmed.configuration_omnivmed import OmniVMedConfig
+    from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration
+
+    vision, text = shape_configs(shape, tokenizer)
+    if layers is not None:
+        vision, text = dict(vision, num_hidden_layers=layers), dict(text, num_hidden_layers=layers)
+    text = dict(text, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.convert_tokens_to_ids(build_omnivmed.IM_END), bos_token_id=None)  # fmt: skip
+    config = OmniVMedConfig(text_config=text, vision_config=vision, prune_stage=prune_stage,
+                            tie_word_embeddings=text.get("tie_word_embeddings", True),
+                            **build_omnivmed.token_ids(tokenizer))  # fmt: skip
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = OmniVMedForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def build_qwen_vl(shape: str, tokenizer, dtype=torch.bfloat16, device="cpu"):
+    """transformers' Qwen2_5_VLForConditionalGeneration with our LLM shape, random weights."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    _, text = shape_configs(shape, tokenizer)
+    text = {k: v for k, v in text.items() if k not in ("model_type", "layer_types")}
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    # Qwen2.5-VL's 3D rotary split of head_dim/2 frequencies over (t, h, w): [16, 24, 24] at head_dim 128
+    unit = head_dim // 16
+    text["rope_parameters"] = dict(text["rope_parameters"], rope_type="default",
+                                   mrope_section=[unit * 2, unit * 3, unit * 3])  # fmt: skip
+    vision = dict(TINY_QWEN_VL_VISION if shape == "tiny" else QWEN25_VL_VISION, out_hidden_size=text["hidden_size"])
+    ids = qwen_token_ids(text["vocab_size"])
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids,
+                              tie_word_embeddings=text.get("tie_word_embeddings", True))  # fmt: skip
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen2_5_VLForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def qwen_token_ids(vocab_size: int) -> dict:
+    """Qwen2.5-VL's special ids (the real vocabulary's) or, in a tiny vocabulary, its last rows."""
+    if vocab_size > 151656:
+        return dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                    vision_end_token_id=151653)  # fmt: skip
+    return dict(image_token_id=vocab_size - 2, video_token_id=vocab_size - 1, vision_start_token_id=vocab_size - 4,
+                vision_end_token_id=vocab_size - 3)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------- inputs
+def sizes(quick: bool) -> dict:
+    if quick:
+        return dict(image_px=112, slices=4, frames=4, video_px=112, volume_px=112)
+    return dict(image_px=448, slices=64, frames=64, video_px=448, volume_px=224)
+
+
+def write_media(workdir: Path, quick: bool) -> dict:
+    """The three inputs as chat content blocks (files in `workdir`)."""
+    import nilearn
+    from PIL import Image
+
+    from bench_pruning import endoscopic_scene, write_instrument_video
+
+    s = sizes(quick)
+    image = workdir / "image.png"
+    Image.fromarray((endoscopic_scene(s["image_px"], seed=1) * 255).astype(np.uint8)).save(image)
+    # 2 fps native, sampled at 1 fps: 64 s -> 64 frames
+    video = write_instrument_video(workdir / "video.mp4", seconds=s["frames"], fps=2, size=s["video_px"])
+    volume = Path(nilearn.__file__).parent / "datasets" / "data" / MNI
+    return {
+        "image": {"type": "image", "image": str(image)},
+        "volume": {"type": "volume", "path": str(volume)},
+        "video": {"type": "video", "path": str(video)},
+    }
+
+
+def processor_for(media: str, tokenizer, quick: bool):
+    from omnivmed.processing_omnivmed import OmniVMedImageProcessor, OmniVMedProcessor
+
+    s = sizes(quick)
+    per_frame = s["video_px"] if media == "video" else s["volume_px"]
+    image_processor = OmniVMedImageProcessor(max_pixels=s["image_px"] ** 2, video_max_pixels=per_frame**2,
+                                             max_slices=s["slices"], max_frames=s["frames"])  # fmt: skip
+    return OmniVMedProcessor(image_processor, tokenizer)
+
+
+def our_inputs(processor, block: dict, threshold: float | None):
+    conversation = [{"role": "user", "content": [block, {"type": "text", "text": "Describe the findings."}]}]
+    inputs = processor.apply_chat_template(
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+        processor_kwargs={"prune_threshold": threshold},
+    )  # fmt: skip
+    inputs.pop("media_metadata", None)
+    return inputs
+
+
+def qwen_inputs(grid_thw: list[int], seq_len: int, ids: dict, video: bool, dtype=torch.bfloat16, seed: int = 0):
+    """Qwen2.5-VL inputs with grid (t, h, w) patches -> t*h*w/4 visual tokens, padded with text to `seq_len`."""
+    t, h, w = grid_thw
+    tokens = t * h * w // 4
+    pad = ids["video_token_id" if video else "image_token_id"]
+    text = seq_len - tokens - 2
+    if text < 1:
+        raise ValueError(f"seq_len {seq_len} leaves no room for text around {tokens} visual tokens")
+    head = text // 2
+    rng = torch.Generator().manual_seed(seed)
+    words = torch.randint(10, 200, (text,), generator=rng)
+    input_ids = torch.cat([words[:head], torch.tensor([ids["vision_start_token_id"]]), torch.full((tokens,), pad),
+                           torch.tensor([ids["vision_end_token_id"]]), words[head:]])[None]  # fmt: skip
+    pixels = torch.rand(t * h * w, 3 * 2 * 14 * 14, generator=rng).to(dtype)
+    grid = torch.tensor([[t, h, w]])
+    out = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+    if video:
+        out.update(pixel_values_videos=pixels, video_grid_thw=grid)
+    else:
+        out.update(pixel_values=pixels, image_grid_thw=grid)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------- child
+def child(args) -> dict:
+    torch.set_num_threads(args.threads)
+    tokenizer = build_omnivmed.build_tiny_tokenizer()
+    block = json.loads(args.block)
+    start = time.perf_counter()
+    if args.arm == "qwen":
+        model = build_qwen_vl(args.shape, tokenizer)
+    else:
+        model = build_ours(args.shape, tokenizer, "pre_encoder" if args.arm == "pre" else "post_encoder")
+    build_s = time.perf_counter() - start
+    eos = model.generation_config.eos_token_id
+    out = {"build_s": build_s}
+    with torch.inference_mode():
+        start = time.perf_counter()
+        if args.arm == "qwen":
+            ids = qwen_token_ids(model.config.text_config.vocab_size)
+            inputs = qwen_inputs(json.loads(args.grid), args.seq_len, ids, video=block["type"] != "image")
+            out["processor_s"] = 0.0
+            out["visual_tokens"] = int((inputs["input_ids"] == ids["image_token_id"]).sum()
+                                       + (inputs["input_ids"] == ids["video_token_id"]).sum())  # fmt: skip
+        else:
+            processor = processor_for(block["type"], tokenizer, args.quick)
+            inputs = our_inputs(processor, block, 0.0 if args.arm == "off" else None)
+            out["processor_s"] = time.perf_counter() - start
+            out["visual_tokens"] = int(inputs["visual_keep_mask"].sum())
+            out["all_visual_tokens"] = int(inputs["visual_keep_mask"].numel())
+            out["grid"] = inputs["grid_thw"][0].tolist()
+        out["seq_len"] = int(inputs["input_ids"].shape[1])
+        generated = model.generate(**inputs, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=eos)
+        out["ttft_s"] = time.perf_counter() - start
+    assert generated.shape[1] == out["seq_len"] + 1
+    out["peak_rss"] = peak_rss_bytes()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------- parent
+ARMS = {"image": ("off", "qwen"), "volume": ("off", "post", "pre", "qwen"), "video": ("off", "post", "pre", "qwen")}
+LABEL = {"off": "ours, pruning off", "post": "ours, default pruning post-encoder",
+         "pre": "ours, default pruning pre-encoder", "qwen": "Qwen2.5-VL, same visual tokens"}  # fmt: skip
+
+
+def measure(shape: str, media_names, repeats: int, threads: int, quick: bool, workdir: Path) -> dict:
+    """{media: {arm: [child results, one per round]}}; the arms of one input interleave round by round."""
+    blocks = write_media(workdir, quick)
+    results = {}
+    common = ["--shape", shape, "--threads", str(threads)] + (["--quick"] if quick else [])
+    for media in media_names:
+        block = json.dumps(blocks[media])
+        results[media] = {arm: [] for arm in ARMS[media]}
+        for _ in range(repeats):
+            off = None
+            for arm in ARMS[media]:
+                extra = []
+                if arm == "qwen":  # same grid and sequence length as our unpruned arm of this round
+                    extra = ["--grid", json.dumps(off["grid"]), "--seq-len", str(off["seq_len"])]
+                r = run_child("bench_realscale", [*common, "--arm", arm, "--block", block, *extra], timeout=3600)
+                off = r if arm == "off" else off
+                results[media][arm].append(r)
+                print(f"[{shape} {media} {arm}] ttft {r['ttft_s']:.2f} s, peak RSS {r['peak_rss'] / 2**30:.2f} GiB, "
+                      f"{r['visual_tokens']} visual tokens, seq {r['seq_len']}, build {r['build_s']:.1f} s",
+                      file=sys.stderr, flush=True)  # fmt: skip
+    return results
+
+
+def summarise(shape: str, results: dict, command: str) -> list[Row]:
+    rows = []
+    for media, arms in results.items():
+        ttft = {arm: statistics.median(r["ttft_s"] for r in rs) for arm, rs in arms.items()}
+        first = {arm: rs[0] for arm, rs in arms.items()}
+        for arm in arms:
+            r = first[arm]
+            proc = f", processor {r['processor_s']:.2f} s" if arm != "qwen" else ", patch tensors given"
+            rows.append(Row(
+                f"Real scale {shape}", f"{media}: {LABEL[arm]}",
+                f"TTFT {ttft[arm]:.2f} s{proc}; peak RSS {r['peak_rss'] / 2**30:.2f} GiB; {r['visual_tokens']} "
+                f"visual tokens, {r['seq_len']}-token prompt", None, "-", None, command,
+            ))  # fmt: skip
+        model_s = {arm: statistics.median(r["ttft_s"] - r["processor_s"] for r in rs) for arm, rs in arms.items()}
+        ratio = model_s["qwen"] / model_s["off"]
+        rows.append(Row(
+            f"Real scale {shape}", f"{media}: ours unpruned vs Qwen2.5-VL at equal visual tokens (model: generate)",
+            f"{model_s['off']:.2f} s vs {model_s['qwen']:.2f} s", ratio, ">= 1.0x", ratio >= 1.0, command,
+            "ratio = Qwen2.5-VL time / our time; both generate(max_new_tokens=1) from ready tensors (processors "
+            "not timed here; ours is in the TTFT rows)",
+        ))  # fmt: skip
+        for stage in ("post", "pre"):
+            if stage not in ttft:
+                continue
+            ratio = ttft["off"] / ttft[stage]
+            default = stage == "post"  # config.json's prune_stage
+            rows.append(Row(
+                f"Real scale {shape}", f"{media}: pruning {stage}-encoder vs off, end to end (TTFT)"
+                + (" [default]" if default else ""),
+                f"{first[stage]['visual_tokens']} of {first[stage]['all_visual_tokens']} tokens kept; "
+                f"{ttft['off']:.2f} s vs {ttft[stage]:.2f} s", ratio, ">= 3x" if default else "-",
+                (ratio >= 3) if default else None, command, "ratio = unpruned / pruned",
+            ))  # fmt: skip
+    return rows
+
+
+def render(rows: list[Row], facts: dict, note: str) -> str:
+    lines = ["| section | measurement | measured | ratio | goal | met |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = "-" if r.ratio is None else f"{r.ratio:.2f}x"
+        met = "-" if r.met is None else ("met" if r.met else "**not met**")
+        lines.append(f"| {r.section} | {r.name} | {r.measured} | {ratio} | {r.goal} | {met} |")
+    lines += ["", note, "", "| machine | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in facts.items()]
+    return "\n".join(lines) + "\n"
+
+
+def run(shapes=("1.5B",), media=("image", "volume", "video"), repeats: int = 1, threads: int = 1,
+        quick: bool = False) -> tuple[list[Row], dict]:  # fmt: skip
+    if quick:
+        shapes = ("tiny",)
+    rows, raw = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in shapes:
+            raw[shape] = measure(shape, media, repeats, threads, quick, Path(tmp))
+            rows += summarise(shape, raw[shape], COMMAND + (" --quick" if quick else f" --shapes {shape}"))
+    return rows, raw
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", action="store_true", help="internal: one arm in this process, JSON on stdout")
+    parser.add_argument("--shape", default="1.5B")
+    parser.add_argument("--arm")
+    parser.add_argument("--block")
+    parser.add_argument("--grid")
+    parser.add_argument("--seq-len", type=int)
+    parser.add_argument("--shapes", default="1.5B")
+    parser.add_argument("--media", default="image,volume,video")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in each child (one arm at a time)")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and inputs (a smoke test)")
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    start = time.perf_counter()
+    load = os.getloadavg()
+    rows, raw = run(tuple(args.shapes.split(",")), tuple(args.media.split(",")), args.repeats, args.threads,
+                    args.quick)  # fmt: skip
+    facts = machine_facts()
+    facts["torch threads per arm"] = args.threads
+    facts["load average (1, 5, 15 min) at start / end"] = (
+        ", ".join(f"{x:.1f}" for x in load) + " / " + ", ".join(f"{x:.1f}" for x in os.getloadavg()))
+    facts["wall time"] = f"{time.perf_counter() - start:.0f} s"
+    note = (f"bf16, sdpa, random weights; {args.repeats} round(s) of interleaved arms, each arm in a fresh process "
+            f"with {args.threads} torch thread(s); TTFT = processor + generate(max_new_tokens=1); peak RSS = the "
+            "child's VmHWM (model included).")
+    text = render(rows, facts, note)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text)
+    if args.json:
+        args.json.write_text(json.dumps({"facts": facts, "results": raw}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
