@@ -19,6 +19,14 @@ Rounds interleave the arms (arm A, B, C, ... then again), so machine noise hits 
 one run are what count. Qwen2.5-VL merges 2 frames per token (temporal patch 2); to give it the same visual token
 count its grid gets t = our frame count, i.e. it sees 2x the pixels per token row of a video: the comparison is at
 equal LLM tokens, which is where the LLM's cost lies.
+
+`--lowmem`: the low-memory path a user takes. A random checkpoint of the shape is written to a folder (a complete Hub
+folder: code, config, processor, tokenizer, sharded safetensors; written shard by shard from a meta-device model, so
+the writer never holds the model), then each child loads it with
+`AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.bfloat16, trust_remote_code=True)` (safetensors are
+memory-mapped; no fp32 copy) or, for the int8 arm, with `quantization_config=TorchAoConfig(Int8WeightOnlyConfig())`
+(torchao, weight-only int8, CPU kernels), answers a question about a 448 px image (8 new tokens) and reports its peak
+RSS, load time, TTFT and decode tokens/s. The folder is deleted afterwards.
 """
 
 import argparse
@@ -253,6 +261,156 @@ def child(args) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------------------------------------- low memory
+def _random_value(name: str, shape, gen: torch.Generator) -> torch.Tensor:
+    """What initialisation gives, cheaply: norms' weights 1, biases 0, matrices N(0, 0.02), in bf16."""
+    if name.endswith(".bias"):
+        return torch.zeros(shape, dtype=torch.bfloat16)
+    if len(shape) == 1:  # LayerNorm / RMSNorm weights
+        return torch.ones(shape, dtype=torch.bfloat16)
+    return (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+
+
+def write_random_checkpoint(shape: str, out: Path, shard_bytes: int = 2 * 2**30) -> Path:
+    """A complete Hub folder of `shape` with random bf16 weights in safetensors shards of <= `shard_bytes`."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    from omnivmed.processing_omnivmed import OmniVMedImageProcessor, OmniVMedProcessor
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_omnivmed.build_tiny_tokenizer()
+    model = build_ours(shape, tokenizer, device="meta")
+    model.config.auto_map = dict(build_omnivmed.AUTO_MAP)
+    model.config.architectures = ["OmniVMedForConditionalGeneration"]
+    model.config.save_pretrained(out)
+    GenerationConfig(eos_token_id=tokenizer.convert_tokens_to_ids(build_omnivmed.IM_END),
+                     pad_token_id=tokenizer.pad_token_id, do_sample=False).save_pretrained(out)  # fmt: skip
+    image_processor = OmniVMedImageProcessor(max_pixels=448 * 448, **model.config.processor_settings())
+    OmniVMedProcessor(image_processor, tokenizer).save_pretrained(out)
+    for name in build_omnivmed.REMOTE_CODE_FILES:
+        shutil.copyfile(ROOT / name, out / name)
+    state = {k: v for k, v in model.state_dict().items()
+             if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    weight_map, shard, size, total, files = {}, {}, 0, 0, []
+
+    def flush():
+        name = f"model-{len(files) + 1:05d}.safetensors"
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        files.append(name)
+        weight_map.update({k: name for k in shard})
+
+    for key, meta in state.items():
+        nbytes = meta.numel() * 2
+        if shard and size + nbytes > shard_bytes:
+            flush()
+            shard, size = {}, 0
+        shard[key] = _random_value(key, tuple(meta.shape), gen)
+        size += nbytes
+        total += nbytes
+    flush()
+    # the shard files were named before their count was known: rename to transformers' -of- pattern
+    n = len(files)
+    renames = {f: f.replace(".safetensors", f"-of-{n:05d}.safetensors") for f in files}
+    for old, new in renames.items():
+        (out / old).rename(out / new)
+    index = {"metadata": {"total_size": total}, "weight_map": {k: renames[v] for k, v in weight_map.items()}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    return out
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def child_lowmem(args) -> dict:
+    """Load the folder as a user does (bf16 or torchao int8 weight-only), answer one image question."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    torch.set_num_threads(args.threads)
+    kwargs = dict(dtype=torch.bfloat16, trust_remote_code=True)
+    if args.arm == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        kwargs["quantization_config"] = TorchAoConfig(quant_type=Int8WeightOnlyConfig())
+    start = time.perf_counter()
+    model = AutoModelForImageTextToText.from_pretrained(args.folder, **kwargs).eval()
+    load_s = time.perf_counter() - start
+    after_load = {"peak_rss": peak_rss_bytes(), "rss_anon": _status_bytes("RssAnon"),
+                  "rss_file": _status_bytes("RssFile")}  # fmt: skip
+    processor = AutoProcessor.from_pretrained(args.folder, trust_remote_code=True)
+    block = json.loads(args.block)
+    new = 8
+    with torch.inference_mode():
+        start = time.perf_counter()
+        inputs = our_inputs(processor, block, None)
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        ttft = time.perf_counter() - start
+        start = time.perf_counter()
+        out = model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        total = time.perf_counter() - start
+    assert out.shape[1] == inputs["input_ids"].shape[1] + new
+    linear_types = sorted({type(m.weight).__name__ for m in model.modules() if isinstance(m, torch.nn.Linear)})
+    return {"load_s": load_s, "after_load": after_load, "ttft_s": ttft, "decode_tokens_per_s": (new - 1) / (total - ttft),
+            "peak_rss": peak_rss_bytes(), "rss_anon": _status_bytes("RssAnon"), "rss_file": _status_bytes("RssFile"),
+            "linear_weight_types": linear_types, "seq_len": int(inputs["input_ids"].shape[1])}  # fmt: skip
+
+
+def measure_lowmem(shape: str, repeats: int, threads: int, quick: bool, folder: Path, arms=("bf16", "int8")) -> dict:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    blocks = write_media(folder.parent, quick)
+    start = time.perf_counter()
+    write_random_checkpoint(shape, folder)
+    print(f"[{shape}] wrote {folder} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    results = {arm: [] for arm in arms}
+    try:
+        for _ in range(repeats):
+            for arm in arms:
+                r = run_child("bench_realscale", ["--lowmem", "--arm", arm, "--folder", str(folder), "--threads",
+                                                  str(threads), "--block", json.dumps(blocks["image"])], timeout=3600)  # fmt: skip
+                results[arm].append(r)
+                print(f"[{shape} lowmem {arm}] peak RSS {r['peak_rss'] / 2**30:.2f} GiB, load {r['load_s']:.1f} s, "
+                      f"TTFT {r['ttft_s']:.2f} s, {r['decode_tokens_per_s']:.2f} tokens/s", file=sys.stderr,
+                      flush=True)  # fmt: skip
+    finally:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+    return results
+
+
+def summarise_lowmem(shape: str, results: dict, command: str) -> list[Row]:
+    rows, goal = [], {"bf16": 16, "int8": 10}
+    for arm, rs in results.items():
+        r = rs[0]
+        peak = max(x["peak_rss"] for x in rs) / 2**30
+        rows.append(Row(
+            f"Low memory {shape}", f"{arm} from_pretrained + one 448 px image question (8 new tokens)",
+            f"peak RSS {peak:.2f} GiB (after load {r['after_load']['peak_rss'] / 2**30:.2f}; at end anon "
+            f"{r['rss_anon'] / 2**30:.2f} + file-backed {r['rss_file'] / 2**30:.2f}); load {r['load_s']:.1f} s, "
+            f"TTFT {statistics.median(x['ttft_s'] for x in rs):.2f} s, decode "
+            f"{statistics.median(x['decode_tokens_per_s'] for x in rs):.2f} tokens/s; Linear weights: "
+            f"{', '.join(r['linear_weight_types'])}", None, f"<= {goal[arm]} GiB" if shape == "7B" else "-",
+            (peak <= goal[arm]) if shape == "7B" else None, command,
+        ))  # fmt: skip
+    if {"bf16", "int8"} <= results.keys():
+        speed = {a: statistics.median(x["decode_tokens_per_s"] for x in rs) for a, rs in results.items()}
+        ttft = {a: statistics.median(x["ttft_s"] for x in rs) for a, rs in results.items()}
+        rows.append(Row(
+            f"Low memory {shape}", "int8 vs bf16: decode speed and TTFT",
+            f"{speed['int8']:.2f} vs {speed['bf16']:.2f} tokens/s; TTFT {ttft['int8']:.2f} s vs {ttft['bf16']:.2f} s",
+            speed["int8"] / speed["bf16"], "-", None, command, "ratio = int8 / bf16 decode tokens/s",
+        ))  # fmt: skip
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------------- parent
 ARMS = {"image": ("off", "qwen"), "volume": ("off", "post", "pre", "qwen"), "video": ("off", "post", "pre", "qwen")}
 LABEL = {"off": "ours, pruning off", "post": "ours, default pruning post-encoder",
@@ -355,20 +513,33 @@ def main(argv=None):
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--quick", action="store_true", help="tiny shapes and inputs (a smoke test)")
+    parser.add_argument("--lowmem", action="store_true", help="load a saved random checkpoint: bf16 vs torchao int8")
+    parser.add_argument("--folder", type=Path, help="--lowmem: where the checkpoint is written (deleted after)")
     args = parser.parse_args(argv)
+    if args.child and args.lowmem:
+        print(json.dumps(child_lowmem(args)))
+        return
     if args.child:
         print(json.dumps(child(args)))
         return
     start = time.perf_counter()
     load = os.getloadavg()
-    rows, raw = run(tuple(args.shapes.split(",")), tuple(args.media.split(",")), args.repeats, args.threads,
-                    args.quick)  # fmt: skip
+    if args.lowmem:
+        rows, raw = [], {}
+        for shape in ("tiny",) if args.quick else args.shapes.split(","):
+            folder = args.folder or Path(tempfile.mkdtemp(prefix="omnivmed-lowmem-")) / "checkpoint"
+            raw[shape] = measure_lowmem(shape, args.repeats, args.threads, args.quick, folder)
+            rows += summarise_lowmem(shape, raw[shape], COMMAND + f" --lowmem --shapes {shape}")
+    else:
+        rows, raw = run(tuple(args.shapes.split(",")), tuple(args.media.split(",")), args.repeats, args.threads,
+                        args.quick)  # fmt: skip
     facts = machine_facts()
     facts["torch threads per arm"] = args.threads
     facts["load average (1, 5, 15 min) at start / end"] = (
         ", ".join(f"{x:.1f}" for x in load) + " / " + ", ".join(f"{x:.1f}" for x in os.getloadavg()))
     facts["wall time"] = f"{time.perf_counter() - start:.0f} s"
-    note = (f"bf16, sdpa, random weights; {args.repeats} round(s) of interleaved arms, each arm in a fresh process "
+    note = ("Low-memory rows: each arm loads the saved random checkpoint in a fresh process; " if args.lowmem else "")
+    note += (f"bf16, sdpa, random weights; {args.repeats} round(s) of interleaved arms, each arm in a fresh process "
             f"with {args.threads} torch thread(s); TTFT = processor + generate(max_new_tokens=1); peak RSS = the "
             "child's VmHWM (model included).")
     text = render(rows, facts, note)
