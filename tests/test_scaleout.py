@@ -1,7 +1,8 @@
-"""Scale-out that is run: the shipped accelerate configs (configs/) drive train_trl.py over 2 CPU processes (gloo)
-and end with the same weights as plain DDP under torchrun; DeepSpeed is checked to be absent or CPU-incapable here
-(the README says why its configs are untested). evaluate_omnivmed.py shards a benchmark over 2 processes (torchrun)
-and reports the same metrics as one process."""
+"""Scale-out that is run, on 2 CPU processes (gloo): configs/accelerate_ddp.yaml drives train_trl.py through
+`accelerate launch` to the same weights as torchrun DDP; the model sharded with FSDP2 as configs/accelerate_fsdp.yaml
+says (its layer classes as units) trains to the same weights as DDP (tests/scaleout_worker.py; accelerate itself
+engages FSDP and DeepSpeed only on GPUs, see README "Scale-out"); evaluate_omnivmed.py shards a benchmark over 2
+processes (torchrun) and reports the same metrics as one process."""
 
 import json
 import os
@@ -90,3 +91,27 @@ def test_evaluate_sharded_over_two_processes_scores_like_one(tiny_model_dir, tmp
     assert [p["prediction"] for p in two["predictions"]] == [p["prediction"] for p in one["predictions"]]
     assert two["metrics"] == one["metrics"]
     assert log.count("### omnivmed-mini") == 1  # the table is printed once, by rank 0
+
+
+def _worker(mode: str, out: Path) -> str:
+    return _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                 "127.0.0.1", "--master_port", str(_free_port()), str(ROOT / "tests" / "scaleout_worker.py"), mode,
+                 str(out)], f"worker {mode}")  # fmt: skip
+
+
+def test_fsdp2_with_the_shipped_wrap_classes_trains_like_ddp(tmp_path):
+    """Every OmniVMedVisionLayer / Qwen2DecoderLayer a FSDP2 unit (configs/accelerate_fsdp.yaml), each rank holding
+    half of the parameters: two AdamW steps on per-rank batches end with DDP's weights."""
+    from safetensors.torch import load_file
+
+    import build_omnivmed
+
+    log = _worker("fsdp2", tmp_path / "fsdp2.safetensors")
+    _worker("ddp", tmp_path / "ddp.safetensors")
+    assert log.count("FSDP2 over 8 units + root, holds 0.5") == 2, log[-3000:]  # 4 tower + 4 LLM layers
+    fsdp, ddp = load_file(tmp_path / "fsdp2.safetensors"), load_file(tmp_path / "ddp.safetensors")
+    start = build_omnivmed.tiny_model(build_omnivmed.build_tiny_tokenizer(), 0).state_dict()
+    assert fsdp.keys() == ddp.keys()
+    assert sum(not torch.equal(ddp[k], start[k]) for k in ddp) > len(ddp) // 2  # the steps changed the weights
+    for name in ddp:
+        torch.testing.assert_close(fsdp[name], ddp[name], rtol=1e-5, atol=1e-6, msg=name)
