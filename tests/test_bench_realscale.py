@@ -107,3 +107,19 @@ def test_gpu_check_reports_a_failing_check_as_a_row(tmp_path, monkeypatch):
     assert code == 1
     assert [c["status"] for c in checks] == ["pass", "skipped", "error"]
     assert "kernel exploded" in checks[-1]["measured"]
+
+
+def test_run_all_keeps_the_real_scale_section(tmp_path, monkeypatch):
+    """bench/run_all.py rewrites BENCHMARKS.md but keeps the hand-placed real-scale section after its marker."""
+    import run_all
+
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text(f"# Benchmarks\n\nold table\n\n{run_all.KEEP_MARKER}\n## Real scale\n\n| a | b |\n")
+    monkeypatch.setattr(run_all, "run_section", lambda name, repeats, quick: [])
+    run_all.main(["--only", "processor", "--out", str(out)])
+    text = out.read_text()
+    assert "old table" not in text and text.count(run_all.KEEP_MARKER) == 1
+    assert text.endswith(f"{run_all.KEEP_MARKER}\n## Real scale\n\n| a | b |\n")
+    run_all.main(["--only", "processor", "--out", str(out)])  # a second run neither loses nor doubles it
+    again = out.read_text()
+    assert again.count(run_all.KEEP_MARKER) == 1 and again.endswith(f"{run_all.KEEP_MARKER}\n## Real scale\n\n| a | b |\n")
