@@ -123,3 +123,26 @@ def test_run_all_keeps_the_real_scale_section(tmp_path, monkeypatch):
     run_all.main(["--only", "processor", "--out", str(out)])  # a second run neither loses nor doubles it
     again = out.read_text()
     assert again.count(run_all.KEEP_MARKER) == 1 and again.endswith(f"{run_all.KEEP_MARKER}\n## Real scale\n\n| a | b |\n")
+
+
+def test_random_checkpoint_is_a_sharded_hub_folder_transformers_loads(tmp_path):
+    """write_random_checkpoint (shard by shard from a meta-device model) -> a folder that
+    AutoModelForImageTextToText loads in bf16 with every weight from the files (none left to initialisation)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    folder = bench_realscale.write_random_checkpoint("tiny", tmp_path / "ckpt", shard_bytes=2**20)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all(f"-of-{len(shards):05d}.safetensors" in s for s in shards)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.bfloat16, trust_remote_code=True)
+    files = {k: v for s in shards for k, v in load_file(folder / s).items()}
+    state = model.state_dict()
+    assert set(files) == set(state) - {"lm_head.weight"}  # tied to the embeddings
+    for key, value in files.items():
+        assert torch.equal(state[key], value), key
+    assert all(v.dtype == torch.bfloat16 for v in state.values())
+    norm = files["model.vision_tower.post_layernorm.weight"]
+    assert torch.equal(norm, torch.ones_like(norm))
+    matrix = files["model.language_model.layers.0.mlp.up_proj.weight"].float()
+    assert 0.015 < matrix.std() < 0.025 and matrix.unique().numel() > 1000
