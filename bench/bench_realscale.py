@@ -25,7 +25,8 @@ folder: code, config, processor, tokenizer, sharded safetensors; written shard b
 the writer never holds the model), then each child loads it with
 `AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.bfloat16, trust_remote_code=True)` (safetensors are
 memory-mapped; no fp32 copy) or, for the int8 arm, with `quantization_config=TorchAoConfig(Int8WeightOnlyConfig())`
-(torchao, weight-only int8, CPU kernels), answers a question about a 448 px image (8 new tokens) and reports its peak
+(torchao, weight-only int8, CPU kernels; `pip install torchao==0.18.0`, not in requirements.txt since no test needs
+it, and once installed transformers imports it at every start and it prints warnings about its CUDA libraries), answers a question about a 448 px image (8 new tokens) and reports its peak
 RSS, load time, TTFT and decode tokens/s. The folder is deleted afterwards.
 """
 
@@ -345,7 +346,10 @@ def child_lowmem(args) -> dict:
     torch.set_num_threads(args.threads)
     kwargs = dict(dtype=torch.bfloat16, trust_remote_code=True)
     if args.arm == "int8":
-        from torchao.quantization import Int8WeightOnlyConfig
+        try:
+            from torchao.quantization import Int8WeightOnlyConfig
+        except ImportError as error:
+            raise SystemExit("the int8 arm needs torchao: pip install torchao==0.18.0") from error
         from transformers import TorchAoConfig
 
         kwargs["quantization_config"] = TorchAoConfig(quant_type=Int8WeightOnlyConfig())
