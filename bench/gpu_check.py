@@ -140,6 +140,8 @@ def processor(image_px: int, video_px: int = 112):
 
 # --------------------------------------------------------------------------------------------------------- checks
 def check_flash_varlen(device, quick: bool) -> list[Check]:
+    """Each bf16 attention path against the same tower in fp32 (eager): flash-attention varlen must be no less accurate
+    than sdpa (bf16 rounding over several layers makes a direct bf16-vs-bf16 comparison a matter of tolerance)."""
     from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
 
     from omnivmed.configuration_omnivmed import OmniVMedVisionConfig
@@ -148,15 +150,19 @@ def check_flash_varlen(device, quick: bool) -> list[Check]:
     vision, _ = shape_configs("tiny" if quick else "1.5B", build_omnivmed.build_tiny_tokenizer() if quick else None)
     vision = dict(vision, num_hidden_layers=2 if quick else 4)
     torch.manual_seed(0)
-    tower = OmniVMedVisionModel(OmniVMedVisionConfig(**vision)).to(device, torch.bfloat16).eval()
+    tower = OmniVMedVisionModel(OmniVMedVisionConfig(**vision)).to(device).eval()
     sizes = PACKED_SIZES[:3] if quick else PACKED_SIZES
-    pv, grid = packed_images(sizes, vision["patch_size"], device, torch.bfloat16, frames=2 if quick else 8)
-    outputs = {}
+    pv, grid = packed_images(sizes, vision["patch_size"], device, torch.float32, frames=2 if quick else 8)
     with torch.inference_mode():
-        for implementation in ("eager", "sdpa"):
-            tower.set_attn_implementation(implementation)
-            outputs[implementation] = tower(pv, grid).last_hidden_state.float()
-    rows = [_agree("sdpa == eager on the packed batch (bf16)", outputs["sdpa"], outputs["eager"], len(grid))]
+        tower.set_attn_implementation("eager")
+        reference = tower(pv, grid).last_hidden_state
+        tower.to(torch.bfloat16)
+        tower.set_attn_implementation("sdpa")
+        sdpa = tower(pv.bfloat16(), grid).last_hidden_state.float()
+    sdpa_err = _mean_rel(sdpa, reference)
+    detail = f"{pv.shape[0]} patches in {len(grid)} items ({len(sizes)} image sizes + a video), {vision['num_hidden_layers']} layers"
+    rows = [Check("sdpa (bf16) vs the fp32 eager tower", "pass" if sdpa_err <= 2e-2 else "fail",
+                  f"mean rel err {sdpa_err:.2e}", "<= 2e-2", detail)]  # fmt: skip
     cuda = torch.device(device).type == "cuda"
     available = [name for name, ok in (("flash_attention_3", is_flash_attn_3_available()),
                                        ("flash_attention_2", is_flash_attn_2_available())) if ok]  # fmt: skip
@@ -167,18 +173,18 @@ def check_flash_varlen(device, quick: bool) -> list[Check]:
     for implementation in available:
         with torch.inference_mode():
             tower.set_attn_implementation(implementation)
-            flash = tower(pv, grid).last_hidden_state.float()
-        rows.append(_agree(f"{implementation} varlen == sdpa on the packed batch (bf16)", flash, outputs["sdpa"],
-                           len(grid)))  # fmt: skip
+            flash = tower(pv.bfloat16(), grid).last_hidden_state.float()
+        err = _mean_rel(flash, reference)
+        rows.append(Check(f"{implementation} varlen (bf16) vs the fp32 eager tower, no worse than sdpa",
+                          "pass" if err <= 1.5 * sdpa_err + 1e-3 else "fail",
+                          f"mean rel err {err:.2e} (sdpa {sdpa_err:.2e}); flash vs sdpa {_mean_rel(flash, sdpa):.2e}",
+                          "<= 1.5 x sdpa's", detail))  # fmt: skip
     return rows
 
 
-def _agree(name: str, a: torch.Tensor, b: torch.Tensor, items: int, rel_tol: float = 2e-2) -> Check:
-    """bf16 outputs of two attention paths: the largest difference relative to the output's scale."""
-    err = float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
-    mean = float((a - b).abs().mean() / b.abs().mean().clamp_min(1e-6))
-    return Check(name, "pass" if err <= rel_tol else "fail", f"max rel diff {err:.2e}, mean {mean:.2e}",
-                 f"<= {rel_tol:g}", f"{a.shape[0]} patches in {items} items")  # fmt: skip
+def _mean_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean absolute difference relative to the mean magnitude of `b`."""
+    return float((a.float() - b.float()).abs().mean() / b.float().abs().mean().clamp_min(1e-12))
 
 
 def _mfu_checks(name: str, flops: float, seconds: float, device, quick: bool, extra: str) -> list[Check]:

@@ -85,7 +85,7 @@ def test_gpu_check_cpu_quick_runs_every_check(tmp_path):
     checks = {c["name"]: c for c in report["checks"]}
     assert code == 0, report
     assert report["device"].startswith("CPU")
-    assert checks["sdpa == eager on the packed batch (bf16)"]["status"] == "pass"
+    assert checks["sdpa (bf16) vs the fp32 eager tower"]["status"] == "pass"
     flash = checks["flash-attention varlen == sdpa"]
     assert flash["status"] == "skipped" and flash["measured"] == "no CUDA device"
     splits = [c for n, c in checks.items() if n.startswith("device split")]
