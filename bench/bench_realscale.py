@@ -26,7 +26,8 @@ the writer never holds the model), then each child loads it with
 `AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.bfloat16, trust_remote_code=True)` (safetensors are
 memory-mapped; no fp32 copy) or, for the int8 arm, with `quantization_config=TorchAoConfig(Int8WeightOnlyConfig())`
 (torchao, weight-only int8, CPU kernels; `pip install torchao==0.18.0`, not in requirements.txt since no test needs
-it, and once installed transformers imports it at every start and it prints warnings about its CUDA libraries), answers a question about a 448 px image (8 new tokens) and reports its peak
+it, and once installed transformers imports it at every start and it prints warnings about its CUDA libraries),
+answers a question about a 448 px image (8 new tokens) and reports its peak
 RSS, load time, TTFT and decode tokens/s. The folder is deleted afterwards.
 """
 
@@ -72,7 +73,8 @@ QWEN25_VL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_
                         spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                         fullatt_block_indexes=[7, 15, 23, 31])  # fmt: skip
 TINY_QWEN_VL_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1])  # fmt: skip
+                           spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[1])  # fmt: skip
 
 
 def shape_configs(shape: str, tokenizer) -> tuple[dict, dict]:
@@ -392,8 +394,9 @@ def measure_lowmem(shape: str, repeats: int, threads: int, quick: bool, folder: 
     try:
         for _ in range(repeats):
             for arm in arms:
-                r = run_child("bench_realscale", ["--lowmem", "--arm", arm, "--folder", str(folder), "--threads",
-                                                  str(threads), "--block", json.dumps(blocks["image"])], timeout=3600)  # fmt: skip
+                args = ["--lowmem", "--arm", arm, "--folder", str(folder), "--threads", str(threads), "--block",
+                        json.dumps(blocks["image"])]  # fmt: skip
+                r = run_child("bench_realscale", args, timeout=3600)
                 results[arm].append(r)
                 print(f"[{shape} lowmem {arm}] peak RSS {r['peak_rss'] / 2**30:.2f} GiB, load {r['load_s']:.1f} s, "
                       f"TTFT {r['ttft_s']:.2f} s, {r['decode_tokens_per_s']:.2f} tokens/s", file=sys.stderr,
@@ -425,7 +428,8 @@ def summarise_lowmem(shape: str, results: dict, command: str) -> list[Row]:
         ttft = {a: statistics.median(x["warm_ttft_s"] for x in rs) for a, rs in results.items()}
         rows.append(Row(
             f"Low memory {shape}", "int8 vs bf16: decode speed and TTFT",
-            f"{speed['int8']:.2f} vs {speed['bf16']:.2f} tokens/s; warm TTFT {ttft['int8']:.2f} s vs {ttft['bf16']:.2f} s",
+            f"{speed['int8']:.2f} vs {speed['bf16']:.2f} tokens/s; "
+            f"warm TTFT {ttft['int8']:.2f} s vs {ttft['bf16']:.2f} s",
             speed["int8"] / speed["bf16"], "-", None, command, "ratio = int8 / bf16 decode tokens/s",
         ))  # fmt: skip
     return rows

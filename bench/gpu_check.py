@@ -160,7 +160,8 @@ def check_flash_varlen(device, quick: bool) -> list[Check]:
         tower.set_attn_implementation("sdpa")
         sdpa = tower(pv.bfloat16(), grid).last_hidden_state.float()
     sdpa_err = _mean_rel(sdpa, reference)
-    detail = f"{pv.shape[0]} patches in {len(grid)} items ({len(sizes)} image sizes + a video), {vision['num_hidden_layers']} layers"
+    detail = (f"{pv.shape[0]} patches in {len(grid)} items ({len(sizes)} image sizes + a video), "
+              f"{vision['num_hidden_layers']} layers")
     rows = [Check("sdpa (bf16) vs the fp32 eager tower", "pass" if sdpa_err <= 2e-2 else "fail",
                   f"mean rel err {sdpa_err:.2e}", "<= 2e-2", detail)]  # fmt: skip
     cuda = torch.device(device).type == "cuda"
@@ -229,7 +230,6 @@ def check_tower_mfu(device, quick: bool) -> list[Check]:
     seconds = timed(step, device, repeats=2 if quick else 10, warmup=1 if quick else 3)
     segments = [h * w // cfg.patch_size**2 for h, w in sizes]
     flops = 3 * tower_flops(cfg, segments)  # backward ~ 2x forward
-    del tower, optimizer
     return _mfu_checks("tower train step", flops, seconds, device, quick,
                        f"{len(sizes)} images {sizes[0][0]} px packed ({pv.shape[0]} patches), "
                        f"{cfg.num_hidden_layers} layers, sdpa, AdamW")  # fmt: skip
@@ -270,7 +270,6 @@ def check_llm_mfu(device, quick: bool, batch: int) -> list[Check]:
     v = model.config.vision_config
     patches = int(one["grid_thw"][0].prod())
     flops = 3 * (batch * tower_flops(v, [patches]) + llm_flops(model.config.text_config, batch * seq_len, seq_len))
-    del model, optimizer
     return _mfu_checks(f"{shape}-shape train step", flops, seconds, device, quick,
                        f"batch {batch} x {seq_len} tokens, one {112 if quick else 448} px image each, sdpa, AdamW, "
                        "loss on text")  # fmt: skip
@@ -379,8 +378,9 @@ def run(device, quick: bool, only=CHECKS, batch: int = 4) -> list[Check]:
 
 
 def render(rows: list[Check], card: str, facts: dict, command: str) -> str:
-    lines = [f"## GPU check on {card}", "", f"`{command}`, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-             "", "| check | status | measured | goal | detail |", "|---|---|---|---|---|"]  # fmt: skip
+    now = datetime.datetime.now(datetime.timezone.utc)
+    lines = [f"## GPU check on {card}", "", f"`{command}`, {now:%Y-%m-%d %H:%M} UTC", "",
+             "| check | status | measured | goal | detail |", "|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         cells = [r.name, r.status, r.measured, r.goal, r.detail]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |")

@@ -122,7 +122,8 @@ def test_run_all_keeps_the_real_scale_section(tmp_path, monkeypatch):
     assert text.endswith(f"{run_all.KEEP_MARKER}\n## Real scale\n\n| a | b |\n")
     run_all.main(["--only", "processor", "--out", str(out)])  # a second run neither loses nor doubles it
     again = out.read_text()
-    assert again.count(run_all.KEEP_MARKER) == 1 and again.endswith(f"{run_all.KEEP_MARKER}\n## Real scale\n\n| a | b |\n")
+    assert again.count(run_all.KEEP_MARKER) == 1
+    assert again.endswith(f"{run_all.KEEP_MARKER}\n## Real scale\n\n| a | b |\n")
 
 
 def test_random_checkpoint_is_a_sharded_hub_folder_transformers_loads(tmp_path):

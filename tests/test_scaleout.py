@@ -6,7 +6,6 @@ processes (torchrun) and reports the same metrics as one process."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +41,8 @@ def _final(out: Path) -> dict:
 def ddp_weights(tiny_dir, data_dir, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(ROOT / "train_trl.py"), *_args(tiny_dir, data_dir, out, *TRAIN)]  # fmt: skip
+           "--master_port", str(_free_port()), str(ROOT / "train_trl.py"),
+           *_args(tiny_dir, data_dir, out, *TRAIN)]  # fmt: skip
     log = _run(cmd, "torchrun DDP")
     assert log.count("distributed, world size 2") == 1, log[-3000:]
     return _final(out)
