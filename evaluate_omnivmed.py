@@ -17,6 +17,8 @@ The files each loader expects, and the metric definitions, are in README.md ("Ev
 
 Generation is greedy, batched with left padding; the prompt is the dataset's question (M3D closed questions add their
 four choices as M3D does). Results: a JSON file (metrics, definitions, every prediction) and a markdown table.
+Several processes (`torchrun --nproc_per_node N evaluate_omnivmed.py ...` or `accelerate launch`) each answer one
+contiguous block of the questions; the answers are gathered and scored once, with the same metrics as one process.
 """
 
 from __future__ import annotations
@@ -439,6 +441,28 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _join_processes(device: str) -> tuple[int, int, str, bool]:
+    """(rank, world size, device, whether this call started the process group). Under `torchrun` /
+    `accelerate launch` (WORLD_SIZE > 1) every process joins one group (nccl on GPUs, else gloo) and takes its GPU."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device, False
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device, started
+
+
 def evaluate(model_path: str, benchmark: str, data: str | Path, split: str = "test", limit: int | None = None,
              batch_size: int = 4, max_new_tokens: int = 64, out: str | Path | None = None, device: str = "auto",
              dtype: str = "auto", prune_threshold: float | None = None, progress: bool = True,
@@ -446,8 +470,22 @@ def evaluate(model_path: str, benchmark: str, data: str | Path, split: str = "te
     samples, classes = load_benchmark(benchmark, data, split, **loader_options)
     if limit is not None:
         samples = samples[:limit]
+    rank, world, device, started = _join_processes(device)
+    # each process answers one contiguous block of questions; the blocks, gathered in rank order, are the whole list
+    per_rank = -(-len(samples) // world)
     model, processor = load_model(model_path, device, dtype)
-    predictions = generate_answers(model, processor, samples, batch_size, max_new_tokens, prune_threshold, progress)
+    predictions = generate_answers(model, processor, samples[rank * per_rank : (rank + 1) * per_rank], batch_size,
+                                   max_new_tokens, prune_threshold, progress and rank == 0)  # fmt: skip
+    if world > 1:
+        import torch.distributed as dist
+
+        blocks = [None] * world
+        dist.all_gather_object(blocks, predictions)
+        predictions = [p for block in blocks for p in block]
+        if started:
+            dist.destroy_process_group()  # ranks abort at exit without it
+        if rank != 0:
+            out = None  # one writer
     result = {
         "benchmark": benchmark,
         "model": str(model_path),
@@ -511,7 +549,10 @@ def main(argv=None):
                           **options)  # fmt: skip
     except DataError as error:
         parser.exit(2, f"error: {error}\n")
-    sys.stdout.write(markdown_table(result))
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        sys.stdout.write(markdown_table(result))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from common import ROOT, machine_facts  # noqa: E402
 
 
 SECTIONS = ("processor", "tower", "pruning", "long_video", "llm")
+KEEP_MARKER = "<!-- bench_realscale: kept by run_all.py -->"
 
 
 def run_section(name: str, repeats: int, quick: bool) -> list:
@@ -114,6 +115,9 @@ def main(argv=None):
     facts["load average (1, 5, 15 min) at start"] = ", ".join(f"{x:.1f}" for x in load_start)
     facts["load average (1, 5, 15 min) at end"] = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     text = render(rows, facts, command, seconds, time.perf_counter() - start, args.quick)
+    # the real-scale section is written by hand from bench/bench_realscale.py (an hour's run): kept as it is
+    if args.out.exists() and KEEP_MARKER in args.out.read_text():
+        text += "\n" + args.out.read_text().split(KEEP_MARKER, 1)[1].join([KEEP_MARKER, ""])
     args.out.write_text(text)
     print(f"wrote {args.out}")
 
