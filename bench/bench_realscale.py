@@ -47,27 +47,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, Row, machine_facts, peak_rss_bytes, run_child  # noqa: E402
 
-import build_omnivmed  # noqa: E402
+import omnivmed_tools  # noqa: E402
+from omnivmed.processing_omnivmed import OmniVMedImageProcessor, OmniVMedProcessor  # noqa: E402
+from shapes import build_ours, shape_configs  # noqa: E402
 
 
 COMMAND = "OMP_NUM_THREADS=1 python bench/bench_realscale.py"
 MNI = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 
-# Qwen2.5-7B (Qwen/Qwen2.5-7B config.json): 28 layers, hidden 3584, MLP 18944, 28 query / 4 key-value heads
-QWEN25_7B_TEXT = dict(
-    model_type="qwen2",
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    max_position_embeddings=32768,
-    rms_norm_eps=1e-6,
-    vocab_size=152064,
-    tie_word_embeddings=False,
-    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-    hidden_act="silu",
-)
 # Qwen2.5-VL-3B/7B's ViT: 32 layers, hidden 1280, SwiGLU MLP 3420, 16 heads, windowed attention but in 4 layers
 QWEN25_VL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
                         spatial_merge_size=2, temporal_patch_size=2, window_size=112,
@@ -75,50 +62,6 @@ QWEN25_VL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_
 TINY_QWEN_VL_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                            fullatt_block_indexes=[1])  # fmt: skip
-
-
-def shape_configs(shape: str, tokenizer) -> tuple[dict, dict]:
-    """(vision_config, text_config) dicts of a named shape."""
-    if shape == "tiny":
-        text = dict(build_omnivmed.TINY_TEXT, vocab_size=-(-len(tokenizer) // 64) * 64)
-        return dict(build_omnivmed.TINY_VISION), text
-    root = json.loads((ROOT / "config.json").read_text())
-    vision = {k: v for k, v in root["vision_config"].items() if k != "model_type"}
-    if shape == "1.5B":
-        text = dict(root["text_config"])
-        text.pop("layer_types", None)
-        return vision, text
-    if shape == "7B":
-        return vision, dict(QWEN25_7B_TEXT)
-    raise ValueError(f"unknown shape {shape!r}; choose tiny, 1.5B or 7B")
-
-
-def build_ours(shape: str, tokenizer, prune_stage: str = "post_encoder", dtype=torch.bfloat16, device="cpu",
-               layers: int | None = None):
-    """Our model at `shape`, random weights, built directly in `dtype` on `device` (no fp32 copy ever exists);
-    `layers` cuts both the tower and the LLM to that many layers (checks about placement, not speed)."""
-    from omnivmed.configuration_omnivmed import OmniVMedConfig
-    from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration
-
-    vision, text = shape_configs(shape, tokenizer)
-    if layers is not None:
-        vision, text = dict(vision, num_hidden_layers=layers), dict(text, num_hidden_layers=layers)
-    text = dict(text, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.convert_tokens_to_ids(build_omnivmed.IM_END), bos_token_id=None)  # fmt: skip
-    config = OmniVMedConfig(text_config=text, vision_config=vision, prune_stage=prune_stage,
-                            tie_word_embeddings=text.get("tie_word_embeddings", True),
-                            **build_omnivmed.token_ids(tokenizer))  # fmt: skip
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = OmniVMedForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(default)
-    model.eval()
-    model.set_attn_implementation("sdpa")
-    return model
 
 
 def build_qwen_vl(shape: str, tokenizer, dtype=torch.bfloat16, device="cpu"):
@@ -170,13 +113,12 @@ def write_media(workdir: Path, quick: bool) -> dict:
     import nilearn
     from PIL import Image
 
-    from bench_pruning import endoscopic_scene, write_instrument_video
 
     s = sizes(quick)
     image = workdir / "image.png"
-    Image.fromarray((endoscopic_scene(s["image_px"], seed=1) * 255).astype(np.uint8)).save(image)
+    Image.fromarray((omnivmed_tools.endoscopic_scene(s["image_px"], seed=1) * 255).astype(np.uint8)).save(image)
     # 2 fps native, sampled at 1 fps: 64 s -> 64 frames
-    video = write_instrument_video(workdir / "video.mp4", seconds=s["frames"], fps=2, size=s["video_px"])
+    video = omnivmed_tools.write_instrument_video(workdir / "video.mp4", seconds=s["frames"], fps=2, size=s["video_px"])
     volume = Path(nilearn.__file__).parent / "datasets" / "data" / MNI
     return {
         "image": {"type": "image", "image": str(image)},
@@ -186,7 +128,6 @@ def write_media(workdir: Path, quick: bool) -> dict:
 
 
 def processor_for(media: str, tokenizer, quick: bool):
-    from omnivmed.processing_omnivmed import OmniVMedImageProcessor, OmniVMedProcessor
 
     s = sizes(quick)
     per_frame = s["video_px"] if media == "video" else s["volume_px"]
@@ -231,7 +172,7 @@ def qwen_inputs(grid_thw: list[int], seq_len: int, ids: dict, video: bool, dtype
 # --------------------------------------------------------------------------------------------------------- child
 def child(args) -> dict:
     torch.set_num_threads(args.threads)
-    tokenizer = build_omnivmed.build_tiny_tokenizer()
+    tokenizer = omnivmed_tools.build_tiny_tokenizer()
     block = json.loads(args.block)
     start = time.perf_counter()
     if args.arm == "qwen":
@@ -289,19 +230,18 @@ def write_random_checkpoint(shape: str, out: Path, shard_bytes: int = 2 * 2**30)
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
-    from omnivmed.processing_omnivmed import OmniVMedImageProcessor, OmniVMedProcessor
 
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_omnivmed.build_tiny_tokenizer()
+    tokenizer = omnivmed_tools.build_tiny_tokenizer()
     model = build_ours(shape, tokenizer, device="meta")
-    model.config.auto_map = dict(build_omnivmed.AUTO_MAP)
+    model.config.auto_map = dict(omnivmed_tools.AUTO_MAP)
     model.config.architectures = ["OmniVMedForConditionalGeneration"]
     model.config.save_pretrained(out)
-    GenerationConfig(eos_token_id=tokenizer.convert_tokens_to_ids(build_omnivmed.IM_END),
+    GenerationConfig(eos_token_id=tokenizer.convert_tokens_to_ids(omnivmed_tools.IM_END),
                      pad_token_id=tokenizer.pad_token_id, do_sample=False).save_pretrained(out)  # fmt: skip
     image_processor = OmniVMedImageProcessor(max_pixels=448 * 448, **model.config.processor_settings())
     OmniVMedProcessor(image_processor, tokenizer).save_pretrained(out)
-    for name in build_omnivmed.REMOTE_CODE_FILES:
+    for name in omnivmed_tools.REMOTE_CODE_FILES:
         shutil.copyfile(ROOT / name, out / name)
     state = {k: v for k, v in model.state_dict().items()
              if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}  # fmt: skip

@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Row, Timer, fmt_s  # noqa: E402
+from shapes import to_patches, tower_flops  # noqa: E402
 
 from omnivmed.configuration_omnivmed import OmniVMedVisionConfig  # noqa: E402
 from omnivmed.modeling_omnivmed import OmniVMedVisionModel  # noqa: E402
@@ -45,21 +46,6 @@ def siglip_pair(shape: dict, image_size: int, dtype=torch.float32):
     if missing or unexpected:
         raise RuntimeError(f"weight map incomplete: missing {missing}, unexpected {unexpected}")
     return siglip.to(dtype), ours.to(dtype)
-
-
-def to_patches(images: torch.Tensor, patch: int) -> torch.Tensor:
-    """(B, 3, H, W) -> (B * H/p * W/p, 3*p*p) in row-major patch order (merge size 1)."""
-    b, c, h, w = images.shape
-    x = images.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(-1, c * patch * patch)
-
-
-def tower_flops(cfg: OmniVMedVisionConfig, segment_lengths: list[int]) -> float:
-    """Multiply-add FLOPs (x2) of the tower's matmuls for these attention segments."""
-    n = sum(segment_lengths)
-    d, i = cfg.hidden_size, cfg.intermediate_size
-    per_layer = 2 * n * d * d * 4 + 2 * n * d * i * 2 + sum(4 * s * s * d for s in segment_lengths)
-    return cfg.num_hidden_layers * per_layer + 2 * n * cfg.patch_dim * d
 
 
 MATMULS_PER_ROUND = 20

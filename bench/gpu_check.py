@@ -31,11 +31,14 @@ import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_facts  # noqa: E402
+from common import cpu_model, machine_facts  # noqa: E402
 
-import build_omnivmed  # noqa: E402
-from bench_realscale import build_ours, shape_configs  # noqa: E402
-from bench_tower import to_patches, tower_flops  # noqa: E402
+import omnivmed_tools  # noqa: E402
+from omnivmed.configuration_omnivmed import OmniVMedVisionConfig  # noqa: E402
+from omnivmed.media_omnivmed import Media  # noqa: E402
+from omnivmed.modeling_omnivmed import OmniVMedVisionModel  # noqa: E402
+from omnivmed.processing_omnivmed import OmniVMedImageProcessor, OmniVMedProcessor  # noqa: E402
+from shapes import build_ours, shape_configs, to_patches, tower_flops  # noqa: E402
 
 
 # dense bf16 tensor-core peaks from NVIDIA's data sheets (no sparsity), by device-name fragment; first match wins
@@ -78,7 +81,6 @@ def timed(fn, device, repeats: int, warmup: int = 1) -> float:
 def card_name(device) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(device)
-    from common import cpu_model
 
     return f"CPU: {cpu_model()}"
 
@@ -119,7 +121,6 @@ def image_prompt(processor, image_px: int, seed: int = 0):
     """Our processor's inputs for one random `image_px` image and a question (the tiny tokenizer's ids)."""
     import numpy as np
 
-    from omnivmed.media_omnivmed import Media
 
     pixels = np.random.default_rng(seed).random((1, image_px, image_px, 3), dtype=np.float32)
     media = Media(frames=pixels, kind="image", source="random-image")
@@ -132,9 +133,8 @@ def image_prompt(processor, image_px: int, seed: int = 0):
 
 
 def processor(image_px: int, video_px: int = 112):
-    from omnivmed.processing_omnivmed import OmniVMedImageProcessor, OmniVMedProcessor
 
-    tokenizer = build_omnivmed.build_tiny_tokenizer()
+    tokenizer = omnivmed_tools.build_tiny_tokenizer()
     return OmniVMedProcessor(OmniVMedImageProcessor(max_pixels=image_px**2, video_max_pixels=video_px**2), tokenizer)
 
 
@@ -144,10 +144,8 @@ def check_flash_varlen(device, quick: bool) -> list[Check]:
     than sdpa (bf16 rounding over several layers makes a direct bf16-vs-bf16 comparison a matter of tolerance)."""
     from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
 
-    from omnivmed.configuration_omnivmed import OmniVMedVisionConfig
-    from omnivmed.modeling_omnivmed import OmniVMedVisionModel
 
-    vision, _ = shape_configs("tiny" if quick else "1.5B", build_omnivmed.build_tiny_tokenizer() if quick else None)
+    vision, _ = shape_configs("tiny" if quick else "1.5B", omnivmed_tools.build_tiny_tokenizer() if quick else None)
     vision = dict(vision, num_hidden_layers=2 if quick else 4)
     torch.manual_seed(0)
     tower = OmniVMedVisionModel(OmniVMedVisionConfig(**vision)).to(device).eval()
@@ -208,10 +206,8 @@ def _mfu_checks(name: str, flops: float, seconds: float, device, quick: bool, ex
 
 
 def check_tower_mfu(device, quick: bool) -> list[Check]:
-    from omnivmed.configuration_omnivmed import OmniVMedVisionConfig
-    from omnivmed.modeling_omnivmed import OmniVMedVisionModel
 
-    tokenizer = build_omnivmed.build_tiny_tokenizer() if quick else None
+    tokenizer = omnivmed_tools.build_tiny_tokenizer() if quick else None
     vision, _ = shape_configs("tiny" if quick else "1.5B", tokenizer)
     cfg = OmniVMedVisionConfig(**vision)
     torch.manual_seed(0)
@@ -281,7 +277,6 @@ def check_device_split(device, quick: bool) -> list[Check]:
 
     import numpy as np
 
-    from omnivmed.media_omnivmed import Media
 
     proc = processor(112, 112)
     tokenizer = proc.tokenizer
