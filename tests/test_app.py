@@ -757,6 +757,10 @@ def test_the_app_in_headless_chromium(served):
         assert not covered, covered
         page.browser.find_element(By.XPATH, "//*[@id='strip-accordion']//button").click()
         _wait(lambda: page.shown("strip"), 10, "the strip", log)
+        # the accordion opens before its picture has loaded (naturalWidth 0 until then)
+        _wait(lambda: page.browser.execute_script(
+            "const i = document.querySelector('#strip img'); return !!i && i.complete && i.naturalWidth > 0;"),
+            10, "the strip's picture", log)  # fmt: skip
         # the strip is shown at its own size, so its 12-14 px labels stay 12-14 px on screen
         shown_width, natural = page.browser.execute_script(
             "const i = document.querySelector('#strip img'); return [i.getBoundingClientRect().width, i.naturalWidth];")
