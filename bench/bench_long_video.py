@@ -18,6 +18,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Row, fmt_s, peak_rss_bytes, run_child  # noqa: E402
 
+import omnivmed_tools  # noqa: E402
+from omnivmed.processing_omnivmed import OmniVMedImageProcessor  # noqa: E402
+
 
 COMMAND = "python bench/bench_long_video.py"
 GIB = 1024**3
@@ -28,9 +31,7 @@ def write_video(path: Path, n_frames: int, size: int = 112, period: int = 120, s
     fast to write; the instrument moves at the same speed whatever the length, so the work per frame is the same)."""
     import av
 
-    from bench_pruning import endoscopic_scene
-
-    scene = endoscopic_scene(size, seed)
+    scene = omnivmed_tools.endoscopic_scene(size, seed)
     with av.open(str(path), "w") as container:
         stream = container.add_stream("mjpeg", rate=1)
         stream.width = stream.height = size
@@ -53,16 +54,13 @@ def child(video: str, frames: int, max_patches_per_chunk: int | None) -> dict:
     """One run in this process: processor + tower + pruning (the model's visual features) of `video`."""
     import torch
 
-    import build_omnivmed
-    from omnivmed.processing_omnivmed import OmniVMedImageProcessor
-
-    tokenizer = build_omnivmed.build_tiny_tokenizer()
-    model = build_omnivmed.tiny_model(tokenizer, 0)
+    tokenizer = omnivmed_tools.build_tiny_tokenizer()
+    model = omnivmed_tools.tiny_model(tokenizer, 0)
     model.set_attn_implementation("sdpa")
     if max_patches_per_chunk is not None:
         model.config.vision_config.max_patches_per_chunk = max_patches_per_chunk
     processor = OmniVMedImageProcessor(
-        **dict(build_omnivmed.TINY_IMAGE_PROCESSOR, max_frames=frames, max_total_visual_tokens=10**7)
+        **dict(omnivmed_tools.TINY_IMAGE_PROCESSOR, max_frames=frames, max_total_visual_tokens=10**7)
     )
     before = peak_rss_bytes()
     start = time.perf_counter()

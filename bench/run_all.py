@@ -23,6 +23,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, machine_facts  # noqa: E402
 
+import bench_llm  # noqa: E402
+import bench_long_video  # noqa: E402
+import bench_processor  # noqa: E402
+import bench_pruning  # noqa: E402
+import bench_tower  # noqa: E402
+
 
 SECTIONS = ("processor", "tower", "pruning", "long_video", "llm")
 KEEP_MARKER = "<!-- bench_realscale: kept by run_all.py -->"
@@ -30,24 +36,14 @@ KEEP_MARKER = "<!-- bench_realscale: kept by run_all.py -->"
 
 def run_section(name: str, repeats: int, quick: bool) -> list:
     if name == "processor":
-        import bench_processor
-
         return bench_processor.run(repeats=max(repeats, 5), quick=quick)
     if name == "tower":
-        import bench_tower
-
         return bench_tower.run(repeats=repeats, quick=quick)
     if name == "pruning":
-        import bench_pruning
-
         return bench_pruning.run(configs=("tiny",), repeats=repeats, quick=quick)
     if name == "long_video":
-        import bench_long_video
-
         return bench_long_video.run(repeats=2, quick=quick)
     if name == "llm":
-        import bench_llm
-
         return bench_llm.run(repeats=repeats, quick=quick)
     raise ValueError(f"unknown section {name!r}; choose from {SECTIONS}")
 

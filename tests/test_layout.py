@@ -50,18 +50,7 @@ DRIVERS = {
 
 # What is still to be untangled (issue #20). The test fails on anything not listed AND on a listed entry that is gone,
 # so the list only shrinks, in the commit that fixes an entry.
-KNOWN = {
-    "bench: bench/bench_long_video -> bench/bench_pruning (tool imports tool)",
-    "bench: bench/bench_long_video -> build_omnivmed (tool imports tool)",
-    "bench: bench/bench_long_video imports bench/bench_pruning inside a function",
-    "bench: bench/bench_long_video imports build_omnivmed inside a function",
-    "bench: bench/bench_long_video imports processing_omnivmed inside a function",
-    "bench: bench/run_all imports bench/bench_llm inside a function",
-    "bench: bench/run_all imports bench/bench_long_video inside a function",
-    "bench: bench/run_all imports bench/bench_processor inside a function",
-    "bench: bench/run_all imports bench/bench_pruning inside a function",
-    "bench: bench/run_all imports bench/bench_tower inside a function",
-}
+KNOWN: set[str] = set()
 
 
 # ------------------------------------------------------------------------------------------------------------------
