@@ -821,7 +821,8 @@ def build_examples(folder: Path = EXAMPLES_DIR) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------------------------- UI
 CSS = """
-#slice input[type=number], #slice .reset-button { display: none; }  /* the page's numbering is in the picture */
+#slice input[type=number], #slice .reset-button, #slice .min_value, #slice .max_value { display: none; }  /* the
+   page's one numbering is in the picture: the slider shows no position numbers of its own */
 .alert-box { border: 2px solid #d33; background: #fdecea; color: #7a1010; border-radius: 6px; padding: 6px 10px;
              font-size: 1.05em; font-weight: 600; }
 .alert-box:empty { display: none; }

@@ -733,6 +733,11 @@ def test_the_app_in_headless_chromium(served):
         _wait(lambda: page.text("view-info").split("shown: ")[1].split("\n")[0] != shown, 30, "another slice", log)
         shown = page.text("view-info").split("shown: ")[1].split("\n")[0]
         assert shown.startswith("slice ") and " mm" in shown and "of 32" not in shown
+        # the slider shows no numbers of its own (its ends, its value box): one numbering, the picture's
+        slider_numbers = page.browser.execute_script(
+            "return [...document.querySelectorAll('#slice .min_value, #slice .max_value, #slice input[type=number]')]"
+            ".filter(e => e.getBoundingClientRect().width > 0).map(e => e.textContent || e.value);")  # fmt: skip
+        assert slider_numbers == [], slider_numbers
 
         # ask: an answer (or the empty-answer notice), never an empty bubble; then where it looked
         page.ask("Is there a lesion?")
