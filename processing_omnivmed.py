@@ -488,13 +488,14 @@ class OmniVMedImageProcessor(BaseImageProcessor):
         """(media, frames, resized h, resized w, merge) per item; refuses an item over the visual-token budget. In
         compatibility mode the source's sizing rule (compat_omnivmed.target_sizes) decides the sizes, per prompt."""
         mode = normalize_mode(s["compat_mode"])
+        # validated once: the check reads every value (min / max), a full pass over a long clip
+        all_frames = [self._validated_frames(m) for m in medias]
         compat_sizes = None
         if mode is not None:
-            shapes = [(m.kind, *self._validated_frames(m).shape[:3], from_pil(m)) for m in medias]
+            shapes = [(m.kind, *frames.shape[:3], from_pil(m)) for m, frames in zip(medias, all_frames)]
             compat_sizes = target_sizes(mode, shapes, s, groups)
         plans = []
-        for index, m in enumerate(medias):
-            frames = self._validated_frames(m)
+        for index, (m, frames) in enumerate(zip(medias, all_frames)):
             t, height, width = frames.shape[:3]
             try:
                 if compat_sizes is None:

@@ -49,7 +49,7 @@ from common import ROOT, Row, machine_facts, peak_rss_bytes, run_child  # noqa: 
 
 import omnivmed_tools  # noqa: E402
 from omnivmed.processing_omnivmed import OmniVMedImageProcessor, OmniVMedProcessor  # noqa: E402
-from shapes import build_ours, shape_configs  # noqa: E402
+from shapes import build_ours, random_model, shape_configs  # noqa: E402
 
 
 COMMAND = "OMP_NUM_THREADS=1 python bench/bench_realscale.py"
@@ -79,17 +79,7 @@ def build_qwen_vl(shape: str, tokenizer, dtype=torch.bfloat16, device="cpu"):
     ids = qwen_token_ids(text["vocab_size"])
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids,
                               tie_word_embeddings=text.get("tie_word_embeddings", True))  # fmt: skip
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Qwen2_5_VLForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(default)
-    model.eval()
-    model.set_attn_implementation("sdpa")
-    return model
+    return random_model(Qwen2_5_VLForConditionalGeneration, config, dtype, device)
 
 
 def qwen_token_ids(vocab_size: int) -> dict:

@@ -56,12 +56,18 @@ def build_ours(shape: str, tokenizer, prune_stage: str = "post_encoder", dtype=t
     config = OmniVMedConfig(text_config=text, vision_config=vision, prune_stage=prune_stage,
                             tie_word_embeddings=text.get("tie_word_embeddings", True),
                             **omnivmed_tools.token_ids(tokenizer))  # fmt: skip
+    return random_model(OmniVMedForConditionalGeneration, config, dtype, device)
+
+
+def random_model(model_class, config, dtype=torch.bfloat16, device="cpu"):
+    """`model_class(config)` with seeded random weights, built directly in `dtype` on `device` (no fp32 copy ever
+    exists), in eval mode with sdpa attention."""
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = OmniVMedForConditionalGeneration(config)
+            model = model_class(config)
     finally:
         torch.set_default_dtype(default)
     model.eval()
