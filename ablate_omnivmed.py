@@ -61,17 +61,24 @@ from omnivmed_tools import (  # noqa: E402
 logger = logging.getLogger("ablate_omnivmed")
 
 ARMS = {
-    # name: (vision config overrides, schedule)
+    # name: (vision config overrides, schedule); the prune-stage arms are in STAGE_ARMS
     "rope_frame": ({}, "progressive"),
     "learned_frame": ({"position_embedding": "learned", "position_table_size": 16}, "progressive"),
     "rope_clip": ({"attention_scope": "clip"}, "progressive"),
     "joint": ({}, "joint"),
+    "post_encoder": ({}, "progressive"),
+    "pre_encoder": ({}, "progressive"),
 }
+# The model arm with its prune stage pinned, so the comparison does not move when the config default does: trained
+# (stage 3) and scored with the same stage, as a user of each checkpoint would run it.
+STAGE_ARMS = {"post_encoder": "post_encoder", "pre_encoder": "pre_encoder"}
 ARM_LABELS = {
     "rope_frame": "RoPE, frame scope (model)",
     "learned_frame": "learned table, frame scope",
     "rope_clip": "RoPE, clip scope",
     "joint": "joint (all data at once)",
+    "post_encoder": "RoPE, frame scope, post-encoder pruning",
+    "pre_encoder": "RoPE, frame scope, pre-encoder pruning",
 }
 THRESHOLDS = (0.0, 0.05, 0.1, 0.2, 0.3)
 REFERENCES = ("last_kept", "previous")
@@ -130,11 +137,15 @@ def model_class_for(vision_config) -> type:
 
 
 # ------------------------------------------------------------------------------------------------------ one arm x seed
-def build_base(out: Path, seed: int, vision_overrides: dict) -> Path:
+def build_base(out: Path, seed: int, vision_overrides: dict, prune_stage: str | None = None) -> Path:
     """A fresh tiny model at the embedded default's pixel budget; the model arm is exactly train_trl's base."""
     if (out / "config.json").exists():
         return out
     build_tiny(out, seed)
+    if prune_stage is not None:  # config.json is the one source of pruning settings; the weights are unchanged
+        config = OmniVMedConfig.from_pretrained(out)
+        config.prune_stage = prune_stage
+        config.save_pretrained(out)
     if vision_overrides:  # same text model and tokenizer as build_tiny, other tower config
         tokenizer = build_tiny_tokenizer(seed=0)
         text = dict(TINY_TEXT, vocab_size=-(-len(tokenizer) // 64) * 64, pad_token_id=tokenizer.pad_token_id,
@@ -262,7 +273,8 @@ def evaluate(model_dir: Path, rows, data_root, prune_sweep=False, sweep_rows=0) 
     collator = OmniVMedCollator(processor, cache_size=100000)  # media are read once, then every config reuses them
     answers, kept, total, _ = answer_rows(model, processor, collator, rows)
     out = dict(table=data_omnivmed.score_rows(rows, answers)["table"], kept=kept, total=total,
-               processor_prune_threshold=processor.image_processor.prune_threshold)  # fmt: skip
+               processor_prune_threshold=processor.image_processor.prune_threshold,
+               prune_stage=model.config.prune_stage)  # fmt: skip
     if not prune_sweep:
         return out
     multi = sweep_selection(rows, sweep_rows)
@@ -284,7 +296,7 @@ def run_worker(spec: dict) -> None:
     out = Path(spec["dir"])
     data = Path(spec["data"])
     vision, schedule = ARMS[spec["arm"]]
-    base = build_base(out / "base", spec["seed"], vision)
+    base = build_base(out / "base", spec["seed"], vision, STAGE_ARMS.get(spec["arm"]))
     if spec.get("tower_warmup_steps"):  # as train_trl does for its fresh tiny model: the same start for every arm
         stage1 = load_rows([data / "stage1.jsonl"], data)
         base = train_trl.warm_up_tower(base, stage1, out / "tower-warmup", spec["tower_warmup_steps"], 1e-3,
@@ -529,6 +541,28 @@ def claim1_summary(results) -> str:
     return "\n".join(lines)
 
 
+def stage_table(results) -> str:
+    """The two prune-stage arms, each trained and scored with its own stage: per task, and 3D + video overall."""
+    ref = reference_rows(results)
+    a, b = "pre_encoder", "post_encoder"
+    lines = ["| task | input | n | chance / majority | pre-encoder | post-encoder | pre − post (paired) |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for key, r in ref.items():
+        floor = max(r["chance"], r["majority"])
+        p, q = accuracy_values(results, a, "final", key), accuracy_values(results, b, "final", key)
+        lines.append(f"| {key[0]} | {key[1]} | {r['n']} | {r['chance']:.0%} / {r['majority']:.0%} | "
+                     f"{fmt(p)}{' ✓' if learned(p, floor) else ''} | {fmt(q)}{' ✓' if learned(q, floor) else ''} | "
+                     f"{fmt(paired_diff(results, a, b, 'final', 'final', key=key))} |")  # fmt: skip
+    for kinds, label in ((("volume", "video"), "**3D + video**"), (("image",), "**2D**"), (None, "**all**")):
+        p = [overall(res["final"]["table"], kinds) for res in results.get(a, {}).values()]
+        q = [overall(res["final"]["table"], kinds) for res in results.get(b, {}).values()]
+        lines.append(f"| {label} | | | | {fmt(p)} | {fmt(q)} | {fmt(paired_diff(results, a, b, 'final', 'final', kinds=kinds))} |")
+    kept = {arm: [res["final"]["kept"] / max(1, res["final"]["total"]) for res in results.get(arm, {}).values()]
+            for arm in (a, b)}  # fmt: skip
+    lines.append(f"| visual tokens kept (%) | | | | {fmt(kept[a])} | {fmt(kept[b])} | |")
+    return "\n".join(lines)
+
+
 def claim3_table(results) -> str:
     ref = reference_rows(results)
     lines = ["| task | input | n | chance / majority | progressive 1→2→3 | joint | progressive − joint (paired) |",
@@ -742,8 +776,8 @@ def write_report(args, out: Path, results, timing: dict) -> Path:
         "- Spread: `mean ± sd` over seeds (sample standard deviation); differences are paired by seed. ✓ = above "
         "both chance and the majority-answer rate beyond the spread (mean − 2·SEM above it and ≥ 5 points).",
         f"- Evaluation-time pruning for the claim 1 / 3 tables: the processor's saved threshold "
-        f"({example['final']['processor_prune_threshold'] if example else '?'}, reference last_kept, post-encoder), "
-        "as `evaluate_default`.",
+        f"({example['final']['processor_prune_threshold'] if example else '?'}, reference last_kept, "
+        f"{model_stage(results)}), as `evaluate_default`.",
         "",
         "## Time",
         "",
@@ -801,7 +835,7 @@ def write_report(args, out: Path, results, timing: dict) -> Path:
     if t2:
         lines += [
             "One evaluation-time sweep over each trained `rope_frame` model (stages 1-3; stage 3 trained with pruning "
-            "at the model's threshold 0.1, last_kept, post-encoder) on held-out volume and video rows "
+            f"at the model's threshold 0.1, last_kept, {model_stage(results)}) on held-out volume and video rows "
             + (f"(a seeded random sample of {args.sweep_rows})" if args.sweep_rows else "(all of them)")
             + "; 2D images are never pruned. Cheap, but it measures a model trained at one threshold, not one "
             "trained at each. "
@@ -830,6 +864,19 @@ def write_report(args, out: Path, results, timing: dict) -> Path:
         ]
     else:
         lines += ["(no finished `rope_frame` run yet)", ""]
+    if results.get("pre_encoder") and results.get("post_encoder"):
+        lines += [
+            "## Claim 2, deployed: pre- vs post-encoder pruning, each trained and scored with its own stage",
+            "",
+            "The sweep above changes the stage of a model trained with one stage. Here each arm is the model arm "
+            "with `prune_stage` pinned in its config: stage 3 trains with it and the held-out rows are scored with "
+            "it (threshold 0.1, last_kept), as a user of that checkpoint runs it. Pre-encoder pruning drops the "
+            "pruned blocks' patches before the tower, so kept patches attend only to kept patches of their frame; "
+            "post-encoder runs the tower on every patch and drops tokens after it. Accuracy in %.",
+            "",
+            stage_table(results),
+            "",
+        ]
     lines += [
         "## Claim 3: progressive (1 → 2 → 3) vs joint training at equal total steps",
         "",
@@ -871,6 +918,12 @@ def cpu_total(results, args) -> float:
         return math.nan
     return len(args.seeds) * sum(statistics.fmean(per_arm[a]) if per_arm[a] else statistics.fmean(known)
                                  for a in args.arms)  # fmt: skip
+
+
+def model_stage(results) -> str:
+    """The prune stage the `rope_frame` (model) arm ran with; runs from before it was recorded were post-encoder."""
+    stages = {res["final"].get("prune_stage", "post_encoder") for res in results.get("rope_frame", {}).values()}
+    return "/".join(sorted(stages)).replace("_", "-") or "the config's stage"
 
 
 def cpu_line(results, args) -> str:
@@ -936,6 +989,19 @@ def verdicts(results, drops, keys) -> list[str]:
         out.append("- Claim 2 (pruning keeps accuracy): " + ("accuracy drops first at " + "; ".join(drops)
                    if drops else "no threshold up to 0.3 lowers volume + video accuracy beyond the seed spread") +
                    "; tokens kept and time in the table.")  # fmt: skip
+    if results.get("pre_encoder") and results.get("post_encoder"):
+        ref = reference_rows(results)  # judged on the 3D + video rows either stage arm has learned
+        stage_keys = {k for k, r in ref.items() if k[1] != "image" and any(
+            learned(accuracy_values(results, arm, "final", k), max(r["chance"], r["majority"]))
+            for arm in ("pre_encoder", "post_encoder"))}  # fmt: skip
+        per_task = [f"{t} / {k} {mean_sd(d)[0] * 100:+.0f} ± {mean_sd(d)[1] * 100:.0f}" for t, k in sorted(stage_keys)
+                    if len(d := paired_diff(results, "pre_encoder", "post_encoder", "final", "final", key=(t, k))) > 1
+                    and abs(mean_sd(d)[0]) > 2 * mean_sd(d)[1] / math.sqrt(len(d))]  # fmt: skip
+        out.append("- Claim 2, deployed (which stage to ship): " + verdict(
+            paired_diff(results, "pre_encoder", "post_encoder", "final", "final", kinds=("volume", "video"),
+                        keys=stage_keys),
+            "pre − post encoder, each trained and scored with its stage, on the learned 3D + video rows")
+            + (" Single tasks beyond their spread: " + ", ".join(per_task) + " points." if per_task else ""))  # fmt: skip
     if results.get("rope_frame") and results.get("joint"):
         out.append("- Claim 3 (progressive beats joint): " + verdict(
             paired_diff(results, "rope_frame", "joint", "final", "final", keys=keys), "progressive − joint, learned rows"))

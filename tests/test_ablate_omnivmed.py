@@ -19,6 +19,7 @@ TABLE_HEADERS = (
     "| stage | reference | threshold | visual tokens kept | prefill time vs no pruning |",  # claim 2
     "| stage | reference | threshold | direction / video |",  # claim 2 per task
     "| task | input | n | chance / majority | progressive 1→2→3 | joint | progressive − joint (paired) |",  # claim 3
+    "| task | input | n | chance / majority | pre-encoder | post-encoder | pre − post (paired) |",  # claim 2, stages
 )
 
 
@@ -34,8 +35,8 @@ def quick_run(tmp_path_factory):
 def test_quick_mode_writes_every_table_and_plot(quick_run):
     tmp, _, report = quick_run
     text = report.read_text()
-    for header in ("## Claim 1", "## Claim 2", "## Claim 3", "## Verdicts", "## Commands", "## Time",
-                   "What a miniature result can say"):  # fmt: skip
+    for header in ("## Claim 1", "## Claim 2", "## Claim 2, deployed", "## Claim 3", "## Verdicts", "## Commands",
+                   "## Time", "What a miniature result can say"):  # fmt: skip
         assert header in text, header
     for header in TABLE_HEADERS:
         assert header in text, header
@@ -67,6 +68,8 @@ def test_finished_runs_are_kept_and_results_complete(quick_run):
             {"stage3-mixed"} if arm == "joint" else {"stage1-alignment", "stage2-instruct2d", "stage3-mixed"}
         )
         assert not (path.parent / "final").exists()  # models are removed unless --keep_models
+        # the stage arms trained and scored with their pinned stage; the others with the config default
+        assert res["final"]["prune_stage"] == A.STAGE_ARMS.get(arm, OmniVMedConfig().prune_stage), arm
         assert not (path.parent / "claim.pid").exists()
     sweep = json.loads(paths["rope_frame"].read_text())["final"]["sweep"]
     assert len(sweep) == 1 + 4 * 4
