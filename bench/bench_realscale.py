@@ -419,7 +419,7 @@ def summarise(shape: str, results: dict, command: str) -> list[Row]:
             if stage not in ttft:
                 continue
             ratio = ttft["off"] / ttft[stage]
-            default = stage == "post"  # config.json's prune_stage
+            default = json.loads((ROOT / "config.json").read_text())["prune_stage"] == f"{stage}_encoder"
             rows.append(Row(
                 f"Real scale {shape}", f"{media}: pruning {stage}-encoder vs off, end to end (TTFT)"
                 + (" [default]" if default else ""),
