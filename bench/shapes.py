@@ -44,16 +44,18 @@ def shape_configs(shape: str, tokenizer) -> tuple[dict, dict]:
     raise ValueError(f"unknown shape {shape!r}; choose tiny, 1.5B or 7B")
 
 
-def build_ours(shape: str, tokenizer, prune_stage: str = "post_encoder", dtype=torch.bfloat16, device="cpu",
+def build_ours(shape: str, tokenizer, prune_stage: str | None = None, dtype=torch.bfloat16, device="cpu",
                layers: int | None = None):
     """Our model at `shape`, random weights, built directly in `dtype` on `device` (no fp32 copy ever exists);
-    `layers` cuts both the tower and the LLM to that many layers (checks about placement, not speed)."""
+    `prune_stage` None = the config default; `layers` cuts both the tower and the LLM to that many layers (checks
+    about placement, not speed)."""
     vision, text = shape_configs(shape, tokenizer)
     if layers is not None:
         vision, text = dict(vision, num_hidden_layers=layers), dict(text, num_hidden_layers=layers)
     text = dict(text, pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.convert_tokens_to_ids(omnivmed_tools.IM_END), bos_token_id=None)  # fmt: skip
-    config = OmniVMedConfig(text_config=text, vision_config=vision, prune_stage=prune_stage,
+    stage = {} if prune_stage is None else {"prune_stage": prune_stage}
+    config = OmniVMedConfig(text_config=text, vision_config=vision, **stage,
                             tie_word_embeddings=text.get("tie_word_embeddings", True),
                             **omnivmed_tools.token_ids(tokenizer))  # fmt: skip
     return random_model(OmniVMedForConditionalGeneration, config, dtype, device)
