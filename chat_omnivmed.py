@@ -51,6 +51,9 @@ def main(argv=None):
     parser.add_argument("inputs", nargs="+", metavar="FILE", help="media files, then the question (optional)")
     parser.add_argument("--prune-threshold", type=float, default=None,
                         help="token pruning threshold for volumes / videos (0 keeps every token; default: the model's)")
+    parser.add_argument("--prune-stage", choices=("post_encoder", "pre_encoder"), default=None,
+                        help="pruning before the tower (pre_encoder: much faster on long volumes / videos) or after it "
+                        "(post_encoder); default: the model's")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--system", default=None, help="a system prompt instead of the template's default")
     parser.add_argument("--device", default="auto")
@@ -66,7 +69,7 @@ def main(argv=None):
     if not files and question is None:
         parser.error("give at least one file or a question")
 
-    model, processor = load(args.model, args.device, args.dtype)
+    model, processor = load(args.model, args.device, args.dtype, args.prune_stage)
     try:
         blocks = media_blocks(processor, files)
     except ValueError as error:  # MediaError: names the file and what is wrong with it

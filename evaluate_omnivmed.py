@@ -466,14 +466,14 @@ def _join_processes(device: str) -> tuple[int, int, str, bool]:
 def evaluate(model_path: str, benchmark: str, data: str | Path, split: str = "test", limit: int | None = None,
              batch_size: int = 4, max_new_tokens: int = 64, out: str | Path | None = None, device: str = "auto",
              dtype: str = "auto", prune_threshold: float | None = None, progress: bool = True,
-             **loader_options) -> dict:  # fmt: skip
+             prune_stage: str | None = None, **loader_options) -> dict:  # fmt: skip
     samples, classes = load_benchmark(benchmark, data, split, **loader_options)
     if limit is not None:
         samples = samples[:limit]
     rank, world, device, started = _join_processes(device)
     # each process answers one contiguous block of questions; the blocks, gathered in rank order, are the whole list
     per_rank = -(-len(samples) // world)
-    model, processor = load_model(model_path, device, dtype)
+    model, processor = load_model(model_path, device, dtype, prune_stage)
     predictions = generate_answers(model, processor, samples[rank * per_rank : (rank + 1) * per_rank], batch_size,
                                    max_new_tokens, prune_threshold, progress and rank == 0)  # fmt: skip
     if world > 1:
@@ -525,6 +525,8 @@ def main(argv=None):
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16, float16")
     parser.add_argument("--prune-threshold", type=float, default=None, help="override the pruning threshold")
+    parser.add_argument("--prune-stage", choices=("post_encoder", "pre_encoder"), default=None,
+                        help="override the checkpoint's pruning stage (pre_encoder: less tower work, see README)")
     parser.add_argument("--all-languages", action="store_true", help="slake: Chinese questions too")
     parser.add_argument("--m3d-mode", choices=["both", "closed", "open"], default="both")
     parser.add_argument("--sequences", default=None, help="cholec80 / endovis18: comma-separated sequences to use")
@@ -546,7 +548,7 @@ def main(argv=None):
     try:
         result = evaluate(args.model, args.benchmark, args.data, args.split, args.limit, args.batch_size,
                           args.max_new_tokens, args.out, args.device, args.dtype, args.prune_threshold,
-                          **options)  # fmt: skip
+                          prune_stage=args.prune_stage, **options)  # fmt: skip
     except DataError as error:
         parser.exit(2, f"error: {error}\n")
     import os

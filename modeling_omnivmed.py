@@ -32,7 +32,7 @@ from transformers.modeling_outputs import BaseModelOutput, ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
-from .configuration_omnivmed import OmniVMedConfig, OmniVMedVisionConfig
+from .configuration_omnivmed import PRUNE_STAGES, OmniVMedConfig, OmniVMedVisionConfig
 from .pruning_omnivmed import compute_keep_mask, patch_keep_mask, patch_grid_positions, tokens_per_frame
 
 
@@ -558,6 +558,8 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
         # the projector may sit on another device than the tower (device_map): its input goes there explicitly, so
         # the model is right without accelerate's hooks too
         projector_device = self.projector.linear_1.weight.device
+        if self.config.prune_stage not in PRUNE_STAGES:  # set after loading (from_pretrained kwargs do) skips the check
+            raise ValueError(f"prune_stage must be one of {PRUNE_STAGES}, got {self.config.prune_stage!r}")
         if self.config.prune_stage == "pre_encoder" and not bool(visual_keep_mask.all()):
             patch_keep = patch_keep_mask(visual_keep_mask, grid_thw, merge_sizes)
             features = self.vision_tower(

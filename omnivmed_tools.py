@@ -118,11 +118,14 @@ def write_jsonl(path: Path, rows) -> None:
 
 
 # ================================================================================================= loading a model
-def load_model(model_path: str, device: str = "auto", dtype: str = "auto"):
+def load_model(model_path: str, device: str = "auto", dtype: str = "auto", prune_stage: str | None = None):
+    """Model + processor through the Auto classes; `prune_stage` overrides the checkpoint's (e.g. "pre_encoder" for
+    long volumes / videos: much less tower work, see README "Token pruning" for what it costs)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True, dtype=torch_dtype)
+    stage = {} if prune_stage is None else {"prune_stage": prune_stage}
+    model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True, dtype=torch_dtype, **stage)
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
     return model.to(device).eval(), processor
 

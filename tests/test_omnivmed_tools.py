@@ -89,3 +89,13 @@ def test_card_has_the_sections_a_medical_model_needs_and_its_licence_from_the_pa
     # every part under one licence: that licence
     tools.write_model_card(tmp_path, model, title="T", description="D", repo="r", parts=[("p", "apache-2.0")])
     assert (tmp_path / "README.md").read_text().startswith("---\nlicense: apache-2.0\nlibrary_name: transformers\n")
+
+
+def test_load_model_overrides_the_checkpoints_prune_stage(tmp_path):
+    folder = tools.build_tiny(tmp_path / "tiny", seed=0)
+    saved = json.loads((folder / "config.json").read_text())["prune_stage"]
+    model, _ = tools.load_model(str(folder), "cpu", "float32")
+    assert model.config.prune_stage == saved == "post_encoder"
+    model, _ = tools.load_model(str(folder), "cpu", "float32", prune_stage="pre_encoder")
+    assert model.config.prune_stage == "pre_encoder"
+    assert json.loads((folder / "config.json").read_text())["prune_stage"] == saved  # the folder is not changed

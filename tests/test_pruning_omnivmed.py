@@ -263,3 +263,14 @@ def test_min_tokens_pick_first_or_most_changed():
     first = compute_keep_mask(pixel_values, grid, merge, num_channels=3, min_tokens_pick="first")
     assert most[4:].tolist() == [False, False, True, False]
     assert first[4:].tolist() == [True, False, False, False]
+
+
+def test_an_unknown_prune_stage_set_after_loading_is_an_error_not_post_encoder(processor, model, tmp_path):
+    # from_pretrained(..., prune_stage=...) and attribute writes bypass the config's own check
+    inputs = inputs_for(processor, [three_media(tmp_path)[2]])
+    model.config.prune_stage = "pre-encoder"
+    try:
+        with pytest.raises(ValueError, match="prune_stage must be one of .*'pre-encoder'"):
+            model(**inputs)
+    finally:
+        model.config.prune_stage = "post_encoder"
