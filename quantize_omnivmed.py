@@ -41,7 +41,7 @@ def main(argv=None):
     parser.add_argument("src", type=Path, help="checkpoint folder (safetensors)")
     parser.add_argument("out", type=Path, help="folder for the int8 variant")
     parser.add_argument("--max-shard-size", default=INT8_SHARD_SIZE,
-                        help="safetensors shard size: loading maps one shard at a time")  # fmt: skip
+                        help="safetensors shard size (e.g. 300MB, 2GB)")  # fmt: skip
     parser.add_argument("--evaluate-default", type=Path, metavar="DATA",
                         help="the embedded default's dataset folder: score SRC and OUT on its held-out questions")  # fmt: skip
     parser.add_argument("--json", type=Path, help="--evaluate-default: write both reports here")
