@@ -143,3 +143,24 @@ def test_bad_sources_are_refused_with_the_reason(folders, tmp_path):
     with pytest.raises(SystemExit, match="no eval.jsonl"):
         quantize_omnivmed.main([str(src), str(tmp_path / "out"), "--evaluate-default", str(tmp_path)])
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_evaluate_default_scores_source_and_variant_as_train_trl_does(folders, tmp_path, capsys):
+    """--evaluate-default: both tables are data_omnivmed.evaluate_default's (train_trl's scorer) for each folder, and
+    the printed change is int8 minus source per (task, input)."""
+    import data_omnivmed
+
+    src, _ = folders
+    data = tmp_path / "data"
+    paths = data_omnivmed.build_default_dataset(data, seed=0, size="small")
+    quantize_omnivmed.main([str(src), str(tmp_path / "int8"), "--evaluate-default", str(data), "--json",
+                            str(tmp_path / "eval.json")])  # fmt: skip
+    reports = json.loads((tmp_path / "eval.json").read_text())
+    for name, folder in (("source", src), ("int8", tmp_path / "int8")):
+        direct = data_omnivmed.evaluate_default(folder, paths["eval"], data)
+        assert reports[name]["table"] == direct["table"] and reports[name]["n"] == direct["n"], name
+    printed = capsys.readouterr().out.split("int8 vs source, held-out accuracy:")[1]
+    for before, after in zip(reports["source"]["table"], reports["int8"]["table"]):
+        change = (after["accuracy"] - before["accuracy"]) * 100
+        assert f"| {before['task']} | {before['kind']} | {before['n']} | {before['accuracy']:.1%} | " \
+               f"{after['accuracy']:.1%} | {change:+.1f} pt |" in printed  # fmt: skip
