@@ -43,7 +43,8 @@ def main(argv=None):
     parser.add_argument("--max-shard-size", default=INT8_SHARD_SIZE,
                         help="safetensors shard size (e.g. 300MB, 2GB)")  # fmt: skip
     parser.add_argument("--evaluate-default", type=Path, metavar="DATA",
-                        help="the embedded default's dataset folder: score SRC and OUT on its held-out questions")  # fmt: skip
+                        help="the embedded default's dataset folder: score SRC and OUT on its held-out "
+                        "questions")  # fmt: skip
     parser.add_argument("--json", type=Path, help="--evaluate-default: write both reports here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
