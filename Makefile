@@ -1,12 +1,13 @@
 # `make test` and `make demo` each set up their own venv from requirements.txt on a fresh machine; `make test` and
-# `make app` add requirements-demo.txt (Gradio + Selenium, installed with --no-deps: see that file).
+# `make app` add requirements-demo.txt (Gradio + Selenium, installed with --no-deps: see that file); `make test` adds
+# requirements-int8.txt (torchao, for quantize_omnivmed.py: see that file).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: test demo app venv demo-venv clean
+.PHONY: test demo app venv demo-venv int8-venv clean
 
 venv: $(VENV)/.installed
 
@@ -22,7 +23,13 @@ $(VENV)/.installed-demo: requirements-demo.txt $(VENV)/.installed
 	$(PY) -m pip install -q --no-deps -r requirements-demo.txt
 	touch $@
 
-test: venv demo-venv
+int8-venv: $(VENV)/.installed-int8
+
+$(VENV)/.installed-int8: requirements-int8.txt $(VENV)/.installed
+	$(PY) -m pip install -q -r requirements-int8.txt
+	touch $@
+
+test: venv demo-venv int8-venv
 	$(PY) -m pytest -q tests
 
 demo: venv

@@ -1060,6 +1060,76 @@ def build_tiny(out: Path, seed: int = 0) -> Path:
     )
 
 
+# ================================================================================================= the int8 variant
+# A weight-only int8 copy of a checkpoint, made once by torchao (transformers' TorchAoConfig) and saved as safetensors:
+# transformers flattens torchao's Int8Tensor into plain tensors plus JSON metadata (torchao.prototype.safetensors), and
+# the saved config.json carries the quantization_config, so from_pretrained(folder) rebuilds the int8 weights without
+# quantizing again. Loading the bf16 source with the config instead quantizes at every load and keeps the bf16 pages
+# mapped beside the int8 copy (BENCHMARKS.md, Low memory).
+# Loading maps the shards and the rebuilt Int8Tensors are views of the mapped pages (0.45 GiB resident right after
+# loading the 7B shape), so the shard size does not change the peak; a few hundred MB per file suits Hub transfers.
+INT8_SHARD_SIZE = "300MB"
+# copied from the source folder as they are; config, generation config and weights are written by save_pretrained
+_WEIGHT_FILES = re.compile(r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors"
+                           r"(\.index\.json)?|pytorch_model.*|.*\.bin)$")  # fmt: skip
+
+
+def int8_config():
+    """transformers' TorchAoConfig for torchao's weight-only int8 (per output row, symmetric): every nn.Linear but
+    the output head; the embeddings stay in the source dtype (torchao's Int8Tensor embedding lookup dequantizes the
+    whole table on every call)."""
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig
+    except ImportError as error:
+        raise ImportError("the int8 variant needs torchao: pip install -r requirements-int8.txt") from error
+    from transformers import TorchAoConfig
+
+    return TorchAoConfig(quant_type=Int8WeightOnlyConfig())
+
+
+def is_int8_linear(module) -> bool:
+    """An nn.Linear whose weight is torchao's int8 tensor (what the int8 variant holds)."""
+    return isinstance(module, torch.nn.Linear) and type(module.weight).__name__ == "Int8Tensor"
+
+
+def quantize_int8(src, out, max_shard_size: str | int = INT8_SHARD_SIZE) -> Path:
+    """Write the int8 weight-only variant of the checkpoint folder `src` to `out`: a complete Hub folder (the source's
+    code, processor, tokenizer and card, which gains a section saying what was done) that
+    `AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True)` loads as int8 with no quantization
+    config. The source is read memory-mapped in its dtype (bf16 / fp32 as saved; no fp32 copy of a bf16 model)."""
+    src, out = Path(src), Path(out)
+    if not (src / "config.json").is_file():
+        raise ValueError(f"{src}: not a checkpoint folder (no config.json)")
+    if out.resolve() == src.resolve():
+        raise ValueError(f"{out}: the int8 variant must go to another folder than its source")
+    if read_json(src / "config.json").get("quantization_config"):
+        raise ValueError(f"{src}: already quantized ({read_json(src / 'config.json')['quantization_config']})")
+    model = AutoModelForImageTextToText.from_pretrained(src, dtype="auto", trust_remote_code=True,
+                                                        quantization_config=int8_config())  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted(src.iterdir()):
+        if path.is_file() and not _WEIGHT_FILES.match(path.name):
+            shutil.copyfile(path, out / path.name)
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    int8 = sum(is_int8_linear(m) for m in linear)
+    card = out / "README.md"
+    if card.is_file():
+        import torchao
+
+        with card.open("a") as f:
+            f.write(
+                f"\n## int8 weight-only variant\n\nThis folder is the int8 weight-only variant of "
+                f"{public_name(str(src))}, made by `python quantize_omnivmed.py SRC OUT` with torchao "
+                f"{torchao.__version__} (`Int8WeightOnlyConfig`: symmetric int8 per output row) through transformers' "
+                f"`TorchAoConfig`: {int8} of {len(linear)} Linear layers are int8 (the output head, the embeddings "
+                "and the norms keep the source's dtype). Loading needs torchao installed; no quantization config is "
+                "passed: `config.json` carries it.\n"
+            )
+    logger.info("wrote %s (%d of %d Linear layers int8)", out, int8, len(linear))
+    return out
+
+
 # ================================================================================================= answers and scoring
 # One normaliser for training (build_instruct's duplicate check), evaluation and the embedded default: the published
 # VQA benchmarks' rule (evaluate_omnivmed.py reports them).

@@ -22,13 +22,15 @@ equal LLM tokens, which is where the LLM's cost lies.
 
 `--lowmem`: the low-memory path a user takes. A random checkpoint of the shape is written to a folder (a complete Hub
 folder: code, config, processor, tokenizer, sharded safetensors; written shard by shard from a meta-device model, so
-the writer never holds the model), then each child loads it with
-`AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.bfloat16, trust_remote_code=True)` (safetensors are
-memory-mapped; no fp32 copy) or, for the int8 arm, with `quantization_config=TorchAoConfig(Int8WeightOnlyConfig())`
-(torchao, weight-only int8, CPU kernels; `pip install torchao==0.18.0`, not in requirements.txt since no test needs
-it, and once installed transformers imports it at every start and it prints warnings about its CUDA libraries),
-answers a question about a 448 px image (8 new tokens) and reports its peak
-RSS, load time, TTFT and decode tokens/s. The folder is deleted afterwards.
+the writer never holds the model); for the int8 arm its int8 weight-only variant is made once from that folder in a
+child process (`omnivmed_tools.quantize_int8`, what `quantize_omnivmed.py SRC OUT` runs: torchao's
+Int8WeightOnlyConfig through transformers' TorchAoConfig, saved as safetensors; its time and peak RSS are reported).
+Then each arm's child loads its folder alone with
+`AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)` (bf16: `dtype=torch.bfloat16`; int8:
+no quantization config, config.json carries it; safetensors are memory-mapped, no fp32 copy), answers a question about
+a 448 px image (8 new tokens) and reports its peak RSS, load time, TTFT and decode tokens/s. `--lowmem-arms` adds
+`int8_at_load` (the bf16 folder loaded with `quantization_config=TorchAoConfig(Int8WeightOnlyConfig())`, quantized at
+every load: the bf16 pages stay mapped beside the int8 copy). The folders are deleted afterwards.
 """
 
 import argparse
@@ -272,19 +274,16 @@ def _status_bytes(field: str) -> int:
 
 
 def child_lowmem(args) -> dict:
-    """Load the folder as a user does (bf16 or torchao int8 weight-only), answer one image question."""
+    """Load the folder as a user does (bf16, the saved int8 variant, or bf16 quantized at load), answer one image
+    question."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     torch.set_num_threads(args.threads)
     kwargs = dict(dtype=torch.bfloat16, trust_remote_code=True)
-    if args.arm == "int8":
-        try:
-            from torchao.quantization import Int8WeightOnlyConfig
-        except ImportError as error:
-            raise SystemExit("the int8 arm needs torchao: pip install torchao==0.18.0") from error
-        from transformers import TorchAoConfig
-
-        kwargs["quantization_config"] = TorchAoConfig(quant_type=Int8WeightOnlyConfig())
+    if args.arm == "int8":  # the saved int8 folder: its config.json says how to rebuild the int8 weights
+        kwargs = dict(trust_remote_code=True)
+    elif args.arm == "int8_at_load":
+        kwargs["quantization_config"] = omnivmed_tools.int8_config()
     start = time.perf_counter()
     model = AutoModelForImageTextToText.from_pretrained(args.folder, **kwargs).eval()
     load_s = time.perf_counter() - start
@@ -313,19 +312,41 @@ def child_lowmem(args) -> dict:
             "linear_weight_types": linear_types, "seq_len": int(inputs["input_ids"].shape[1])}  # fmt: skip
 
 
-def measure_lowmem(shape: str, repeats: int, threads: int, quick: bool, folder: Path, arms=("bf16", "int8")) -> dict:
+def child_quantize(args) -> dict:
+    """Make the int8 variant of the bf16 folder once (what quantize_omnivmed.py does), in its own process."""
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    omnivmed_tools.quantize_int8(args.folder, args.out)
+    size = sum(p.stat().st_size for p in args.out.glob("*.safetensors"))
+    return {"quantize_s": time.perf_counter() - start, "peak_rss": peak_rss_bytes(), "safetensors_bytes": size}
+
+
+LOWMEM_ARMS = ("bf16", "int8")
+
+
+def measure_lowmem(shape: str, repeats: int, threads: int, quick: bool, folder: Path, arms=LOWMEM_ARMS) -> dict:
     folder.parent.mkdir(parents=True, exist_ok=True)
     blocks = write_media(folder.parent, quick)
     start = time.perf_counter()
     if not (folder / "model.safetensors.index.json").exists():  # a folder left by an interrupted run is reused
         write_random_checkpoint(shape, folder)
     print(f"[{shape}] wrote {folder} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    int8_folder = folder.with_name(folder.name + "-int8")
     results = {arm: [] for arm in arms}
     try:
+        if "int8" in arms:
+            import shutil
+
+            shutil.rmtree(int8_folder, ignore_errors=True)  # a half-written variant is never reused
+            q = run_child("bench_realscale", ["--lowmem", "--quantize", "--folder", str(folder), "--out",
+                                              str(int8_folder), "--threads", str(threads)], timeout=3600)  # fmt: skip
+            results["quantize"] = q
+            print(f"[{shape} lowmem quantize] {q['quantize_s']:.0f} s, peak RSS {q['peak_rss'] / 2**30:.2f} GiB, "
+                  f"{q['safetensors_bytes'] / 2**30:.2f} GiB of safetensors", file=sys.stderr, flush=True)  # fmt: skip
         for _ in range(repeats):
             for arm in arms:
-                args = ["--lowmem", "--arm", arm, "--folder", str(folder), "--threads", str(threads), "--block",
-                        json.dumps(blocks["image"])]  # fmt: skip
+                args = ["--lowmem", "--arm", arm, "--folder", str(int8_folder if arm == "int8" else folder),
+                        "--threads", str(threads), "--block", json.dumps(blocks["image"])]  # fmt: skip
                 r = run_child("bench_realscale", args, timeout=3600)
                 results[arm].append(r)
                 print(f"[{shape} lowmem {arm}] peak RSS {r['peak_rss'] / 2**30:.2f} GiB, load {r['load_s']:.1f} s, "
@@ -335,16 +356,29 @@ def measure_lowmem(shape: str, repeats: int, threads: int, quick: bool, folder: 
         import shutil
 
         shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(int8_folder, ignore_errors=True)
     return results
 
 
 def summarise_lowmem(shape: str, results: dict, command: str) -> list[Row]:
-    rows, goal = [], {"bf16": 16, "int8": 10}
-    for arm, rs in results.items():
+    rows = []
+    goal = {"bf16": 16, "int8": 10, "int8_at_load": 10}
+    what = {"bf16": "bf16 folder", "int8": "saved int8 folder (no quantization config)",
+            "int8_at_load": "bf16 folder quantized to int8 at load"}  # fmt: skip
+    if "quantize" in results:
+        q = results["quantize"]
+        rows.append(Row(
+            f"Low memory {shape}", "making the int8 variant once (quantize_omnivmed.py: bf16 folder -> int8 folder)",
+            f"{q['quantize_s']:.0f} s, peak RSS {q['peak_rss'] / 2**30:.2f} GiB, "
+            f"{q['safetensors_bytes'] / 2**30:.2f} GiB of safetensors", None, "-", None, command,
+        ))  # fmt: skip
+    arms = [a for a in results if a != "quantize"]
+    for arm in arms:
+        rs = results[arm]
         r = rs[0]
         peak = max(x["peak_rss"] for x in rs) / 2**30
         rows.append(Row(
-            f"Low memory {shape}", f"{arm} from_pretrained + one 448 px image question (8 new tokens)",
+            f"Low memory {shape}", f"{what[arm]}: from_pretrained + one 448 px image question (8 new tokens)",
             f"peak RSS {peak:.2f} GiB (after load {r['after_load']['peak_rss'] / 2**30:.2f}; at end anon "
             f"{r['rss_anon'] / 2**30:.2f} + file-backed {r['rss_file'] / 2**30:.2f}); load {r['load_s']:.1f} s, "
             f"TTFT {statistics.median(x['ttft_s'] for x in rs):.2f} s cold (processor + paging the weights in), "
@@ -353,9 +387,9 @@ def summarise_lowmem(shape: str, results: dict, command: str) -> list[Row]:
             f"{', '.join(r['linear_weight_types'])}", None, f"<= {goal[arm]} GiB" if shape == "7B" else "-",
             (peak <= goal[arm]) if shape == "7B" else None, command,
         ))  # fmt: skip
-    if {"bf16", "int8"} <= results.keys():
-        speed = {a: statistics.median(x["decode_tokens_per_s"] for x in rs) for a, rs in results.items()}
-        ttft = {a: statistics.median(x["warm_ttft_s"] for x in rs) for a, rs in results.items()}
+    if {"bf16", "int8"} <= set(arms):
+        speed = {a: statistics.median(x["decode_tokens_per_s"] for x in results[a]) for a in arms}
+        ttft = {a: statistics.median(x["warm_ttft_s"] for x in results[a]) for a in arms}
         rows.append(Row(
             f"Low memory {shape}", "int8 vs bf16: decode speed and TTFT",
             f"{speed['int8']:.2f} vs {speed['bf16']:.2f} tokens/s; "
@@ -468,8 +502,15 @@ def main(argv=None):
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--quick", action="store_true", help="tiny shapes and inputs (a smoke test)")
     parser.add_argument("--lowmem", action="store_true", help="load a saved random checkpoint: bf16 vs torchao int8")
+    parser.add_argument("--lowmem-arms", default=",".join(LOWMEM_ARMS),
+                        help="--lowmem: bf16, int8 (the saved int8 variant), int8_at_load")  # fmt: skip
     parser.add_argument("--folder", type=Path, help="--lowmem: where the checkpoint is written (deleted after)")
+    parser.add_argument("--quantize", action="store_true", help="internal: --lowmem child making the int8 variant")
+    parser.add_argument("--out", type=Path, help="internal: --quantize's output folder")
     args = parser.parse_args(argv)
+    if args.child and args.lowmem and args.quantize:
+        print(json.dumps(child_quantize(args)))
+        return
     if args.child and args.lowmem:
         print(json.dumps(child_lowmem(args)))
         return
@@ -482,7 +523,10 @@ def main(argv=None):
         rows, raw = [], {}
         for shape in ("tiny",) if args.quick else args.shapes.split(","):
             folder = args.folder or Path(tempfile.mkdtemp(prefix="omnivmed-lowmem-")) / "checkpoint"
-            raw[shape] = measure_lowmem(shape, args.repeats, args.threads, args.quick, folder)
+            arms = tuple(args.lowmem_arms.split(","))
+            if set(arms) - {"bf16", "int8", "int8_at_load"}:
+                raise SystemExit(f"--lowmem-arms: choose from bf16, int8, int8_at_load (got {args.lowmem_arms})")
+            raw[shape] = measure_lowmem(shape, args.repeats, args.threads, args.quick, folder, arms)
             rows += summarise_lowmem(shape, raw[shape], COMMAND + f" --lowmem --shapes {shape}")
     else:
         rows, raw = run(tuple(args.shapes.split(",")), tuple(args.media.split(",")), args.repeats, args.threads,

@@ -148,3 +148,25 @@ def test_random_checkpoint_is_a_sharded_hub_folder_transformers_loads(tmp_path):
     assert torch.equal(norm, torch.ones_like(norm))
     matrix = files["model.language_model.layers.0.mlp.up_proj.weight"].float()
     assert 0.015 < matrix.std() < 0.025 and matrix.unique().numel() > 1000
+
+
+def test_lowmem_quick_loads_the_saved_int8_variant_alone(tmp_path):
+    """--lowmem --quick: the int8 arm loads the folder quantize_int8 wrote (its Linears are torchao's Int8Tensor, no
+    quantization config passed), the bf16 arm the plain folder; both answer, and the variant's making is reported."""
+    out_json = tmp_path / "lm.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_realscale.py"), "--lowmem", "--quick", "--folder",
+         str(tmp_path / "ckpt"), "--json", str(out_json)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out_json.read_text())["results"]["tiny"]
+    assert set(results) == {"quantize", "bf16", "int8"}
+    assert results["bf16"][0]["linear_weight_types"] == ["Parameter"]
+    assert results["int8"][0]["linear_weight_types"] == ["Int8Tensor", "Parameter"]  # all but the output head
+    assert results["quantize"]["safetensors_bytes"] > 0
+    for arm in ("bf16", "int8"):
+        assert results[arm][0]["decode_tokens_per_s"] > 0 and results[arm][0]["peak_rss"] > 2**20
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "ckpt-int8").exists()  # both folders deleted
+    assert "saved int8 folder (no quantization config)" in done.stdout

@@ -38,6 +38,7 @@ TOOLS = (
     "convert_omnivmed",
     "ablate_omnivmed",
     "visualize_pruning",
+    "quantize_omnivmed",
 )
 
 # A driver runs another tool in-process and may import it: an ablation arm is a training run (train_trl.main with a
