@@ -75,7 +75,7 @@ class TimedChunks:
     """Iterates the processor's chunks, adding up the time spent making them (decoding, resizing, patches, pruning)."""
 
     def __init__(self, chunks):
-        self.chunks, self.seconds, self.count = iter(chunks), 0.0, 0
+        self.chunks, self.seconds, self.count, self.backend = iter(chunks), 0.0, 0, None
 
     def __iter__(self):
         return self
@@ -83,14 +83,16 @@ class TimedChunks:
     def __next__(self):
         start = time.perf_counter()
         try:
-            return next(self.chunks)
+            chunk = next(self.chunks)
         finally:
             self.seconds += time.perf_counter() - start
             self.count += 1
+        self.backend = chunk["media_metadata"][0]["metadata"]["video_backend"]
+        return chunk
 
 
 def child(video: str, frames: int, size: int, chunk_frames: int, max_patches_per_chunk: int | None,
-          prune_stage: str | None, tower: str) -> dict:  # fmt: skip
+          prune_stage: str | None, tower: str, video_backend: str | None = None) -> dict:  # fmt: skip
     """One run in this process: the streamed visual features (processor + tower + pruning) of `video`."""
     import torch
 
@@ -106,7 +108,8 @@ def child(video: str, frames: int, size: int, chunk_frames: int, max_patches_per
     )
     before = peak_rss_bytes()
     start = time.perf_counter()
-    chunks = TimedChunks(processor.iter_video_chunks(video, chunk_frames=chunk_frames, return_tensors="pt"))
+    chunks = TimedChunks(processor.iter_video_chunks(video, chunk_frames=chunk_frames, return_tensors="pt",
+                                                     video_backend=video_backend))  # fmt: skip
     with torch.inference_mode():
         visual = model.model.encode_video_chunks(chunks)
     end = time.perf_counter()
@@ -119,6 +122,7 @@ def child(video: str, frames: int, size: int, chunk_frames: int, max_patches_per
         "tower_patches": int(visual.num_tower_tokens),
         "features": list(visual.pooler_output[0].shape),
         "prune_stage": model.config.prune_stage,
+        "video_backend": chunks.backend,
         "processor_s": chunks.seconds,
         "tower_s": end - start - chunks.seconds,
         "total_s": end - start,
@@ -128,8 +132,8 @@ def child(video: str, frames: int, size: int, chunk_frames: int, max_patches_per
 
 
 def run(repeats: int = 2, frames: int = 3600, quick: bool = False, max_patches_per_chunk: int | None = None,
-        size: int = 448, chunk_frames: int = 64, prune_stage: str | None = None,
-        tower: str = "tiny") -> list[Row]:  # fmt: skip
+        size: int = 448, chunk_frames: int = 64, prune_stage: str | None = None, tower: str = "tiny",
+        video_backend: str | None = None) -> list[Row]:  # fmt: skip
     if quick:
         frames, repeats = 40, 1
     short = frames // 10
@@ -138,6 +142,7 @@ def run(repeats: int = 2, frames: int = 3600, quick: bool = False, max_patches_p
     extra = ["--size", str(size), "--chunk-frames", str(chunk_frames), "--tower", tower]
     extra += [] if max_patches_per_chunk is None else ["--max-patches-per-chunk", str(max_patches_per_chunk)]
     extra += [] if prune_stage is None else ["--prune-stage", prune_stage]
+    extra += [] if video_backend is None else ["--video-backend", video_backend]
     results = {short: [], frames: []}
     for _ in range(repeats):  # interleaved: short, long, short, long, ...
         for n in (short, frames):
@@ -157,7 +162,7 @@ def run(repeats: int = 2, frames: int = 3600, quick: bool = False, max_patches_p
         f"decoding + processor {fmt_s(statistics.median(r['processor_s'] for r in results[frames]))}, tower + "
         f"projector {fmt_s(statistics.median(r['tower_s'] for r in results[frames]))}; {long['tokens']} tokens, "
         f"{long['kept']} kept ({100 * long['kept'] / long['tokens']:.1f} %), tower ran on {long['tower_patches']} "
-        f"patches"
+        f"patches; frames read by {long['video_backend']}"
     )
     return [
         Row(
@@ -183,13 +188,15 @@ if __name__ == "__main__":
     parser.add_argument("--max-patches-per-chunk", type=int, help="override the tower's chunking (0 = off)")
     parser.add_argument("--prune-stage", choices=("pre_encoder", "post_encoder"), help="default: the config's")
     parser.add_argument("--tower", choices=("tiny", "root"), default="tiny")
+    parser.add_argument("--video-backend", choices=("decord", "pyav"), help="default: load_media's (decord first)")
     args = parser.parse_args()
     if args.child:
         result = child(args.video, args.frames, args.size, args.chunk_frames, args.max_patches_per_chunk,
-                       args.prune_stage, args.tower)  # fmt: skip
+                       args.prune_stage, args.tower, args.video_backend)  # fmt: skip
         print(json.dumps(result))
     else:
         rows = run(args.repeats, args.frames, max_patches_per_chunk=args.max_patches_per_chunk, size=args.size,
-                   chunk_frames=args.chunk_frames, prune_stage=args.prune_stage, tower=args.tower)  # fmt: skip
+                   chunk_frames=args.chunk_frames, prune_stage=args.prune_stage, tower=args.tower,
+                   video_backend=args.video_backend)  # fmt: skip
         for row in rows:
             print(row)
