@@ -598,7 +598,6 @@ class OmniVMedImageProcessor(BaseImageProcessor):
         logger.debug("visual tokens (before, after pruning): %s", [(r["tokens_before"], r["tokens_after"]) for r in reports])
         return keep
 
-
     # ------------------------------------------------------------------------------------------------------ streaming
     def iter_video_chunks(self, video, chunk_frames: int = 64, return_tensors: str | None = None, **overrides):
         """A long video (or volume) processed a chunk of `chunk_frames` consecutive frames at a time: decoded, resized,
