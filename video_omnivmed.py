@@ -203,6 +203,8 @@ def _decord_chunks(path: Path, label: str, opts: Options, warnings: list[str], c
     for start in range(0, len(idx), held):
         part = idx[start : start + held]
         try:
+            if vr is None:
+                vr = decord.VideoReader(os.fspath(path), ctx=decord.cpu(0))
             if start == 0 and header is None:
                 # no header size (PyAV missing): decode one frame and look before decoding the rest
                 first = vr.get_batch(part[:1]).asnumpy()
@@ -216,11 +218,12 @@ def _decord_chunks(path: Path, label: str, opts: Options, warnings: list[str], c
             raise
         except Exception as e:
             raise _DecordFailed(f"cannot decode video with decord ({_short(e)})") from e
+        # decord's reader goes on decoding frames ahead in the background while the caller works on a chunk, holding
+        # them (gigabytes over an hour of 448 px video when the tower takes seconds per chunk): a streamed chunk is
+        # read by a fresh reader (opening costs milliseconds; its get_batch seeks as the old one would: same frames)
+        vr = None if chunk_frames is not None else vr
         yield batch, times[part], info, start, start + held >= len(idx)
         batch = first = None
-        # decord's reader keeps state that grows with the frames it decoded (~0.3 GB over an hour of 448 px video);
-        # seeking back releases it, and get_batch seeks to the frames it needs anyway (same frames, checked in tests)
-        vr.seek(0)
 
 
 def _pyav_chunks(path: Path, label: str, opts: Options, warnings: list[str], chunk_frames: int | None):
