@@ -92,16 +92,22 @@ Video (decord, PyAV fallback)
     times come from the average frame rate; PyAV's decoded frames are timed by the sorted packet
     timestamps. Both cases are noted in ``metadata["warnings"]``. With ``video_backend=None`` a file
     decord cannot open or decode (MPEG-TS, codecs its FFmpeg lacks) is read with PyAV instead.
+    Streaming: ``load_video_chunks(source, chunk_frames, **options)`` yields the same frames,
+    timestamps and metadata in chunks of consecutive frames, decoding as it goes (one code path
+    reads both), so an hour of video is never held; ``max_voxels`` then bounds one chunk.
 """
 
 
 from __future__ import annotations
 
 import logging
+import dataclasses
 import errno
+import inspect
 import os
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +133,7 @@ from .media_base_omnivmed import (
 )
 from .nifti_omnivmed import load_nifti
 from .picture_omnivmed import load_array, load_picture
-from .video_omnivmed import load_video
+from .video_omnivmed import iter_video, load_video
 
 
 logger = logging.getLogger(__name__)
@@ -140,6 +146,8 @@ __all__ = [
     "Media",
     "MediaError",
     "load_media",
+    "load_video_chunks",
+    "media_chunks",
 ]
 
 
@@ -198,6 +206,66 @@ def load_media(
         raise
     except (OSError, EOFError, RuntimeError, ValueError, LookupError, zlib.error, struct.error) as e:
         # Last resort: library errors not wrapped closer to their cause still come out as MediaError.
+        raise MediaError(f"{label}: could not read ({type(e).__name__}: {e})") from e
+
+
+def load_video_chunks(source, chunk_frames: int = 64, **options) -> Iterator[Media]:
+    """A video's sampled frames in consecutive chunks of at most `chunk_frames` frames, decoded as they are needed.
+
+    Exactly the frames, timestamps and metadata `load_media(source, kind="video", **options)` returns, in order, as
+    `Media` chunks (kind "video") whose metadata also holds "chunk": first_frame, num_frames, frames_planned, last (see
+    `video_omnivmed.iter_video`); a long video is never held whole. `max_voxels` bounds the frames of one chunk. An
+    array (T, H, W[, C]) is loaded whole (it is in memory already) and cut into chunks. The options are load_media's;
+    the source, the options and `chunk_frames` are checked here, before the first chunk is asked for."""
+    label = _label(source)
+    if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, (int, np.integer)) or chunk_frames < 1:
+        raise MediaError(f"{label}: chunk_frames must be an integer >= 1, got {chunk_frames!r}")
+    try:
+        bound = inspect.signature(load_media).bind(source, kind="video", **options)
+    except TypeError as e:
+        raise MediaError(f"{label}: {e}") from e
+    bound.apply_defaults()
+    opts = _validate_options(label, "video", bound.arguments)
+    if _is_array_like(source):
+        return media_chunks(load_array(source, "video", opts), int(chunk_frames))
+    if not isinstance(source, (str, os.PathLike)):
+        raise MediaError(
+            f"{label}: streaming reads a video file or a (T, H, W[, C]) array, not {type(source).__name__}"
+        )
+    path = _resolve_path(source, opts.data_root)
+    label = os.fspath(path)
+    _existing_file(path, label)
+    fmt = _detect_format(path, label)
+    if fmt != "video":
+        raise MediaError(f"{label}: streaming reads video files; this is read as {fmt}")
+    return _guarded(iter_video(path, label, opts, int(chunk_frames)), label)
+
+
+def media_chunks(media: Media, chunk_frames: int) -> Iterator[Media]:
+    """A loaded volume or video cut into consecutive chunks of at most `chunk_frames` frames (views, no copy), with
+    the per-frame fields sliced alike and "chunk" in the metadata, as `load_video_chunks` gives them."""
+    n = len(media.frames)
+
+    def part(values, start, stop):
+        return None if values is None else list(values[start:stop])
+
+    for start in range(0, n, chunk_frames):
+        stop = min(start + chunk_frames, n)
+        chunk = {"first_frame": start, "num_frames": stop - start, "frames_planned": n, "last": stop == n}
+        yield dataclasses.replace(
+            media, frames=media.frames[start:stop], timestamps_s=part(media.timestamps_s, start, stop),
+            slice_positions_mm=part(media.slice_positions_mm, start, stop),
+            slice_indices=part(media.slice_indices, start, stop), metadata={**media.metadata, "chunk": chunk},
+        )
+
+
+def _guarded(chunks: Iterator[Media], label: str) -> Iterator[Media]:
+    """load_media's last resort for a streamed read: library errors come out as MediaError naming the file."""
+    try:
+        yield from chunks
+    except MediaError:
+        raise
+    except (OSError, EOFError, RuntimeError, ValueError, LookupError, zlib.error, struct.error) as e:
         raise MediaError(f"{label}: could not read ({type(e).__name__}: {e})") from e
 
 

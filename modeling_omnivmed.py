@@ -11,6 +11,8 @@ Data flow (shapes):
 These packed inputs cannot be repeated row by row, as generate does for beams and returned sequences. So, as in
 transformers' own VLMs, generate encodes them once (`get_image_features`: features split per item) and repeats each
 prompt's whole items with it (`mm_encoder_outputs`); the text is checked against the unrepeated batch first.
+A long video is encoded chunk by chunk (`encode_video_chunks`, fed by the processor's `iter_video_chunks`) into the
+same `OmniVMedVisualOutput`, which generate takes as `mm_encoder_outputs`.
 Device placement: the tower, the projector and the LLM may sit on different devices (device_map); every index
 tensor follows the activations it indexes, and the features reach the embeddings' device before the scatter.
 """
@@ -33,15 +35,25 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
 from .configuration_omnivmed import PRUNE_STAGES, OmniVMedConfig, OmniVMedVisionConfig
-from .pruning_omnivmed import compute_keep_mask, patch_keep_mask, patch_grid_positions, tokens_per_frame
+from .pruning_omnivmed import (
+    compute_keep_mask,
+    compute_keep_mask_chunk,
+    patch_grid_positions,
+    patch_keep_mask,
+    tokens_per_frame,
+)
 
 
 logger = logging.get_logger(__name__)
 
 
-def patch_positions_from_grid(grid_thw: torch.Tensor, merge_sizes: torch.Tensor) -> torch.Tensor:
-    """(t, h, w) of every patch, in merge-block order within each frame: (n_items, 3) -> (N, 3)."""
+def patch_positions_from_grid(grid_thw: torch.Tensor, merge_sizes: torch.Tensor, frame_offsets=None) -> torch.Tensor:
+    """(t, h, w) of every patch, in merge-block order within each frame: (n_items, 3) -> (N, 3); `frame_offsets`
+    (n_items,) shifts each item's t (a streamed chunk's frames continue the clip's)."""
     out = [patch_grid_positions(t, h, w, m) for (t, h, w), m in zip(grid_thw.tolist(), merge_sizes.tolist())]
+    if frame_offsets is not None:
+        for positions, offset in zip(out, torch.as_tensor(frame_offsets).tolist()):
+            positions[:, 0] += offset
     return (torch.cat(out) if out else torch.zeros(0, 3, dtype=torch.long)).to(grid_thw.device)
 
 
@@ -321,11 +333,13 @@ class OmniVMedVisionModel(OmniVMedPreTrainedModel):
         patch_positions: torch.Tensor | None = None,
         merge_sizes: torch.Tensor | None = None,
         patch_keep_mask: torch.Tensor | None = None,
+        frame_offsets: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutput:
         """
         pixel_values: (N, C*p*p); grid_thw: (n_items, 3); patch_positions: (N, 3), derived from the grid (merge-block
-        order, `merge_sizes`) when omitted; patch_keep_mask: (N,) bool, run the tower only on these patches.
+        order, `merge_sizes`) when omitted; patch_keep_mask: (N,) bool, run the tower only on these patches;
+        frame_offsets: (n_items,) first frame index of each item within a longer clip (a streamed chunk), 0 if None.
         Returns last_hidden_state (N or N_kept, D) after post_layernorm.
         """
         # The tower may sit on another device than the inputs, and under a device_map its layers on several. The
@@ -334,14 +348,15 @@ class OmniVMedVisionModel(OmniVMedPreTrainedModel):
         device = self.patch_embedding.weight.device
         grid_cpu = grid_thw.detach().to("cpu").long()
         # checked where the caller made them (their values are read)
-        validate_visual_inputs(pixel_values, grid_cpu, self.config.patch_dim, patch_positions, patch_keep_mask)
+        validate_visual_inputs(pixel_values, grid_cpu, self.config.patch_dim, patch_positions, patch_keep_mask,
+                               frame_offsets)  # fmt: skip
         pixel_values = pixel_values.to(device)
         if patch_positions is not None:
             patch_positions = patch_positions.to(device)
         if patch_positions is None:
             if merge_sizes is None:
                 merge_sizes = torch.ones(grid_cpu.shape[0], dtype=torch.long)
-            patch_positions = patch_positions_from_grid(grid_cpu, merge_sizes.cpu()).to(device)
+            patch_positions = patch_positions_from_grid(grid_cpu, merge_sizes.cpu(), frame_offsets).to(device)
         keep_cpu = None
         if patch_keep_mask is not None:
             keep_cpu = patch_keep_mask.detach().to("cpu").bool()
@@ -391,8 +406,10 @@ def chunk_segments(lengths: torch.Tensor, max_patches: int) -> list[tuple[int, i
     return runs
 
 
-def validate_visual_inputs(pixel_values, grid_thw, patch_dim, patch_positions=None, patch_keep_mask=None):
-    """Clear errors for inputs that would otherwise produce silently wrong tensors."""
+def validate_visual_inputs(pixel_values, grid_thw, patch_dim, patch_positions=None, patch_keep_mask=None,
+                           frame_offsets=None):  # fmt: skip
+    """Clear errors for inputs that would otherwise produce silently wrong tensors. `frame_offsets` (n_items,): each
+    item is frames offset .. offset + t - 1 of a longer clip (a streamed chunk), so its positions' t lie there."""
     if pixel_values.dim() != 2 or pixel_values.shape[1] != patch_dim:
         raise ValueError(
             f"pixel_values must be (num_patches, {patch_dim}) flattened (C, p, p) patches, got {tuple(pixel_values.shape)}"
@@ -407,12 +424,18 @@ def validate_visual_inputs(pixel_values, grid_thw, patch_dim, patch_positions=No
     if patch_positions is not None:
         if tuple(patch_positions.shape) != (n, 3):
             raise ValueError(f"patch_positions must be ({n}, 3), got {tuple(patch_positions.shape)}")
-        limits = torch.repeat_interleave(grid_thw, grid_thw.prod(-1), dim=0).to(patch_positions.device)
-        if (patch_positions < 0).any() or (patch_positions >= limits).any():
-            bad = ((patch_positions < 0) | (patch_positions >= limits)).any(-1).nonzero()[0].item()
+        lows = torch.zeros_like(grid_thw)
+        if frame_offsets is not None:
+            lows[:, 0] = torch.as_tensor(frame_offsets).to(grid_thw.device).long()
+        counts = grid_thw.prod(-1)
+        lows = torch.repeat_interleave(lows, counts, dim=0).to(patch_positions.device)
+        limits = lows + torch.repeat_interleave(grid_thw, counts, dim=0).to(patch_positions.device)
+        if (patch_positions < lows).any() or (patch_positions >= limits).any():
+            bad = ((patch_positions < lows) | (patch_positions >= limits)).any(-1).nonzero()[0].item()
             raise ValueError(
                 f"patch_positions out of range: patch {bad} has (t, h, w) = {patch_positions[bad].tolist()} "
                 f"outside its item's grid {limits[bad].tolist()}"
+                + (f" (frames from {lows[bad, 0].item()})" if frame_offsets is not None else "")
             )
     if patch_keep_mask is not None and patch_keep_mask.shape != (n,):
         raise ValueError(f"patch_keep_mask must be ({n},), got {tuple(patch_keep_mask.shape)}")
@@ -532,16 +555,18 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
         patch_positions: torch.Tensor | None = None,
         visual_keep_mask: torch.Tensor | None = None,
         prune_threshold: float | None = None,
+        frame_offsets: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Returns (features of the kept visual tokens (T_kept, D_llm), keep mask (T,), patches the tower ran on).
 
         The keep mask is `visual_keep_mask` (what the processor expanded the text to) when given, else recomputed
         from the pixels with this model's config (the one source of the pruning settings), or with
-        `prune_threshold` in place of the config's threshold when that is given."""
+        `prune_threshold` in place of the config's threshold when that is given. `frame_offsets`: see the tower."""
         grid_thw = grid_thw.to(pixel_values.device).long()
         merge_sizes = self._merge_sizes(grid_thw, merge_sizes)
-        validate_visual_inputs(pixel_values, grid_thw, self.config.vision_config.patch_dim, patch_positions)
+        validate_visual_inputs(pixel_values, grid_thw, self.config.vision_config.patch_dim, patch_positions,
+                               frame_offsets=frame_offsets)  # fmt: skip
         token_counts = grid_thw[:, 0] * (grid_thw[:, 1] // merge_sizes) * (grid_thw[:, 2] // merge_sizes)
         token_merge = torch.repeat_interleave(merge_sizes, token_counts)  # (T,)
         if visual_keep_mask is None or prune_threshold is not None:
@@ -553,7 +578,7 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
                 "visual tokens"
             )
         if patch_positions is None:
-            patch_positions = patch_positions_from_grid(grid_thw, merge_sizes)
+            patch_positions = patch_positions_from_grid(grid_thw, merge_sizes, frame_offsets)
 
         # the projector may sit on another device than the tower (device_map): its input goes there explicitly, so
         # the model is right without accelerate's hooks too
@@ -563,11 +588,14 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
         if self.config.prune_stage == "pre_encoder" and not bool(visual_keep_mask.all()):
             patch_keep = patch_keep_mask(visual_keep_mask, grid_thw, merge_sizes)
             features = self.vision_tower(
-                pixel_values, grid_thw, patch_positions, patch_keep_mask=patch_keep, **kwargs
+                pixel_values, grid_thw, patch_positions, patch_keep_mask=patch_keep, frame_offsets=frame_offsets,
+                **kwargs,
             ).last_hidden_state
             features = self.projector(features.to(projector_device), token_merge[visual_keep_mask])
             return features, visual_keep_mask, int(patch_keep.sum())
-        features = self.vision_tower(pixel_values, grid_thw, patch_positions, **kwargs).last_hidden_state
+        features = self.vision_tower(
+            pixel_values, grid_thw, patch_positions, frame_offsets=frame_offsets, **kwargs
+        ).last_hidden_state
         features = self.projector(features.to(projector_device), token_merge)
         if not bool(visual_keep_mask.all()):
             # rows picked by index, found where the mask is: a boolean index would need the mask on this device
@@ -602,6 +630,72 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
             visual_keep_mask=keep,
             grid_thw=grid_thw,
             merge_sizes=merge_sizes,
+            num_tower_tokens=tower_tokens,
+        )
+
+    def encode_video_chunks(self, chunks, prune_threshold: float | None = None) -> "OmniVMedVisualOutput":
+        """The visual features of one long video (or volume) encoded a chunk at a time, as
+        `OmniVMedImageProcessor.iter_video_chunks` yields it, so neither its patches nor the tower's activations
+        ever exist for the whole clip (call it under `torch.inference_mode()`). Returns what `get_image_features`
+        returns for the clip in one piece: one item, its kept tokens' features, its whole keep mask, grid_thw
+        (1, 3) and merge_sizes; give it to `generate` / `forward` as `mm_encoder_outputs={"image": ...}` with a
+        prompt expanded to its keep mask (`OmniVMedProcessor.prompt_inputs`).
+
+        Each chunk: pixel_values, grid_thw (1, 3), optionally merge_sizes, patch_positions (the clip's frame index
+        in t; derived when absent) and visual_keep_mask (recomputed with this model's config when absent or when
+        `prune_threshold` is given, with the pruning reference carried from the previous chunk). prune_stage
+        "pre_encoder" drops each chunk's pruned patches before the tower. With attention_scope "clip" a frame attends
+        to the whole clip, which no chunking can reproduce: that is refused."""
+        if self.config.vision_config.attention_scope != "frame":
+            raise ValueError(
+                f"encode_video_chunks needs attention_scope='frame' (this tower's is "
+                f"{self.config.vision_config.attention_scope!r}): with 'clip' every frame attends to the whole clip, "
+                "so encoding it in chunks would change the features; process the clip in one call instead"
+            )
+        c = self.config
+        rule = dict(threshold=c.prune_threshold if prune_threshold is None else prune_threshold,
+                    reference=c.prune_reference, unit=c.prune_unit, image_mean=c.image_mean, image_std=c.image_std,
+                    keep_first_frame=c.prune_keep_first_frame, min_tokens=c.prune_min_tokens,
+                    min_tokens_pick=c.prune_min_tokens_pick, num_channels=c.vision_config.num_channels)  # fmt: skip
+        features, keeps, frames, tower_tokens, layout, carry = [], [], 0, 0, None, None
+        for index, chunk in enumerate(chunks):
+            pixel_values = torch.as_tensor(chunk["pixel_values"])
+            grid_thw = torch.as_tensor(chunk["grid_thw"]).to(pixel_values.device).long()
+            if grid_thw.shape != (1, 3):
+                raise ValueError(
+                    f"chunk {index}: grid_thw must be (1, 3), one clip's frames; got {tuple(grid_thw.shape)}"
+                )
+            merge = chunk.get("merge_sizes")
+            merge_sizes = self._merge_sizes(grid_thw, None if merge is None else torch.as_tensor(merge))
+            shape = (*grid_thw[0, 1:].tolist(), int(merge_sizes[0]))
+            if layout is None:
+                layout = shape
+            elif shape != layout:
+                raise ValueError(f"chunk {index}: (patch rows, patch columns, merge) {shape} differ from the first "
+                                 f"chunk's {layout}; the chunks must be one clip's")  # fmt: skip
+            keep = chunk.get("visual_keep_mask")
+            if keep is None or prune_threshold is not None:
+                metadata = (chunk.get("media_metadata") or [{}])[0]
+                whole = frames == 0 and bool(metadata.get("chunk", {}).get("last", False))
+                keep, carry = compute_keep_mask_chunk(pixel_values, grid_thw, merge_sizes, carry, whole_item=whole,
+                                                      **rule)  # fmt: skip
+            positions = chunk.get("patch_positions")
+            out, keep, n_tower = self.get_visual_features(
+                pixel_values, grid_thw, merge_sizes, None if positions is None else torch.as_tensor(positions),
+                torch.as_tensor(keep), frame_offsets=torch.tensor([frames]),
+            )  # fmt: skip
+            features.append(out)
+            keeps.append(keep)
+            tower_tokens += n_tower
+            frames += int(grid_thw[0, 0])
+            del chunk, pixel_values, positions  # the next chunk is made while nothing of this one is held here
+        if not features:
+            raise ValueError("encode_video_chunks got no chunks")
+        return OmniVMedVisualOutput(
+            pooler_output=(torch.cat(features),),
+            visual_keep_mask=torch.cat(keeps),
+            grid_thw=torch.tensor([[frames, *layout[:2]]], device=keeps[0].device),
+            merge_sizes=torch.tensor([layout[2]], device=keeps[0].device),
             num_tower_tokens=tower_tokens,
         )
 
@@ -787,6 +881,9 @@ class OmniVMedForConditionalGeneration(OmniVMedPreTrainedModel, GenerationMixin)
 
     def get_image_features(self, pixel_values, grid_thw, **kwargs) -> OmniVMedVisualOutput:
         return self.model.get_image_features(pixel_values, grid_thw, **kwargs)
+
+    def encode_video_chunks(self, chunks, prune_threshold: float | None = None) -> OmniVMedVisualOutput:
+        return self.model.encode_video_chunks(chunks, prune_threshold=prune_threshold)
 
     @property
     def vision_tower(self):

@@ -18,6 +18,10 @@ image, and for a volume/video, per slice/frame f, `<|frame_sep|>` followed by `<
 separators let the LLM tell which slice/frame each visual token came from (a frame whose tokens were all pruned
 cannot happen: every frame keeps >= `prune_min_tokens` >= 1 tokens).
 
+Streaming (`OmniVMedImageProcessor.iter_video_chunks`): a long video is decoded, patched and pruned a chunk of frames
+at a time, with the rows of the one-shot call (frame index and pruning reference continue across chunk borders);
+`OmniVMedModel.encode_video_chunks` encodes the chunks and `OmniVMedProcessor.prompt_inputs` expands a prompt to them.
+
 Compatibility mode (`compat_mode` "hulumed" / "videollama3" / "videollama3_remote", saved by `convert_omnivmed.py`
 in the folders it writes): frame sizes, a medium's prompt text and the source's volume / video file reading follow the
 source instead, as `compat_omnivmed.py` documents; the hooks here only route to it.
@@ -44,8 +48,14 @@ from transformers.utils.chat_template_utils import render_jinja_template
 from .collator_omnivmed import OmniVMedCollator
 from .compat_omnivmed import compat_load, from_pil, media_text, normalize_mode, target_sizes
 from .configuration_omnivmed import PROCESSOR_SETTINGS, OmniVMedConfig
-from .media_omnivmed import Media, MediaError, load_media
-from .pruning_omnivmed import compute_keep_mask, patch_grid_positions, pruning_report, tokens_per_frame
+from .media_omnivmed import Media, MediaError, load_media, load_video_chunks, media_chunks
+from .pruning_omnivmed import (
+    compute_keep_mask,
+    compute_keep_mask_chunk,
+    patch_grid_positions,
+    pruning_report,
+    tokens_per_frame,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -387,32 +397,21 @@ class OmniVMedImageProcessor(BaseImageProcessor):
                 raise ValueError(f"{item.source}: passed as a {kind} but it is a {item.kind}")
             return item
         if isinstance(item, dict):
-            block = dict(item)
-            block_kind = block.pop("type", kind)
-            if block_kind not in MEDIA_KINDS:
-                raise ValueError(f"a media block needs 'type' in {MEDIA_KINDS}, got {item.get('type')!r}")
-            if kind is not None and block_kind != kind:
-                raise ValueError(f"a {block_kind} block was passed as a {kind}")
-            if "url" in block:
-                raise ValueError(f"media URLs are not fetched ({block['url']!r}): download the file, pass its 'path'")
-            keys = [k for k in (block_kind, "path") if k in block]
-            if len(keys) != 1:
-                raise ValueError(f"a {block_kind} block needs one of '{block_kind}' or 'path', got keys {sorted(item)}")
-            source = block.pop(keys[0])
-            block.pop("text", None)
-            unknown = set(block) - set(LOAD_SETTINGS) - set(LOAD_OPTIONS)
-            if unknown:
-                valid = LOAD_SETTINGS + LOAD_OPTIONS
-                raise ValueError(f"unknown option(s) {sorted(unknown)} in a {block_kind} block; valid: {valid}")
+            source, block_kind, block = _unpack_block(item, kind)
             return self.to_media(source, kind=block_kind, **{**options, **block})
-        load_kwargs = {name: options.get(name, getattr(self, name)) for name in LOAD_SETTINGS}
-        load_kwargs.update({k: options[k] for k in LOAD_OPTIONS if options.get(k) is not None})
+        load_kwargs = self._load_kwargs(options)
         if isinstance(item, os.PathLike):
             item = os.fspath(item)
         # compatibility mode: the source's own readers where it has them (compat_omnivmed.compat_load)
         media = compat_load(normalize_mode(options.get("compat_mode", self.compat_mode)), item, kind, load_kwargs,
                             load_media)  # fmt: skip
         return media if media is not None else load_media(item, kind=kind, **load_kwargs)
+
+    def _load_kwargs(self, options: dict) -> dict:
+        """`load_media` keywords: this processor's load settings overridden by `options`, plus the load options."""
+        load_kwargs = {name: options.get(name, getattr(self, name)) for name in LOAD_SETTINGS}
+        load_kwargs.update({k: options[k] for k in LOAD_OPTIONS if options.get(k) is not None})
+        return load_kwargs
 
     @staticmethod
     def _validated_frames(media: Media) -> np.ndarray:
@@ -592,10 +591,133 @@ class OmniVMedImageProcessor(BaseImageProcessor):
     @staticmethod
     def _keep_mask(pixel_values, grid_thw, merge_sizes, s: dict, metadata: list[dict]) -> torch.Tensor:
         """The pruning rule (pruning_omnivmed) on the patches; each item's metadata gets its pruning report."""
-        keep = compute_keep_mask(
-            pixel_values,
-            grid_thw,
-            merge_sizes,
+        keep = compute_keep_mask(pixel_values, grid_thw, merge_sizes, **OmniVMedImageProcessor._pruning_rule(s))
+        reports = pruning_report(keep, grid_thw, merge_sizes)
+        for item_meta, report in zip(metadata, reports):
+            item_meta["pruning_report"] = report
+        logger.debug("visual tokens (before, after pruning): %s", [(r["tokens_before"], r["tokens_after"]) for r in reports])
+        return keep
+
+    # ------------------------------------------------------------------------------------------------------ streaming
+    def iter_video_chunks(self, video, chunk_frames: int = 64, return_tensors: str | None = None, **overrides):
+        """A long video (or volume) processed a chunk of `chunk_frames` consecutive frames at a time: decoded, resized,
+        cut into patches and pruned chunk by chunk, so an hour of frames never exists whole (video files are read by
+        `media_omnivmed.load_video_chunks`; a `Media`, array or content block works too).
+
+        Yields, per chunk, what `preprocess` returns for a one-item call, for that chunk's frames: pixel_values,
+        patch_positions, grid_thw ((1, 3): the chunk's frames), merge_sizes, visual_keep_mask and media_metadata (one
+        dict, with "chunk": first_frame, num_frames, frames_planned, last). They are exactly the rows of the one-shot
+        call on the whole video: patch_positions carry the video's frame index (the time axis continues across
+        chunks, so RoPE positions are the one-shot ones), and the keep mask is computed with the pruning reference
+        carried across chunk borders (the video's first frame is kept whole, not each chunk's). Settings and
+        overrides are `preprocess`'s; `max_total_visual_tokens` applies to the whole video's planned frames, and the
+        reader's `max_voxels` to one chunk's. `join_chunk_metadata` turns the chunks' media_metadata into the one-shot
+        call's. Compatibility mode is refused (its readers and budgets are the source's, made for whole clips).
+
+        `OmniVMedModel.encode_video_chunks` turns the chunks into the video's visual features, and
+        `OmniVMedProcessor.prompt_inputs` expands a prompt to them."""
+        load_options = {k: overrides.pop(k) for k in LOAD_OPTIONS if k in overrides}
+        s = self._settings(**overrides)
+        self._check_settings(s)
+        label = getattr(video, "source", None) or (os.fspath(video) if isinstance(video, (str, os.PathLike))
+                                                    else type(video).__name__)  # fmt: skip
+        if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, (int, np.integer)) or chunk_frames < 1:
+            raise ValueError(f"{label}: chunk_frames must be an integer >= 1, got {chunk_frames!r}")
+        if normalize_mode(s["compat_mode"]) is not None:
+            raise ValueError(
+                f"{label}: streaming is not available in compatibility mode ({s['compat_mode']}): the source's "
+                "readers and budgets work on whole clips; process the clip in one call"
+            )
+        load_settings = {k: v for k, v in overrides.items() if k in LOAD_SETTINGS and v is not None}
+        if isinstance(video, dict):
+            video, kind, block = _unpack_block(video, None)
+            if kind == "image":
+                raise ValueError(f"{video}: a 2D image is one frame; stream videos or volumes")
+            load_settings.update(block)
+        if isinstance(video, Media):
+            if video.kind not in ("video", "volume"):
+                raise ValueError(f"{video.source}: only a video or volume can be streamed, not a {video.kind}")
+            chunks = media_chunks(video, int(chunk_frames))
+        else:
+            chunks = load_video_chunks(video, int(chunk_frames), **self._load_kwargs({**load_settings, **load_options}))
+        return self._process_chunks(chunks, s, overrides, return_tensors)
+
+    def _process_chunks(self, chunks, s: dict, overrides: dict, return_tensors: str | None):
+        p = s["patch_size"]
+        start, carry, plan = 0, None, None
+        for m in chunks:
+            frames = self._validated_frames(m)
+            t, height, width = frames.shape[:3]
+            chunk = m.metadata.get("chunk", {})  # a Media given whole is one chunk
+            planned, last = chunk.get("frames_planned", t), chunk.get("last", True)
+            if plan is None:
+                plan = (height, width, *self._plan_stream(m, height, width, planned, s, overrides))
+            elif (height, width) != plan[:2]:
+                raise ValueError(f"{m.source}: frames of {height}x{width} after frames of {plan[0]}x{plan[1]}; a "
+                                 "streamed clip has one frame size")  # fmt: skip
+            h, w, merge = plan[2:]
+            pixel_values, patch_positions = self._patchify([(m, frames, h, w, merge)], s)
+            patch_positions[:, 0] += start  # the video's frame index: the one-shot RoPE positions
+            grid_thw = torch.tensor([[t, h // p, w // p]], dtype=torch.int64)
+            merge_sizes = torch.tensor([merge], dtype=torch.int64)
+            keep, carry = compute_keep_mask_chunk(
+                pixel_values, grid_thw, merge_sizes, carry, whole_item=start == 0 and last,
+                **self._pruning_rule(s),
+            )  # fmt: skip
+            metadata = self._item_metadata(m, frames, h, w, merge, p)
+            metadata["pruning_report"] = pruning_report(keep, grid_thw, merge_sizes)[0]
+            metadata["chunk"] = {"first_frame": start, "num_frames": t, "frames_planned": planned, "last": last}
+            data = {"pixel_values": pixel_values, "patch_positions": patch_positions, "grid_thw": grid_thw,
+                    "merge_sizes": merge_sizes, "visual_keep_mask": keep}  # fmt: skip
+            if return_tensors != "pt":
+                data = {k: v.numpy() for k, v in data.items()}
+            data["media_metadata"] = [metadata]
+            yield BatchFeature(data=data, skip_tensor_conversion=["media_metadata"])
+            # nothing of this chunk stays referenced here while the next one is read
+            del m, frames, pixel_values, patch_positions, data
+            start += t
+
+    def _plan_stream(self, m: Media, height: int, width: int, planned: int, s: dict, overrides: dict) -> tuple:
+        """(h, w, merge) of a streamed clip's frames; refuses a clip whose planned frames exceed the token budget."""
+        try:
+            h, w, merge = self.get_resized_size(height, width, m.kind, **overrides)
+        except ValueError as e:
+            raise ValueError(f"{m.source} ({m.kind}): {e}") from e
+        p = s["patch_size"]
+        n_tokens = planned * (h // (p * merge)) * (w // (p * merge))
+        if n_tokens > s["max_total_visual_tokens"]:
+            raise ValueError(
+                f"{m.source} ({m.kind}, {planned} frame(s) of {height}x{width} -> {h}x{w}) would give {n_tokens} "
+                f"visual tokens before pruning, more than max_total_visual_tokens={s['max_total_visual_tokens']}; "
+                "raise it for a long streamed clip, or lower max_frames or video_max_pixels"
+            )
+        return h, w, merge
+
+    @staticmethod
+    def join_chunk_metadata(chunks_metadata: list[dict]) -> dict:
+        """The media_metadata of a streamed clip's chunks (one dict each, in order) -> the one-shot call's dict."""
+        if not chunks_metadata:
+            raise ValueError("join_chunk_metadata needs the metadata of at least one chunk")
+        first, last = chunks_metadata[0], chunks_metadata[-1]
+
+        def joined(key):
+            values = [m[key] for m in chunks_metadata]
+            return None if values[0] is None else [v for part in values for v in part]
+
+        out = {k: v for k, v in last.items() if k != "chunk"}
+        out["metadata"] = {k: v for k, v in last["metadata"].items() if k != "chunk"}
+        t = sum(m["num_frames"] for m in chunks_metadata)
+        out.update(num_frames=t, grid_thw=[t, *first["grid_thw"][1:]], timestamps_s=joined("timestamps_s"),
+                   slice_positions_mm=joined("slice_positions_mm"), slice_indices=joined("slice_indices"))  # fmt: skip
+        per_frame = [n for m in chunks_metadata for n in m["pruning_report"]["per_frame"]]
+        before = sum(m["pruning_report"]["tokens_before"] for m in chunks_metadata)
+        out["pruning_report"] = {"tokens_before": before, "tokens_after": sum(per_frame),
+                                 "kept_fraction": sum(per_frame) / before, "per_frame": per_frame}  # fmt: skip
+        return out
+
+    @staticmethod
+    def _pruning_rule(s: dict) -> dict:
+        return dict(
             threshold=s["prune_threshold"],
             reference=s["prune_reference"],
             unit=s["prune_unit"],
@@ -605,11 +727,6 @@ class OmniVMedImageProcessor(BaseImageProcessor):
             min_tokens=s["prune_min_tokens"],
             min_tokens_pick=s["prune_min_tokens_pick"],
         )
-        reports = pruning_report(keep, grid_thw, merge_sizes)
-        for item_meta, report in zip(metadata, reports):
-            item_meta["pruning_report"] = report
-        logger.debug("visual tokens (before, after pruning): %s", [(r["tokens_before"], r["tokens_after"]) for r in reports])
-        return keep
 
 
 # the tokenizer keywords `OmniVMedProcessor.__call__` forwards
@@ -876,10 +993,8 @@ class OmniVMedProcessor(ProcessorMixin):
             for meta, per_frame in zip(visual["media_metadata"], kept):
                 if mode is not None:
                     replacements.append(media_text(mode, meta["kind"], per_frame, IMAGE_TOKEN, meta["timestamps_s"]))
-                elif meta["kind"] == "image":
-                    replacements.append(IMAGE_TOKEN * per_frame[0])
                 else:
-                    replacements.append("".join(FRAME_TOKEN + IMAGE_TOKEN * k for k in per_frame))
+                    replacements.append(_media_tokens(meta["kind"], per_frame))
             data.update(visual)
 
         if texts is not None:
@@ -903,6 +1018,49 @@ class OmniVMedProcessor(ProcessorMixin):
         return BatchFeature(
             data, tensor_type=return_tensors, skip_tensor_conversion=["media_metadata", "text_replacement_offsets"]
         )
+
+    def iter_video_chunks(self, video, chunk_frames: int = 64, return_tensors: str | None = None, **overrides):
+        """The image processor's `OmniVMedImageProcessor.iter_video_chunks`: a long video, a chunk at a time."""
+        return self.image_processor.iter_video_chunks(video, chunk_frames, return_tensors=return_tensors, **overrides)
+
+    def prompt_inputs(self, text, visual, kinds: str | list[str] = "video", return_tensors: str | None = None,
+                      padding: bool | str = True, **kwargs) -> BatchFeature:  # fmt: skip
+        """Tokenise prompts for media encoded beforehand, e.g. a streamed video (`model.encode_video_chunks`): every
+        placeholder of `text` (in order, across the batch) stands for one item of `visual` (an `OmniVMedVisualOutput`)
+        and is expanded to that item's kept tokens per frame, read from its visual_keep_mask, grid_thw and
+        merge_sizes, as `__call__` expands it for pixels. `kinds`: each item's kind ("video", "volume" or "image"; one
+        string for all), which decides the frame separators. Returns input_ids, attention_mask and mm_token_type_ids;
+        then `model.generate(**inputs, mm_encoder_outputs={"image": visual})`. kwargs: tokenizer arguments."""
+        unknown = set(kwargs) - _TEXT_KWARGS
+        if unknown:
+            raise TypeError(f"Unknown argument(s) {sorted(unknown)} for {type(self).__name__}.prompt_inputs")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError("`text` must be a string or a non-empty list of strings")
+        keep, grid_thw, merge_sizes = (getattr(visual, k, None)
+                                       for k in ("visual_keep_mask", "grid_thw", "merge_sizes"))  # fmt: skip
+        if keep is None or grid_thw is None or merge_sizes is None:
+            raise ValueError("`visual` must be the model's OmniVMedVisualOutput (with visual_keep_mask, grid_thw and "
+                             "merge_sizes), e.g. model.encode_video_chunks(...)")  # fmt: skip
+        per_item = tokens_per_frame(keep.cpu(), grid_thw.cpu(), merge_sizes.cpu())
+        kinds = [kinds] * len(per_item) if isinstance(kinds, str) else list(kinds)
+        if len(kinds) != len(per_item) or not set(kinds) <= set(MEDIA_KINDS):
+            raise ValueError(f"kinds must name one of {MEDIA_KINDS} per item ({len(per_item)}), got {kinds}")
+        if any(kind == "image" and len(frames) != 1 for kind, frames in zip(kinds, per_item)):
+            raise ValueError("an item of several frames cannot be a 2D image: give kinds='video' or 'volume'")
+        counts = [len(_placeholder_spans(t)) for t in texts]
+        if sum(counts) != len(per_item):
+            raise ValueError(f"the text holds {sum(counts)} {IMAGE_TOKEN} placeholder(s) (per sample: {counts}) but "
+                             f"`visual` has {len(per_item)} item(s)" + _CHAT_FORMAT_HINT)  # fmt: skip
+        replacements = [_media_tokens(kind, frames) for kind, frames in zip(kinds, per_item)]
+        expanded, _ = _expand_placeholders(texts, replacements)
+        data = self._tokenize(expanded, False, padding=padding, **kwargs)
+        data["mm_token_type_ids"] = [[int(i == self.image_token_id) for i in ids] for ids in data["input_ids"]]
+        n_placeholders = sum(sum(row) for row in data["mm_token_type_ids"])
+        if n_placeholders != int(keep.sum()):
+            raise ValueError(f"the tokenized text holds {n_placeholders} {IMAGE_TOKEN} tokens but `visual` has "
+                             f"{int(keep.sum())} visual tokens (was the text truncated?)")  # fmt: skip
+        return BatchFeature(data, tensor_type=return_tensors)
 
     @property
     def max_prompt_length(self) -> int | None:
@@ -1161,6 +1319,35 @@ _CHAT_FORMAT_HINT = (
     "{'type': 'text', 'text': 'your question'}]}], add_generation_prompt=True, tokenize=True, return_dict=True), or "
     "to a pipeline('image-text-to-text') text=[that message] (images inside the content blocks)"
 )
+
+
+def _media_tokens(kind: str, per_frame: list[int]) -> str:
+    """What one medium's placeholder expands to (see the module docstring): kept tokens, frame by frame."""
+    if kind == "image":
+        return IMAGE_TOKEN * per_frame[0]
+    return "".join(FRAME_TOKEN + IMAGE_TOKEN * k for k in per_frame)
+
+
+def _unpack_block(item: dict, kind: str | None) -> tuple[Any, str, dict]:
+    """A content block `{"type": kind, kind | "path": source, **load options}` -> (source, kind, load options)."""
+    block = dict(item)
+    block_kind = block.pop("type", kind)
+    if block_kind not in MEDIA_KINDS:
+        raise ValueError(f"a media block needs 'type' in {MEDIA_KINDS}, got {item.get('type')!r}")
+    if kind is not None and block_kind != kind:
+        raise ValueError(f"a {block_kind} block was passed as a {kind}")
+    if "url" in block:
+        raise ValueError(f"media URLs are not fetched ({block['url']!r}): download the file, pass its 'path'")
+    keys = [k for k in (block_kind, "path") if k in block]
+    if len(keys) != 1:
+        raise ValueError(f"a {block_kind} block needs one of '{block_kind}' or 'path', got keys {sorted(item)}")
+    source = block.pop(keys[0])
+    block.pop("text", None)
+    unknown = set(block) - set(LOAD_SETTINGS) - set(LOAD_OPTIONS)
+    if unknown:
+        valid = LOAD_SETTINGS + LOAD_OPTIONS
+        raise ValueError(f"unknown option(s) {sorted(unknown)} in a {block_kind} block; valid: {valid}")
+    return source, block_kind, block
 
 
 def _flatten_media(media) -> tuple[list, list[int] | None]:

@@ -13,6 +13,8 @@ measures on the [0, 1] scale, so a threshold means the same whatever the normali
 The first frame is kept whole (unless `keep_first_frame=False`, the successor code's behaviour), every frame keeps
 at least `min_tokens` tokens (the most changed ones, or with `min_tokens_pick="first"` the first ones), 2D images
 (t == 1) are never pruned, threshold 0 keeps all.
+A long clip may be pruned a chunk of frames at a time (`compute_keep_mask_chunk`), the reference carried across chunk
+borders: the chunks' masks are exactly the whole clip's.
 """
 
 import torch
@@ -60,32 +62,14 @@ def compute_keep_mask(
     Returns:
         (N_tokens,) bool, N_tokens = sum over items of t * (h / m) * (w / m).
     """
-    if reference not in ("last_kept", "previous"):
-        raise ValueError(f"reference must be 'last_kept' or 'previous', got {reference!r}")
-    if unit not in ("normalized", "intensity"):
-        raise ValueError(f"unit must be 'normalized' or 'intensity', got {unit!r}")
-    if min_tokens_pick not in ("most_changed", "first"):
-        raise ValueError(f"min_tokens_pick must be 'most_changed' or 'first', got {min_tokens_pick!r}")
+    rule = _checked_rule(threshold, reference, unit, image_mean, image_std, keep_first_frame, min_tokens,
+                         min_tokens_pick, num_channels)  # fmt: skip
     masks = []
     offset = 0
     for (t, h, w), m in zip(grid_thw.tolist(), merge_sizes.tolist()):
         n_patches = t * h * w
-        n_blocks = (h // m) * (w // m)
-        if t == 1 or threshold <= 0:
-            masks.append(torch.ones(t * n_blocks, dtype=torch.bool, device=pixel_values.device))
-            offset += n_patches
-            continue
-        blocks = pixel_values[offset : offset + n_patches].float().reshape(t, n_blocks, m * m, num_channels, -1)
-        if unit == "intensity":
-            mean = torch.tensor(image_mean, dtype=blocks.dtype, device=blocks.device).view(-1, 1)
-            std = torch.tensor(image_std, dtype=blocks.dtype, device=blocks.device).view(-1, 1)
-            blocks = blocks * std + mean
-        blocks = blocks.reshape(t, n_blocks, -1)
-        masks.append(
-            _frame_masks(
-                blocks, threshold, reference, keep_first_frame, min(min_tokens, n_blocks), min_tokens_pick
-            ).reshape(-1)
-        )
+        mask, _ = _item_mask(pixel_values[offset : offset + n_patches], t, h, w, m, None, t == 1, rule)
+        masks.append(mask)
         offset += n_patches
     if offset != pixel_values.shape[0]:
         raise ValueError(
@@ -94,6 +78,75 @@ def compute_keep_mask(
     if not masks:
         return torch.ones(0, dtype=torch.bool, device=pixel_values.device)
     return torch.cat(masks)
+
+
+def compute_keep_mask_chunk(
+    pixel_values: torch.Tensor,
+    grid_thw: torch.Tensor,
+    merge_sizes: torch.Tensor,
+    carry: torch.Tensor | None = None,
+    *,
+    whole_item: bool = False,
+    threshold: float = 0.1,
+    reference: str = "last_kept",
+    unit: str = "normalized",
+    image_mean=(0.5, 0.5, 0.5),
+    image_std=(0.5, 0.5, 0.5),
+    keep_first_frame: bool = True,
+    min_tokens: int = 1,
+    min_tokens_pick: str = "most_changed",
+    num_channels: int = 3,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The keep mask of one chunk of consecutive frames of a volume or video, and what the next chunk continues from.
+
+    The rule of `compute_keep_mask`, with the reference carried across chunk borders, so the chunks of an item give
+    exactly the item's mask: `carry` None means the chunk starts the item (its first frame is the item's first frame),
+    otherwise it is what the previous chunk returned (the last kept version of every block, or the previous frame's
+    blocks). `whole_item`: the chunk is the whole item (then a single frame is a 2D image's: never pruned).
+
+    Args:
+        pixel_values: (t * h * w, C*p*p) the chunk's patches; grid_thw: (1, 3) its (t, h, w); merge_sizes: (1,).
+    Returns:
+        (keep mask (t * h/m * w/m,) bool, carry for the next chunk: (h/m * w/m, C*p*p) float, or None when the rule
+        needs none (threshold 0, or the whole item is one frame)).
+    """
+    rule = _checked_rule(threshold, reference, unit, image_mean, image_std, keep_first_frame, min_tokens,
+                         min_tokens_pick, num_channels)  # fmt: skip
+    if grid_thw.shape[0] != 1 or merge_sizes.numel() != 1:
+        raise ValueError(f"a chunk is one item's frames: grid_thw must be (1, 3), got {list(grid_thw.shape)}")
+    (t, h, w), m = grid_thw[0].tolist(), int(merge_sizes.reshape(-1)[0])
+    if t * h * w != pixel_values.shape[0]:
+        raise ValueError(f"grid_thw describes {t * h * w} patches but pixel_values has {pixel_values.shape[0]} rows")
+    return _item_mask(pixel_values, t, h, w, m, carry, whole_item and carry is None and t == 1, rule)
+
+
+def _checked_rule(threshold, reference, unit, image_mean, image_std, keep_first_frame, min_tokens, min_tokens_pick,
+                  num_channels) -> dict:  # fmt: skip
+    if reference not in ("last_kept", "previous"):
+        raise ValueError(f"reference must be 'last_kept' or 'previous', got {reference!r}")
+    if unit not in ("normalized", "intensity"):
+        raise ValueError(f"unit must be 'normalized' or 'intensity', got {unit!r}")
+    if min_tokens_pick not in ("most_changed", "first"):
+        raise ValueError(f"min_tokens_pick must be 'most_changed' or 'first', got {min_tokens_pick!r}")
+    return dict(threshold=threshold, reference=reference, unit=unit, image_mean=image_mean, image_std=image_std,
+                keep_first_frame=keep_first_frame, min_tokens=min_tokens, pick=min_tokens_pick,
+                num_channels=num_channels)  # fmt: skip
+
+
+def _item_mask(pixel_values, t, h, w, m, carry, single_frame_item, rule) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One item's (or chunk's) mask, (t * n_blocks,) bool, and the reference the frame after it is compared with."""
+    n_blocks = (h // m) * (w // m)
+    if single_frame_item or rule["threshold"] <= 0:
+        return torch.ones(t * n_blocks, dtype=torch.bool, device=pixel_values.device), None
+    blocks = pixel_values.float().reshape(t, n_blocks, m * m, rule["num_channels"], -1)
+    if rule["unit"] == "intensity":
+        mean = torch.tensor(rule["image_mean"], dtype=blocks.dtype, device=blocks.device).view(-1, 1)
+        std = torch.tensor(rule["image_std"], dtype=blocks.dtype, device=blocks.device).view(-1, 1)
+        blocks = blocks * std + mean
+    blocks = blocks.reshape(t, n_blocks, -1)
+    keep, carry = _frame_masks(blocks, rule["threshold"], rule["reference"], rule["keep_first_frame"],
+                               min(rule["min_tokens"], n_blocks), rule["pick"], carry)  # fmt: skip
+    return keep.reshape(-1), carry
 
 
 def _force_min(keep: torch.Tensor, dist: torch.Tensor, min_tokens: int, pick: str) -> torch.Tensor:
@@ -108,28 +161,31 @@ def _force_min(keep: torch.Tensor, dist: torch.Tensor, min_tokens: int, pick: st
     return keep
 
 
-def _frame_masks(blocks, threshold, reference, keep_first_frame, min_tokens, pick) -> torch.Tensor:
-    # blocks: (t, n, d) -> (t, n) bool
+def _frame_masks(blocks, threshold, reference, keep_first_frame, min_tokens, pick, carry=None):
+    # blocks: (t, n, d) -> keep (t, n) bool, and the reference for the frame after the last: with `carry` None,
+    # blocks[0] is the item's first frame; otherwise `carry` is what the chunk before this one returned
     t, n, _ = blocks.shape
     keep = torch.zeros(t, n, dtype=torch.bool, device=blocks.device)
-    if keep_first_frame:
-        keep[0] = True
-    else:
-        # the successor code scores the first frame with a sentinel that its /255 rescale makes tiny, so it
-        # falls below any useful threshold and only `min_tokens` of it survive
-        first = torch.full((n,), 1.0 / 255.0, device=blocks.device)
-        keep[0] = _force_min(first > threshold, first, min_tokens, pick)
-    if reference == "previous":
-        dist = frame_block_distances(blocks[1:], blocks[:-1])  # (t-1, n)
-        for f in range(1, t):
-            keep[f] = _force_min(dist[f - 1] > threshold, dist[f - 1], min_tokens, pick)
-        return keep
-    ref = blocks[0].clone()
-    for f in range(1, t):
+    start = 0
+    if carry is None:
+        if keep_first_frame:
+            keep[0] = True
+        else:
+            # the successor code scores the first frame with a sentinel that its /255 rescale makes tiny, so it
+            # falls below any useful threshold and only `min_tokens` of it survive
+            first = torch.full((n,), 1.0 / 255.0, device=blocks.device)
+            keep[0] = _force_min(first > threshold, first, min_tokens, pick)
+        carry, start = blocks[0], 1
+    # one frame at a time, also for "previous": a chunk's frames are measured exactly as the whole item's
+    ref = carry.clone()
+    for f in range(start, t):
         dist = frame_block_distances(blocks[f], ref)
         keep[f] = _force_min(dist > threshold, dist, min_tokens, pick)
-        ref[keep[f]] = blocks[f][keep[f]]
-    return keep
+        if reference == "previous":
+            ref = blocks[f]
+        else:
+            ref[keep[f]] = blocks[f][keep[f]]
+    return keep, ref.clone()
 
 
 def tokens_per_frame(keep_mask: torch.Tensor, grid_thw: torch.Tensor, merge_sizes: torch.Tensor) -> list[list[int]]:

@@ -10,6 +10,7 @@ import importlib
 import math
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,29 +23,56 @@ logger = logging.getLogger(__name__)
 
 
 def load_video(path: Path, label: str, opts: Options) -> Media:
+    """The sampled frames of a video file, all at once: the one chunk of `iter_video` that holds every frame."""
+    (media,) = iter_video(path, label, opts)
+    return media
+
+
+def iter_video(path: Path, label: str, opts: Options, chunk_frames: int | None = None) -> Iterator[Media]:
+    """The sampled frames of a video file as `Media` chunks of at most `chunk_frames` consecutive frames (None: one
+    chunk with every frame, what `load_video` returns), decoded as they are needed: never more than a chunk is held.
+
+    The chunks hold exactly the frames, timestamps and metadata of the one-shot read, in order (one code path reads
+    both). Each chunk's metadata is the video's as far as it is known when the chunk is made; the last chunk's is the
+    one-shot read's. With `chunk_frames`, it also holds "chunk": first_frame (index of the chunk's first frame among
+    the sampled frames), num_frames, frames_planned (sampled frames the video should give) and last. The size limits
+    apply to what is held: `max_voxels` to the frames of one chunk. PyAV may hold more than `chunk_frames` frames only
+    while a damaged file's frame times are undecided (see `_pyav_chunks`)."""
     backend = opts.video_backend or _default_video_backend()
     warnings: list[str] = []
+    yielded = False
     if backend == "decord":
         try:
-            frames, times, info = _read_video_decord(path, label, opts, warnings)
+            for frames, times, info, start, last in _decord_chunks(path, label, opts, warnings, chunk_frames):
+                yield _chunk_media(frames, times, info, start, last, "decord", label, warnings, chunk_frames)
+                yielded, frames = True, None
+            return
         except _DecordFailed as e:
             pyav_installed = importlib.util.find_spec("av") is not None
-            if opts.video_backend == "decord" or not pyav_installed:
+            if yielded or opts.video_backend == "decord" or not pyav_installed:
                 hint = "; video_backend='pyav' may read it" if pyav_installed else ""
                 raise MediaError(f"{label}: {e}{hint}{what_it_looks_like(path)}") from e.__cause__
             # decord fails on files PyAV reads (MPEG-TS, some AVIs): the caller asked for no backend in particular
             logger.warning("%s: %s; reading it with PyAV instead", label, e)
             warnings.append(f"{e}; read with PyAV instead")
-            backend = "pyav"
-    if backend == "pyav":
-        frames, times, info = _read_video_pyav(path, label, opts, warnings)
-    meta = {"video_backend": backend, **info, "intensity": {"method": "scale", "divisor": 255.0}, "warnings": warnings}
+    for frames, times, info, start, last in _pyav_chunks(path, label, opts, warnings, chunk_frames):
+        yield _chunk_media(frames, times, info, start, last, "pyav", label, warnings, chunk_frames)
+        frames = None
+
+
+def _chunk_media(frames, times, info, start, last, backend, label, warnings, chunk_frames) -> Media:
+    meta = {"video_backend": backend, **info, "intensity": {"method": "scale", "divisor": 255.0},
+            "warnings": list(warnings)}  # fmt: skip
+    if chunk_frames is not None:
+        meta["chunk"] = {"first_frame": start, "num_frames": len(frames), "frames_planned": info["frames_planned"],
+                         "last": last}  # fmt: skip
+    meta.pop("frames_planned")
     # divided in place: an hour of frames is held once as float32, not twice (same values as `/ 255.0`)
     pixels = frames.astype(np.float32)
     del frames
     np.divide(pixels, np.float32(255.0), out=pixels)
-    return Media(frames=pixels, kind="video", source=label,
-                 timestamps_s=[round(float(t), 6) for t in times], metadata=jsonable(meta))
+    return Media(frames=pixels, kind="video", source=label, timestamps_s=[round(float(t), 6) for t in times],
+                 metadata=jsonable(meta))  # fmt: skip
 
 
 def _default_video_backend() -> str:
@@ -71,14 +99,16 @@ def check_video_size(label: str, width: int, height: int, n_frames: int, opts: O
     if n_frames * width * height > opts.max_voxels:
         raise MediaError(
             f"{label}: {n_frames} frames of {width}x{height} would decode to {n_frames * width * height} pixels, more "
-            f"than max_voxels={opts.max_voxels}; lower max_frames or fps"
+            f"than max_voxels={opts.max_voxels}; lower max_frames or fps, or stream the video in smaller chunks "
+            "(chunk_frames)"
         )
 
 
-def _probe_video_header(path: Path, label: str, opts: Options) -> tuple[int, int] | None:
+def _probe_video_header(path: Path, label: str, opts: Options, chunk_frames: int | None = None
+                        ) -> tuple[int, int] | None:  # fmt: skip
     """(width, height) from the container header read by PyAV (nothing decoded), after refusing a frame size or a
-    decoded size (frames the header's duration implies) over the limits. None when PyAV is missing or cannot
-    parse the header: the caller then looks at a decoded frame instead."""
+    decoded size (the frames the header's duration implies, at most a chunk's) over the limits. None when PyAV is
+    missing or cannot parse the header: the caller then looks at a decoded frame instead."""
     if importlib.util.find_spec("av") is None:
         return None
     import av
@@ -98,7 +128,8 @@ def _probe_video_header(path: Path, label: str, opts: Options) -> tuple[int, int
     if width <= 0 or height <= 0:
         return None
     n_kept = min(opts.max_frames, max(1, math.ceil(seconds * opts.fps - 1e-9))) if seconds > 0 else 1
-    check_video_size(label, width, height, min(n_kept, n_header) if n_header > 0 else n_kept, opts)
+    n_kept = min(n_kept, n_header) if n_header > 0 else n_kept
+    check_video_size(label, width, height, _held(n_kept, chunk_frames), opts)
     return width, height
 
 
@@ -133,9 +164,15 @@ def _decord_times(stamps: np.ndarray, avg_fps: float) -> tuple[np.ndarray | None
     return None, 0.0, seen
 
 
-def _read_video_decord(path: Path, label: str, opts: Options, warnings: list[str]):
+def _held(n_frames: int, chunk_frames: int | None) -> int:
+    """Frames held at once: every sampled frame in one read, at most a chunk's when streaming."""
+    return n_frames if chunk_frames is None else min(n_frames, chunk_frames)
+
+
+def _decord_chunks(path: Path, label: str, opts: Options, warnings: list[str], chunk_frames: int | None):
+    """(uint8 frames, times, info, first frame, last) per chunk of the sampled frames, decoded with decord."""
     decord = require("decord", "decord", "videos")
-    header = _probe_video_header(path, label, opts)
+    header = _probe_video_header(path, label, opts, chunk_frames)
     try:
         vr = decord.VideoReader(os.fspath(path), ctx=decord.cpu(0))
         n = len(vr)
@@ -160,23 +197,37 @@ def _read_video_decord(path: Path, label: str, opts: Options, warnings: list[str
     if note:
         warnings.append(note)
     idx, sampling = _video_indices(times, duration, opts.fps, opts.max_frames)
-    try:
-        if header is None:  # no header size (PyAV missing): decode one frame and look before decoding the rest
-            first = vr.get_batch(idx[:1]).asnumpy()
-            check_video_size(label, first.shape[2], first.shape[1], len(idx), opts)
-            batch = np.concatenate([first, vr.get_batch(idx[1:]).asnumpy()]) if len(idx) > 1 else first
-        else:
-            check_video_size(label, *header, len(idx), opts)
-            batch = vr.get_batch(idx).asnumpy()  # decodes only what is needed (seeking to key frames)
-    except MediaError:
-        raise
-    except Exception as e:
-        raise _DecordFailed(f"cannot decode video with decord ({_short(e)})") from e
-    info = {"fps_native": avg_fps, "duration_s": duration, "n_frames_total": n, "frame_indices": idx, **sampling}
-    return batch, times[idx], info
+    info = {"fps_native": avg_fps, "duration_s": duration, "n_frames_total": n, "frame_indices": idx, **sampling,
+            "frames_planned": len(idx)}  # fmt: skip
+    held = _held(len(idx), chunk_frames)
+    for start in range(0, len(idx), held):
+        part = idx[start : start + held]
+        try:
+            if vr is None:
+                vr = decord.VideoReader(os.fspath(path), ctx=decord.cpu(0))
+            if start == 0 and header is None:
+                # no header size (PyAV missing): decode one frame and look before decoding the rest
+                first = vr.get_batch(part[:1]).asnumpy()
+                check_video_size(label, first.shape[2], first.shape[1], held, opts)
+                batch = np.concatenate([first, vr.get_batch(part[1:]).asnumpy()]) if len(part) > 1 else first
+            else:
+                if start == 0:
+                    check_video_size(label, *header, held, opts)
+                batch = vr.get_batch(part).asnumpy()  # decodes only what is needed (seeking to key frames)
+        except MediaError:
+            raise
+        except Exception as e:
+            raise _DecordFailed(f"cannot decode video with decord ({_short(e)})") from e
+        # decord's reader goes on decoding frames ahead in the background while the caller works on a chunk, holding
+        # them (gigabytes over an hour of 448 px video when the tower takes seconds per chunk): a streamed chunk is
+        # read by a fresh reader (opening costs milliseconds; its get_batch seeks as the old one would: same frames)
+        vr = None if chunk_frames is not None else vr
+        yield batch, times[part], info, start, start + held >= len(idx)
+        batch = first = None
 
 
-def _read_video_pyav(path: Path, label: str, opts: Options, warnings: list[str]):
+def _pyav_chunks(path: Path, label: str, opts: Options, warnings: list[str], chunk_frames: int | None):
+    """(uint8 frames, times, info, first frame, last) per chunk of the sampled frames, decoded with PyAV."""
     av = require("av", "av", "videos")
     # Pass 1: packet timestamps only (demuxing, no decoding) to know every frame's time.
     try:
@@ -234,59 +285,89 @@ def _read_video_pyav(path: Path, label: str, opts: Options, warnings: list[str])
     if not duration > 0:
         raise MediaError(f"{label}: video has zero duration")
     idx, sampling = _video_indices(times, duration, opts.fps, opts.max_frames)
-    check_video_size(label, width, height, len(idx), opts)
+    held = _held(len(idx), chunk_frames)
+    check_video_size(label, width, height, held, opts)
+    info = {"fps_native": fps_native, "duration_s": duration, "n_frames_total": len(times), "frame_indices": idx,
+            **sampling, "frames_planned": len(idx)}  # fmt: skip
 
     # Pass 2: decode in presentation order, convert only the wanted frames, stop after the last one.
-    wanted, frames, got, decoded_pts, kept_pixels = set(idx), [], [], [], 0
+    # The decoder outputs frames in presentation order, but their pts can still be missing or scrambled (AVI stores no
+    # presentation times, so B-frames come out with decode-order guesses): then frame i gets the i-th smallest packet
+    # timestamp, which is the same value whenever the pts are sound. Whether they are is known only once every frame
+    # up to the last wanted one is decoded, so a chunk is released when its times are certain: the pts seen so far are
+    # unsound, or its frames' pts equal their packet times (so either answer gives them), or the read is over. Only a
+    # file whose sound-looking pts disagree with its packet times makes PyAV hold more than a chunk.
+    wanted, got, buffer, size, sound, last_pts, held_pixels = set(idx), [], [], None, not by_rate, None, 0
+
+    def packet_time(i: int) -> float:
+        return float(times[min(i, len(times) - 1)])
+
+    def pts_time(pts_i) -> float:
+        return float((pts_i - pts[0]) * time_base)
+
+    def certain_times(final: bool) -> list[float] | None:
+        by_packets = [packet_time(i) for i, _, _ in buffer]
+        if not sound:
+            return by_packets
+        by_pts = [pts_time(p) for _, p, _ in buffer]
+        return by_pts if final or by_pts == by_packets else None
+
+    def release(stamps: list[float], last: bool):
+        first = len(got)
+        got.extend(i for i, _, _ in buffer)
+        frames = np.stack([f for _, _, f in buffer])
+        buffer.clear()
+        if not last:
+            return frames, np.array(stamps), info, first, False
+        if len(got) < len(idx):
+            logger.warning("%s: decoded only %d of %d wanted frames", label, len(got), len(idx))
+            warnings.append(f"decoded only {len(got)} of {len(idx)} wanted frames")
+        return frames, np.array(stamps), {**info, "frame_indices": list(got)}, first, True
+
     try:
         with av.open(os.fspath(path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             for i, frame in enumerate(container.decode(stream)):
-                decoded_pts.append(frame.pts)
+                if sound and (frame.pts is None or (last_pts is not None and frame.pts <= last_pts)):
+                    sound = False
+                    warnings.append("decoded frames carry missing or out-of-order timestamps (B-frames in AVI?); "
+                                    "frame times taken from the sorted packet timestamps")  # fmt: skip
+                last_pts = frame.pts
                 if i in wanted:
+                    if len(buffer) >= held:
+                        stamps = certain_times(final=False)
+                        if stamps is not None:
+                            yield release(stamps, last=False)
+                            held_pixels = 0
                     # the header may understate the size (or give none): check what the decoder made
                     check_video_size(label, frame.width, frame.height, 1, opts)
-                    kept_pixels += frames[0].shape[0] * frames[0].shape[1] if frames else frame.width * frame.height
-                    if kept_pixels > opts.max_voxels:
+                    held_pixels += size[0] * size[1] if size else frame.width * frame.height
+                    if held_pixels > opts.max_voxels:
                         raise MediaError(
                             f"{label}: the decoded frames exceed max_voxels={opts.max_voxels} pixels (frames larger "
                             "than the stream header says); lower max_frames or fps"
                         )
-                    got.append(i)
-                    if frames and (frame.width, frame.height) != (frames[0].shape[1], frames[0].shape[0]):
+                    if size is None:
+                        size = (frame.width, frame.height)
+                    if (frame.width, frame.height) != size:
                         # the stream changes resolution (concatenated segments): one clip needs one frame size
-                        size = (frames[0].shape[1], frames[0].shape[0])
                         note = f"frame size changes from {size[0]}x{size[1]} to {frame.width}x{frame.height}"
                         if not any(w.startswith(note) for w in warnings):
                             warnings.append(f"{note} at frame {i}; such frames resized to {size[0]}x{size[1]}")
-                        frames.append(frame.to_ndarray(format="rgb24", width=size[0], height=size[1]))
+                        rgb = frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
                     else:
-                        frames.append(frame.to_ndarray(format="rgb24"))
+                        rgb = frame.to_ndarray(format="rgb24")
+                    buffer.append((i, frame.pts, rgb))
                 if i >= idx[-1]:
                     break
     except MediaError:
         raise
     except Exception as e:
         raise MediaError(f"{label}: cannot decode video with PyAV ({_short(e)})") from e
-    if not frames:
+    if not buffer:
         raise MediaError(f"{label}: no frame could be decoded")
-    # The decoder outputs frames in presentation order, but their pts can still be missing or scrambled (AVI stores
-    # no presentation times, so B-frames come out with decode-order guesses): then frame i gets the i-th smallest
-    # packet timestamp, which is the same value whenever the pts are sound.
-    if not by_rate and None not in decoded_pts and all(b > a for a, b in zip(decoded_pts, decoded_pts[1:])):
-        stamps = [float((decoded_pts[i] - pts[0]) * time_base) for i in got]
-    else:
-        stamps = [float(times[min(i, len(times) - 1)]) for i in got]
-        if not by_rate:
-            warnings.append("decoded frames carry missing or out-of-order timestamps (B-frames in AVI?); "
-                            "frame times taken from the sorted packet timestamps")
-    info = {"fps_native": fps_native, "duration_s": duration, "n_frames_total": len(times),
-            "frame_indices": got, **sampling}
-    if len(frames) < len(idx):
-        logger.warning("%s: decoded only %d of %d wanted frames", label, len(frames), len(idx))
-        warnings.append(f"decoded only {len(frames)} of {len(idx)} wanted frames")
-    return np.stack(frames), np.array(stamps), info
+    yield release(certain_times(final=True), last=True)
 
 
 def _short(e: Exception, limit: int = 300) -> str:

@@ -51,3 +51,30 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def repo_root():
     return ROOT
+
+
+def write_moving_square(path: Path, n_frames: int = 13, size: int = 112) -> Path:
+    """A Motion-JPEG clip at 1 fps written by PyAV: a textured still scene with a bright square moving across it, so
+    pruning keeps a few blocks per frame and its reference matters."""
+    import numpy as np
+
+    av = pytest.importorskip("av")
+    scene = (np.random.default_rng(3).random((size, size, 3)) * 0.3 + 0.3).astype(np.float32)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mjpeg", rate=1)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuvj420p"
+        for i in range(n_frames):
+            frame = scene.copy()
+            x = 7 * i % (size - 20)
+            frame[40:60, x : x + 20] = 0.95
+            for packet in stream.encode(av.VideoFrame.from_ndarray((frame * 255).astype(np.uint8), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="session")
+def square_clip(tmp_path_factory):
+    return write_moving_square(tmp_path_factory.mktemp("stream") / "square.avi")

@@ -596,6 +596,104 @@ def test_pyav_fallback_when_decord_is_missing(counter_video, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
+# Streamed video: load_video_chunks
+# ------------------------------------------------------------------------------------------------
+
+
+def pyav_reference(path: Path) -> list[np.ndarray]:
+    """Every frame as PyAV itself decodes it (rgb24), in presentation order."""
+    av = pytest.importorskip("av")
+    with av.open(str(path)) as c:
+        return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chunk_frames", [1, 3, 20, 64])
+def test_video_chunks_equal_the_one_shot_read(counter_video, backend, chunk_frames):
+    """Chunks of 1 frame, of a size that does not divide the 20 sampled frames, of exactly 20 and of more: together
+    the one-shot read's frames, timestamps and metadata, the chunk bookkeeping consistent, no chunk over its size."""
+    from omnivmed.media_omnivmed import load_video_chunks
+
+    options = dict(video_backend=backend, fps=2, max_frames=100)
+    whole = load_media(counter_video, **options)
+    chunks = list(load_video_chunks(counter_video, chunk_frames, **options))
+    assert len(whole.frames) == 20 and len(chunks) == -(-20 // chunk_frames)
+    assert all(c.kind == "video" and c.source == whole.source and len(c.frames) <= chunk_frames for c in chunks)
+    np.testing.assert_array_equal(np.concatenate([c.frames for c in chunks]), whole.frames)
+    assert [t for c in chunks for t in c.timestamps_s] == whole.timestamps_s
+    starts = [c.metadata["chunk"]["first_frame"] for c in chunks]
+    assert starts == list(range(0, 20, chunk_frames))
+    assert [c.metadata["chunk"]["last"] for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert {c.metadata["chunk"]["frames_planned"] for c in chunks} == {20}
+    last = {k: v for k, v in chunks[-1].metadata.items() if k != "chunk"}
+    assert last == whole.metadata
+
+
+def test_pyav_chunks_are_what_pyav_decodes(counter_video):
+    """The streamed frames are PyAV's own decoding of the frames the sampling names (uint8 / 255, nothing else)."""
+    from omnivmed.media_omnivmed import load_video_chunks
+
+    reference = pyav_reference(counter_video)
+    chunks = list(load_video_chunks(counter_video, 4, video_backend="pyav", fps=2, max_frames=100))
+    indices = chunks[-1].metadata["frame_indices"]
+    assert len(indices) == 20 and indices == sorted(set(indices))
+    expected = np.stack([reference[i] for i in indices]).astype(np.float32) / np.float32(255)
+    streamed = np.concatenate([c.frames for c in chunks])
+    np.testing.assert_array_equal(streamed, expected)
+    np.testing.assert_allclose(streamed.mean(axis=(1, 2, 3)) * 255 / 5, indices, atol=0.5)  # frame k is gray 5 k
+
+
+def test_video_chunks_bound_the_held_frames_not_the_video(counter_video):
+    """max_voxels limits what is held at once: the whole clip is refused in one piece, accepted 3 frames at a time,
+    and a chunk over the limit is refused before decoding, naming the file."""
+    from omnivmed.media_omnivmed import load_video_chunks
+
+    limit = 3 * 64 * 64
+    with pytest.raises(MediaError, match="max_voxels"):
+        load_media(counter_video, video_backend="pyav", max_voxels=limit)
+    chunks = list(load_video_chunks(counter_video, 3, video_backend="pyav", max_voxels=limit))
+    assert sum(len(c.frames) for c in chunks) == 10
+    with pytest.raises(MediaError, match=f"{counter_video}.*max_voxels"):
+        next(load_video_chunks(counter_video, 4, video_backend="pyav", max_voxels=limit))
+
+
+def test_video_chunks_of_an_array():
+    from omnivmed.media_omnivmed import load_video_chunks
+
+    frames = np.random.default_rng(0).integers(0, 256, (7, 8, 8, 3), dtype=np.uint8)
+    whole = load_media(frames, kind="video")
+    chunks = list(load_video_chunks(frames, 3))
+    assert [len(c.frames) for c in chunks] == [3, 3, 1]
+    np.testing.assert_array_equal(np.concatenate([c.frames for c in chunks]), whole.frames)
+
+
+@pytest.mark.parametrize("chunk_frames", [0, -2, 2.5, True, "8"])
+def test_video_chunks_refuse_a_bad_chunk_size_naming_the_file(counter_video, chunk_frames):
+    from omnivmed.media_omnivmed import load_video_chunks
+
+    with pytest.raises(MediaError, match=f"{counter_video}: chunk_frames must be an integer >= 1"):
+        load_video_chunks(counter_video, chunk_frames)  # refused at the call, before any chunk is asked for
+
+
+def test_video_chunks_refuse_bad_files_naming_them(tmp_path, counter_video):
+    from omnivmed.media_omnivmed import load_video_chunks
+
+    with pytest.raises(MediaError, match="missing.mp4: file does not exist"):
+        load_video_chunks(tmp_path / "missing.mp4")
+    picture = tmp_path / "picture.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(picture)
+    with pytest.raises(MediaError, match="picture.png: streaming reads video files"):
+        load_video_chunks(picture)
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(counter_video.read_bytes()[:2000])
+    for backend in ("pyav",) + (("decord",) if importlib.util.find_spec("decord") else ()):
+        with pytest.raises(MediaError, match="damaged.mp4"):
+            list(load_video_chunks(damaged, 4, video_backend=backend))
+    with pytest.raises(MediaError, match="counter.mp4: .*unexpected keyword argument 'fsp'"):
+        load_video_chunks(counter_video, 4, fsp=2)
+
+
+# ------------------------------------------------------------------------------------------------
 # Bad inputs: each must raise MediaError naming the file (or <array>)
 # ------------------------------------------------------------------------------------------------
 

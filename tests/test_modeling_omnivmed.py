@@ -496,3 +496,85 @@ def test_lora_target_modules_adapt_the_language_model_only():
     ours = adapted(OmniVMedForConditionalGeneration.lora_target_modules())
     layers = tiny_config_dict()["text_config"]["num_hidden_layers"]
     assert ours == {n for n in usual if "language_model" in n} and len(ours) == 2 * layers
+
+
+# --------------------------------------------------------------------------------------------------------- streaming
+def _streaming_setup(square_clip, stage, reference):
+    from build_omnivmed import TINY_IMAGE_PROCESSOR, build_tiny_tokenizer, tiny_model
+    from omnivmed.processing_omnivmed import OmniVMedImageProcessor, OmniVMedProcessor
+
+    tokenizer = build_tiny_tokenizer()
+    model = tiny_model(tokenizer, seed=0)
+    model.config.prune_stage, model.config.prune_reference = stage, reference
+    settings = dict(TINY_IMAGE_PROCESSOR, video_max_pixels=112 * 112, max_frames=100, prune_reference=reference)
+    processor = OmniVMedProcessor(OmniVMedImageProcessor(**settings), tokenizer)
+    conversation = [{"role": "user", "content": [{"type": "video", "video": str(square_clip)},
+                                                 {"type": "text", "text": "What moves?"}]}]  # fmt: skip
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    return model, processor, prompt
+
+
+@pytest.mark.parametrize("stage", ["post_encoder", "pre_encoder"])
+@pytest.mark.parametrize("reference", ["last_kept", "previous"])
+def test_streamed_video_answers_as_the_one_shot_inputs(square_clip, stage, reference):
+    """A PyAV-written clip streamed in chunks (of 1 frame; of 5, not dividing its 13) through the processor and
+    `encode_video_chunks` gives the one-shot call's keep mask, tower work and features (to float rounding: the tower
+    multiplies other row counts), a prompt expanded to the same ids, and the same generated answer through
+    `generate(mm_encoder_outputs=...)` as `generate(**one_shot_inputs)`."""
+    model, processor, prompt = _streaming_setup(square_clip, stage, reference)
+    one = processor(text=prompt, videos=[str(square_clip)], return_tensors="pt")
+    keep = one["visual_keep_mask"]
+    assert 0 < int(keep.sum()) < keep.numel() // 2
+    with torch.inference_mode():
+        expected = model.get_image_features(
+            one["pixel_values"], one["grid_thw"], merge_sizes=one["merge_sizes"],
+            patch_positions=one["patch_positions"], visual_keep_mask=keep,
+        )  # fmt: skip
+        answer = model.generate(**one, max_new_tokens=6, do_sample=False)
+        for chunk_frames in (1, 5):
+            chunks = processor.iter_video_chunks(str(square_clip), chunk_frames=chunk_frames, return_tensors="pt")
+            visual = model.encode_video_chunks(chunks)
+            assert torch.equal(visual.visual_keep_mask, keep)
+            assert visual.grid_thw.tolist() == one["grid_thw"].tolist() == [[13, 8, 8]]
+            assert visual.merge_sizes.tolist() == one["merge_sizes"].tolist()
+            assert visual.num_tower_tokens == expected.num_tower_tokens
+            assert (visual.num_tower_tokens < 13 * 64) == (stage == "pre_encoder")
+            torch.testing.assert_close(visual.pooler_output[0], expected.pooler_output[0], atol=1e-5, rtol=1e-5)
+            inputs = processor.prompt_inputs(prompt, visual, return_tensors="pt")
+            assert torch.equal(inputs["input_ids"], one["input_ids"])
+            streamed = model.generate(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                mm_encoder_outputs={"image": visual}, max_new_tokens=6, do_sample=False,
+            )  # fmt: skip
+            assert torch.equal(streamed, answer)
+
+
+def test_streamed_chunks_without_a_mask_are_pruned_by_the_model(square_clip):
+    """Chunks without a keep mask: the model applies its config's rule, carrying the reference across chunks, so the
+    mask is the processor's (same settings) and not each chunk's own."""
+    model, processor, _ = _streaming_setup(square_clip, "pre_encoder", "last_kept")
+    chunks = list(processor.iter_video_chunks(str(square_clip), chunk_frames=3, return_tensors="pt"))
+    bare = [{k: c[k] for k in ("pixel_values", "grid_thw", "merge_sizes")} for c in chunks]
+    with torch.inference_mode():
+        with_mask = model.encode_video_chunks(chunks)
+        recomputed = model.encode_video_chunks(bare)
+        other = model.encode_video_chunks(chunks, prune_threshold=0)
+    assert torch.equal(recomputed.visual_keep_mask, with_mask.visual_keep_mask)
+    torch.testing.assert_close(recomputed.pooler_output[0], with_mask.pooler_output[0], atol=1e-5, rtol=1e-5)
+    assert other.visual_keep_mask.all() and other.pooler_output[0].shape[0] == 13 * 16
+
+
+def test_streaming_refuses_clip_attention_and_mismatched_chunks(square_clip):
+    model, processor, _ = _streaming_setup(square_clip, "post_encoder", "last_kept")
+    chunks = list(processor.iter_video_chunks(str(square_clip), chunk_frames=5, return_tensors="pt"))
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="out of range.*frames from 0"):  # chunks out of order: wrong frame index
+            model.encode_video_chunks([chunks[1], chunks[0]])
+        other = processor.iter_video_chunks(str(square_clip), 5, return_tensors="pt", video_max_pixels=56 * 56)
+        with pytest.raises(ValueError, match="chunk 1: .*differ from the first chunk's"):
+            model.encode_video_chunks([chunks[0], list(other)[1]])
+        with pytest.raises(ValueError, match="got no chunks"):
+            model.encode_video_chunks([])
+        model.config.vision_config.attention_scope = "clip"
+        with pytest.raises(ValueError, match="attention_scope='frame'"):
+            model.encode_video_chunks(chunks)

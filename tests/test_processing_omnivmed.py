@@ -819,3 +819,87 @@ def test_saved_checkpoint_limits_prompts_to_the_llm_positions(tmp_path):
     assert processor.max_prompt_length == config.text_config.max_position_embeddings == 8192
     with pytest.raises(ValueError, match="more than the 8192"):
         processor(text="word " * 8200)
+
+
+# --------------------------------------------------------------------------------------------------------- streaming
+# square_clip (conftest.py): a 13-frame Motion-JPEG clip at 1 fps, 112 px, a bright square moving over a still scene
+STREAM_SETTINGS = dict(video_max_pixels=112 * 112, max_frames=100)
+STREAM_KEYS = ("pixel_values", "patch_positions", "visual_keep_mask")
+
+
+def streamed(processor, video, chunk_frames, **overrides):
+    chunks = list(processor.iter_video_chunks(video, chunk_frames=chunk_frames, return_tensors="pt", **overrides))
+    joined = {k: torch.cat([c[k] for c in chunks]) for k in STREAM_KEYS}
+    joined["media_metadata"] = processor.join_chunk_metadata([c["media_metadata"][0] for c in chunks])
+    return chunks, joined
+
+
+@pytest.mark.parametrize("backend", ["pyav", "decord"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"prune_reference": "previous"},
+        {"prune_threshold": 0.0},
+        {"prune_unit": "intensity", "prune_keep_first_frame": False, "prune_min_tokens": 2, "prune_threshold": 0.05},
+    ],
+)
+def test_streamed_video_equals_the_one_shot_call(square_clip, backend, settings):
+    """Chunks of 1 frame, of sizes that do not divide the 13 frames, of exactly 13 and of more give, joined, exactly
+    the one-shot call's patches, positions (the time axis continues across borders), keep mask (the reference
+    carried across borders; the clip's first frame kept whole, not each chunk's) and metadata, for a file read by
+    either backend and pruning settings given to the processor or per call."""
+    if backend == "decord":
+        pytest.importorskip("decord")
+    processor = OmniVMedImageProcessor(**STREAM_SETTINGS, **settings)
+    one = processor([str(square_clip)], kind="video", return_tensors="pt", video_backend=backend)
+    keep = one["visual_keep_mask"]
+    if processor.prune_threshold > 0:
+        assert 0 < int(keep.sum()) < keep.numel() // 2
+    assert one["grid_thw"].tolist() == [[13, 8, 8]]
+    for chunk_frames in (1, 4, 5, 13, 20):
+        chunks, joined = streamed(processor, str(square_clip), chunk_frames, video_backend=backend)
+        assert len(chunks) == -(-13 // chunk_frames)
+        for key in STREAM_KEYS:
+            assert torch.equal(joined[key], one[key]), (key, chunk_frames)
+        assert joined["media_metadata"] == one["media_metadata"][0]
+        sizes = [min(chunk_frames, 13 - s) for s in range(0, 13, chunk_frames)]
+        assert [c["grid_thw"].tolist()[0][0] for c in chunks] == sizes
+    # a per-call override reaches the chunks as it reaches the one-shot call
+    override = processor([str(square_clip)], kind="video", return_tensors="pt", prune_threshold=0.3)["visual_keep_mask"]
+    assert not torch.equal(override, keep) or processor.prune_threshold == 0.3
+    assert torch.equal(streamed(processor, str(square_clip), 4, prune_threshold=0.3)[1]["visual_keep_mask"], override)
+
+
+def test_streamed_chunks_of_loaded_media_and_blocks(square_clip):
+    """A loaded Media (a video or a volume) or a content block streams like the file, with numpy outputs by default."""
+    processor = OmniVMedImageProcessor(**STREAM_SETTINGS)
+    clip = processor.to_media(str(square_clip), kind="video")
+    one = processor([clip], return_tensors="pt")
+    for video in (clip, {"type": "video", "path": str(square_clip), "max_frames": 100}):
+        chunks, joined = streamed(processor, video, 3)
+        assert all(torch.equal(joined[k], one[k]) for k in STREAM_KEYS)
+    frames = np.cumsum(random_frames(9, 56, 56, seed=4) * 0.05, axis=0) % 1
+    volume = media(frames, "volume", "vol.nii.gz", slice_positions_mm=[2.0 * k for k in range(9)],
+                   slice_indices=list(range(9)), spacing_mm=(2, 1, 1))  # fmt: skip
+    one = processor([volume], return_tensors="pt")
+    chunks, joined = streamed(processor, volume, 4)
+    assert all(torch.equal(joined[k], one[k]) for k in STREAM_KEYS)
+    assert joined["media_metadata"] == one["media_metadata"][0]
+    chunk = next(processor.iter_video_chunks(volume, chunk_frames=4))
+    assert isinstance(chunk["pixel_values"], np.ndarray) and chunk["media_metadata"][0]["chunk"]["first_frame"] == 0
+
+
+def test_streaming_refuses_what_it_cannot_do_clearly(square_clip):
+    processor = OmniVMedImageProcessor(**STREAM_SETTINGS)
+    for bad in (0, -1, 1.5, None):
+        with pytest.raises(ValueError, match=f"{square_clip}: chunk_frames must be an integer >= 1"):
+            processor.iter_video_chunks(str(square_clip), chunk_frames=bad)
+    with pytest.raises(ValueError, match="compatibility mode"):
+        processor.iter_video_chunks(str(square_clip), compat_mode="hulumed")
+    with pytest.raises(ValueError, match="only a video or volume can be streamed"):
+        processor.iter_video_chunks(media(random_frames(1, 56, 56), "image"))
+    with pytest.raises(ValueError, match=f"{square_clip} .*max_total_visual_tokens=100"):
+        next(processor.iter_video_chunks(str(square_clip), max_total_visual_tokens=100))
+    with pytest.raises(ValueError, match="missing.avi: file does not exist"):
+        processor.iter_video_chunks(str(square_clip.parent / "missing.avi"))

@@ -274,3 +274,61 @@ def test_an_unknown_prune_stage_set_after_loading_is_an_error_not_post_encoder(p
             model(**inputs)
     finally:
         model.config.prune_stage = "post_encoder"
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        {},
+        {"reference": "previous"},
+        {"keep_first_frame": False, "min_tokens": 2, "min_tokens_pick": "first"},
+        {"unit": "intensity", "threshold": 0.03, "image_mean": (0.4, 0.5, 0.6), "image_std": (0.2, 0.3, 0.25)},
+        {"threshold": 0.0},
+    ],
+)
+def test_keep_mask_chunks_carry_the_reference_across_borders(rule):
+    """A clip's mask computed chunk by chunk, the reference carried over each border, is the whole clip's mask for
+    every split (chunks of 1, of a size not dividing the clip, uneven ones); starting each chunk afresh is not (the
+    first frame of every chunk would be kept whole), so the carry is what makes them equal."""
+    from omnivmed.pruning_omnivmed import compute_keep_mask_chunk
+
+    rng = np.random.default_rng(0)
+    t, n_blocks, patch_dim = 11, 4, 3 * 2 * 2
+    base = rng.normal(0, 1, (n_blocks, 4, patch_dim)).astype(np.float32)
+    drift = rng.normal(0, 0.06, (t, n_blocks, 4, patch_dim)).astype(np.float32).cumsum(0)  # slow drift, some jumps
+    drift[[3, 7]] += rng.normal(0, 0.5, (2, n_blocks, 4, patch_dim)).astype(np.float32)
+    pixel_values = torch.from_numpy((base + drift).reshape(-1, patch_dim))  # (t * 4 blocks * 4 patches, 12)
+    grid, merge = torch.tensor([[t, 4, 4]]), torch.tensor([2])
+    settings = {"threshold": 0.1, **rule}
+    whole = compute_keep_mask(pixel_values, grid, merge, **settings)
+    if settings["threshold"] > 0:
+        assert 0 < int(whole.sum()) < whole.numel()
+    per_frame = 16
+    for sizes in ([1] * t, [4, 4, 3], [5, 6], [2, 1, 7, 1], [t]):
+        masks, carry, start = [], None, 0
+        fresh = []
+        for size in sizes:
+            rows = pixel_values[start * per_frame : (start + size) * per_frame]
+            g = torch.tensor([[size, 4, 4]])
+            mask, carry = compute_keep_mask_chunk(rows, g, merge, carry, whole_item=len(sizes) == 1, **settings)
+            masks.append(mask)
+            fresh.append(compute_keep_mask_chunk(rows, g, merge, None, **settings)[0])
+            start += size
+        assert torch.equal(torch.cat(masks), whole), sizes
+        if settings["threshold"] > 0 and len(sizes) == t:  # afresh, every 1-frame chunk starts a clip
+            assert not torch.equal(torch.cat(fresh), whole)
+
+
+def test_keep_mask_chunk_of_a_single_frame_clip_and_bad_input():
+    """A clip of one frame is a 2D image for the rule (kept whole) only when the chunk is the whole clip."""
+    from omnivmed.pruning_omnivmed import compute_keep_mask_chunk
+
+    frame = torch.randn(4, 12)
+    grid, merge = torch.tensor([[1, 2, 2]]), torch.tensor([2])
+    rule = {"keep_first_frame": False, "threshold": 0.5}
+    assert compute_keep_mask_chunk(frame, grid, merge, whole_item=True, **rule)[0].all()
+    assert torch.equal(compute_keep_mask(frame, grid, merge, **rule), torch.ones(1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="grid_thw must be \\(1, 3\\)"):
+        compute_keep_mask_chunk(torch.randn(8, 12), torch.tensor([[1, 2, 2], [1, 2, 2]]), torch.tensor([2, 2]))
+    with pytest.raises(ValueError, match="describes 8 patches but pixel_values has 4"):
+        compute_keep_mask_chunk(frame, torch.tensor([[2, 2, 2]]), merge)
