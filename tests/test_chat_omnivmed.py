@@ -51,6 +51,15 @@ def test_one_shot_on_a_png_and_a_nifti_volume(tiny_dir, png, tmp_path):
     assert result.stdout.endswith("\n") and len(result.stdout) >= 2
 
 
+def test_prune_stage_flag_runs_pre_encoder_and_rejects_unknown_stages(tiny_dir, tmp_path):
+    result = _run(["--model", tiny_dir, _mni_t1(), "Which side is the lesion on?", "--max-new-tokens", "4",
+                   "--prune-stage", "pre_encoder"], tmp_path=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(result.stdout) >= 2
+    bad = _run(["--model", tiny_dir, _mni_t1(), "?", "--prune-stage", "pre-encoder"], tmp_path=tmp_path)
+    assert bad.returncode == 2 and "invalid choice: 'pre-encoder'" in bad.stderr
+
+
 def test_answers_stream_piece_by_piece(tiny_dir, png):
     import chat_omnivmed
 
