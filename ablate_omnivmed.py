@@ -68,10 +68,11 @@ ARMS = {
     "joint": ({}, "joint"),
     "post_encoder": ({}, "progressive"),
     "pre_encoder": ({}, "progressive"),
+    "pre_encoder_reuse": ({}, "progressive"),
 }
 # The model arm with its prune stage pinned, so the comparison does not move when the config default does: trained
 # (stage 3) and scored with the same stage, as a user of each checkpoint would run it.
-STAGE_ARMS = {"post_encoder": "post_encoder", "pre_encoder": "pre_encoder"}
+STAGE_ARMS = {"post_encoder": "post_encoder", "pre_encoder": "pre_encoder", "pre_encoder_reuse": "pre_encoder_reuse"}
 ARM_LABELS = {
     "rope_frame": "RoPE, frame scope (model)",
     "learned_frame": "learned table, frame scope",
@@ -79,6 +80,7 @@ ARM_LABELS = {
     "joint": "joint (all data at once)",
     "post_encoder": "RoPE, frame scope, post-encoder pruning",
     "pre_encoder": "RoPE, frame scope, pre-encoder pruning",
+    "pre_encoder_reuse": "RoPE, frame scope, pre-encoder pruning reusing pruned keys / values",
 }
 THRESHOLDS = (0.0, 0.05, 0.1, 0.2, 0.3)
 REFERENCES = ("last_kept", "previous")
@@ -541,25 +543,33 @@ def claim1_summary(results) -> str:
     return "\n".join(lines)
 
 
+STAGE_LABELS = {"post_encoder": "post-encoder", "pre_encoder": "pre-encoder", "pre_encoder_reuse": "pre-encoder reuse"}
+
+
 def stage_table(results) -> str:
-    """The two prune-stage arms, each trained and scored with its own stage: per task, and 3D + video overall."""
+    """The prune-stage arms, each trained and scored with its own stage: per task, 2D, 3D + video and overall, each
+    pre-encoder arm paired with post-encoder."""
     ref = reference_rows(results)
-    a, b = "pre_encoder", "post_encoder"
-    lines = ["| task | input | n | chance / majority | pre-encoder | post-encoder | pre − post (paired) |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    arms = [arm for arm in STAGE_LABELS if results.get(arm)]
+    others = [arm for arm in arms if arm != "post_encoder"]
+    lines = ["| task | input | n | chance / majority | " + " | ".join(STAGE_LABELS[a] for a in arms) + " | "
+             + " | ".join(f"{STAGE_LABELS[a]} − post (paired)" for a in others) + " |",
+             "|" + "---|" * (4 + len(arms) + len(others))]  # fmt: skip
     for key, r in ref.items():
         floor = max(r["chance"], r["majority"])
-        p, q = accuracy_values(results, a, "final", key), accuracy_values(results, b, "final", key)
+        cells = []
+        for arm in arms:
+            vals = accuracy_values(results, arm, "final", key)
+            cells.append(fmt(vals) + (" ✓" if learned(vals, floor) else ""))
+        cells += [fmt(paired_diff(results, arm, "post_encoder", "final", "final", key=key)) for arm in others]
         lines.append(f"| {key[0]} | {key[1]} | {r['n']} | {r['chance']:.0%} / {r['majority']:.0%} | "
-                     f"{fmt(p)}{' ✓' if learned(p, floor) else ''} | {fmt(q)}{' ✓' if learned(q, floor) else ''} | "
-                     f"{fmt(paired_diff(results, a, b, 'final', 'final', key=key))} |")  # fmt: skip
+                     + " | ".join(cells) + " |")  # fmt: skip
     for kinds, label in ((("volume", "video"), "**3D + video**"), (("image",), "**2D**"), (None, "**all**")):
-        p = [overall(res["final"]["table"], kinds) for res in results.get(a, {}).values()]
-        q = [overall(res["final"]["table"], kinds) for res in results.get(b, {}).values()]
-        lines.append(f"| {label} | | | | {fmt(p)} | {fmt(q)} | {fmt(paired_diff(results, a, b, 'final', 'final', kinds=kinds))} |")
-    kept = {arm: [res["final"]["kept"] / max(1, res["final"]["total"]) for res in results.get(arm, {}).values()]
-            for arm in (a, b)}  # fmt: skip
-    lines.append(f"| visual tokens kept (%) | | | | {fmt(kept[a])} | {fmt(kept[b])} | |")
+        cells = [fmt([overall(res["final"]["table"], kinds) for res in results[arm].values()]) for arm in arms]
+        cells += [fmt(paired_diff(results, arm, "post_encoder", "final", "final", kinds=kinds)) for arm in others]
+        lines.append(f"| {label} | | | | " + " | ".join(cells) + " |")
+    kept = [fmt([res["final"]["kept"] / max(1, res["final"]["total"]) for res in results[arm].values()]) for arm in arms]
+    lines.append("| visual tokens kept (%) | | | | " + " | ".join(kept) + " |" + " |" * len(others))
     return "\n".join(lines)
 
 
@@ -864,7 +874,7 @@ def write_report(args, out: Path, results, timing: dict) -> Path:
         ]
     else:
         lines += ["(no finished `rope_frame` run yet)", ""]
-    if results.get("pre_encoder") and results.get("post_encoder"):
+    if results.get("post_encoder") and (results.get("pre_encoder") or results.get("pre_encoder_reuse")):
         lines += [
             "## Claim 2, deployed: pre- vs post-encoder pruning, each trained and scored with its own stage",
             "",
@@ -989,19 +999,20 @@ def verdicts(results, drops, keys) -> list[str]:
         out.append("- Claim 2 (pruning keeps accuracy): " + ("accuracy drops first at " + "; ".join(drops)
                    if drops else "no threshold up to 0.3 lowers volume + video accuracy beyond the seed spread") +
                    "; tokens kept and time in the table.")  # fmt: skip
-    if results.get("pre_encoder") and results.get("post_encoder"):
+    for arm in ("pre_encoder", "pre_encoder_reuse"):
+        if not (results.get(arm) and results.get("post_encoder")):
+            continue
         ref = reference_rows(results)  # judged on the 3D + video rows either stage arm has learned
         stage_keys = {k for k, r in ref.items() if k[1] != "image" and any(
-            learned(accuracy_values(results, arm, "final", k), max(r["chance"], r["majority"]))
-            for arm in ("pre_encoder", "post_encoder"))}  # fmt: skip
+            learned(accuracy_values(results, a, "final", k), max(r["chance"], r["majority"]))
+            for a in (arm, "post_encoder"))}  # fmt: skip
         per_task = [f"{t} / {k} {mean_sd(d)[0] * 100:+.0f} ± {mean_sd(d)[1] * 100:.0f}" for t, k in sorted(stage_keys)
-                    if len(d := paired_diff(results, "pre_encoder", "post_encoder", "final", "final", key=(t, k))) > 1
+                    if len(d := paired_diff(results, arm, "post_encoder", "final", "final", key=(t, k))) > 1
                     and abs(mean_sd(d)[0]) > 2 * mean_sd(d)[1] / math.sqrt(len(d))]  # fmt: skip
-        out.append("- Claim 2, deployed (which stage to ship): " + verdict(
-            paired_diff(results, "pre_encoder", "post_encoder", "final", "final", kinds=("volume", "video"),
-                        keys=stage_keys),
-            "pre − post encoder, each trained and scored with its stage, on the learned 3D + video rows")
-            + (" Single tasks beyond their spread: " + ", ".join(per_task) + " points." if per_task else ""))  # fmt: skip
+        out.append(f"- Claim 2, deployed (which stage to ship), {STAGE_LABELS[arm]}: " + verdict(
+            paired_diff(results, arm, "post_encoder", "final", "final", kinds=("volume", "video"), keys=stage_keys),
+            f"{STAGE_LABELS[arm]} − post-encoder, each trained and scored with its stage, on the learned 3D + video "
+            "rows") + (" Single tasks beyond their spread: " + ", ".join(per_task) + " points." if per_task else ""))  # fmt: skip
     if results.get("rope_frame") and results.get("joint"):
         out.append("- Claim 3 (progressive beats joint): " + verdict(
             paired_diff(results, "rope_frame", "joint", "final", "final", keys=keys), "progressive − joint, learned rows"))

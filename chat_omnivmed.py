@@ -20,6 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from omnivmed.configuration_omnivmed import PRUNE_STAGES
 from omnivmed_tools import answer  # noqa: F401 (streamed generation, shared with app.py)
 from omnivmed_tools import load_model as load  # the same Auto-class loading for every tool
 
@@ -51,7 +52,7 @@ def main(argv=None):
     parser.add_argument("inputs", nargs="+", metavar="FILE", help="media files, then the question (optional)")
     parser.add_argument("--prune-threshold", type=float, default=None,
                         help="token pruning threshold for volumes / videos (0 keeps every token; default: the model's)")
-    parser.add_argument("--prune-stage", choices=("post_encoder", "pre_encoder"), default=None,
+    parser.add_argument("--prune-stage", choices=PRUNE_STAGES, default=None,
                         help="pruning before the tower (pre_encoder: much faster on long volumes / videos) or after it "
                         "(post_encoder); default: the model's")
     parser.add_argument("--max-new-tokens", type=int, default=128)

@@ -84,7 +84,7 @@ class OmniVMedVisionConfig(PreTrainedConfig):
 
 PRUNE_REFERENCES = ("last_kept", "previous")
 PRUNE_UNITS = ("normalized", "intensity")
-PRUNE_STAGES = ("post_encoder", "pre_encoder")
+PRUNE_STAGES = ("post_encoder", "pre_encoder", "pre_encoder_reuse")
 MERGE_KINDS = ("concat", "average")
 # Settings the processor and the model must share: the processor computes the keep mask and expands the text with
 # them, the model recomputes the mask from them when called without one (and measures intensity-unit pruning with
@@ -120,6 +120,9 @@ class OmniVMedConfig(PreTrainedConfig):
         so each kept token is computed with its whole slice / frame in view) or `"pre_encoder"` (drop the pruned
         tokens' patches before the tower: 3-100x less tower work on volumes and videos, but kept tokens see only kept
         patches; EVIDENCE.md "Claim 2, deployed" measured the cost, e.g. the level-in-volume task, and kept the default).
+        `"pre_encoder_reuse"`: the tower runs only the kept patches, as pre_encoder, but a kept patch still attends to
+        every position of its frame: a pruned position's key and value at each layer are those computed where that
+        position was last kept (it changed less than the threshold since), rotated to the current frame's position.
     prune_keep_first_frame (`bool`): keep the first frame whole (ours); False reproduces the successor code, whose
         first frame keeps only `prune_min_tokens` tokens.
     prune_min_tokens / prune_min_tokens_pick: every frame keeps at least this many tokens, the most changed ones

@@ -32,6 +32,7 @@ import re
 import sys
 from pathlib import Path
 
+from omnivmed.configuration_omnivmed import PRUNE_STAGES
 from omnivmed_benchmarks import (  # noqa: F401 (the loaders are re-exported: `evaluate_omnivmed.load_slake`, ...)
     CHOICE_LETTERS,
     LOADERS,
@@ -525,7 +526,7 @@ def main(argv=None):
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16, float16")
     parser.add_argument("--prune-threshold", type=float, default=None, help="override the pruning threshold")
-    parser.add_argument("--prune-stage", choices=("post_encoder", "pre_encoder"), default=None,
+    parser.add_argument("--prune-stage", choices=PRUNE_STAGES, default=None,
                         help="override the checkpoint's pruning stage (pre_encoder: less tower work, see README)")
     parser.add_argument("--all-languages", action="store_true", help="slake: Chinese questions too")
     parser.add_argument("--m3d-mode", choices=["both", "closed", "open"], default="both")

@@ -113,6 +113,52 @@ class PackedSegments:
         )
 
 
+@dataclass
+class ReuseSegments:
+    """Attention layout of `pre_encoder_reuse`: the queries are the kept patches, the keys / values of each frame are
+    all its positions, a pruned position's taken from the kept row where it was last computed."""
+
+    kv_index: torch.Tensor  # (N_kv,) the kept row whose key / value each (frame, position) uses
+    kv_positions: torch.Tensor  # (N_kv, 3) the (t, h, w) each key is rotated to: its own frame's
+    groups: list[tuple[torch.Tensor, torch.Tensor]]  # frames of equal (queries, keys): (G, Lq) query rows, (G, Lk) kv rows
+
+    @classmethod
+    def from_keep(cls, grid_thw: torch.Tensor, keep: torch.Tensor, positions: torch.Tensor) -> "ReuseSegments":
+        """grid_thw (n_items, 3) and keep (N,) on the CPU; positions (N, 3) of every patch (kept or not)."""
+        kept_row = torch.cumsum(keep.long(), 0) - 1
+        kv_index, kv_rows, q_lens, kv_lens = [], [], [], []
+        offset = 0
+        for t, h, w in grid_thw.tolist():
+            n = h * w
+            k = keep[offset : offset + t * n].view(t, n)
+            frame = torch.where(k, torch.arange(t)[:, None], torch.full((t, n), -1))
+            last = torch.cummax(frame, dim=0).values  # the frame each position was last kept in (-1: never yet)
+            seen = last >= 0
+            source = offset + last.clamp(min=0) * n + torch.arange(n)[None, :]
+            kv_index.append(kept_row[source][seen])
+            kv_rows.append((offset + torch.arange(t * n)).view(t, n)[seen])
+            q_lens.append(k.sum(1))
+            kv_lens.append(seen.sum(1))
+            offset += t * n
+        q_lens, kv_lens = torch.cat(q_lens), torch.cat(kv_lens)
+        q_starts = torch.cumsum(q_lens, 0) - q_lens
+        kv_starts = torch.cumsum(kv_lens, 0) - kv_lens
+        groups = []
+        pairs = torch.stack([q_lens, kv_lens], 1)
+        for lq, lk in torch.unique(pairs[q_lens > 0], dim=0).tolist():
+            frames = ((q_lens == lq) & (kv_lens == lk)).nonzero().squeeze(-1)
+            groups.append((q_starts[frames, None] + torch.arange(lq)[None, :],
+                           kv_starts[frames, None] + torch.arange(lk)[None, :]))  # fmt: skip
+        return cls(kv_index=torch.cat(kv_index), kv_positions=positions[torch.cat(kv_rows).to(positions.device)],
+                   groups=groups)  # fmt: skip
+
+    def to(self, device, **kwargs) -> "ReuseSegments":
+        if self.kv_index.device == torch.device(device):
+            return self
+        return ReuseSegments(self.kv_index.to(device, **kwargs), self.kv_positions.to(device, **kwargs),
+                             [(q.to(device, **kwargs), k.to(device, **kwargs)) for q, k in self.groups])  # fmt: skip
+
+
 class OmniVMedVisionRotaryEmbedding(nn.Module):
     """cos/sin of rotary angles over the (t, h, w) axes, laid out [t | h | w | unrotated] and repeated twice."""
 
@@ -199,13 +245,14 @@ class OmniVMedVisionAttention(nn.Module):
         k = self.k_proj(hidden_states).view(n, self.num_heads, self.head_dim)
         v = self.v_proj(hidden_states).view(n, self.num_heads, self.head_dim)
         segments = segments.to(hidden_states.device)
-        if position_embeddings is not None:  # None: absolute positions already in the input (absolute_positions)
-            cos, sin = position_embeddings
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-
         implementation = self.config._attn_implementation or "eager"
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         dropout = self.config.attention_dropout if self.training else 0.0
+        if isinstance(segments, ReuseSegments):
+            return self._reuse_attention(q, k, v, position_embeddings, segments, attention_interface, dropout, kwargs)
+        if position_embeddings is not None:  # None: absolute positions already in the input (absolute_positions)
+            cos, sin = position_embeddings
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
         if "flash" in implementation:
             # varlen kernels take the packed sequence with its cu_seqlens: no padding, no mask
@@ -257,6 +304,29 @@ class OmniVMedVisionAttention(nn.Module):
             out = q.new_empty(n, self.num_heads, self.head_dim) if out is None else out
             out = out.reshape(n, self.num_heads * self.head_dim)
         return self.out_proj(out)
+
+    def _reuse_attention(self, q, k, v, position_embeddings, segments, attention_interface, dropout, kwargs):
+        # keys are gathered before their rotation: a reused key is rotated to the frame that reads it
+        cos, sin, kv_cos, kv_sin = position_embeddings
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k.index_select(0, segments.kv_index), kv_cos, kv_sin)
+        v = v.index_select(0, segments.kv_index)
+        out = q.new_empty(q.shape)
+        for q_rows, kv_rows in segments.groups:
+            (g, lq), lk = q_rows.shape, kv_rows.shape[1]
+            group_out, _ = attention_interface(
+                self,
+                q[q_rows.reshape(-1)].view(g, lq, self.num_heads, self.head_dim).transpose(1, 2),
+                k[kv_rows.reshape(-1)].view(g, lk, self.num_heads, self.head_dim).transpose(1, 2),
+                v[kv_rows.reshape(-1)].view(g, lk, self.num_heads, self.head_dim).transpose(1, 2),
+                attention_mask=None,
+                scaling=self.scaling,
+                dropout=dropout,
+                is_causal=False,
+                **kwargs,
+            )
+            out[q_rows.reshape(-1)] = group_out.reshape(g * lq, self.num_heads, self.head_dim)
+        return self.out_proj(out.reshape(q.shape[0], self.num_heads * self.head_dim))
 
 
 class OmniVMedVisionMLP(nn.Module):
@@ -334,6 +404,7 @@ class OmniVMedVisionModel(OmniVMedPreTrainedModel):
         merge_sizes: torch.Tensor | None = None,
         patch_keep_mask: torch.Tensor | None = None,
         frame_offsets: torch.Tensor | None = None,
+        reuse: bool = False,
         **kwargs,
     ) -> BaseModelOutput:
         """
@@ -361,6 +432,8 @@ class OmniVMedVisionModel(OmniVMedPreTrainedModel):
         if patch_keep_mask is not None:
             keep_cpu = patch_keep_mask.detach().to("cpu").bool()
             kept = keep_cpu.nonzero().squeeze(-1).to(device)
+            if reuse:
+                return self._forward_reuse(pixel_values, grid_cpu, patch_positions, keep_cpu, kept, **kwargs)
             pixel_values = pixel_values.index_select(0, kept)
             patch_positions = patch_positions.index_select(0, kept)
         lengths = segment_lengths(grid_cpu, self.config.attention_scope, keep_cpu)
@@ -378,6 +451,23 @@ class OmniVMedVisionModel(OmniVMedPreTrainedModel):
                 hidden_states = layer(hidden_states, position_embeddings, segments, **kwargs)
             chunks.append(self.post_layernorm(hidden_states))
         return BaseModelOutput(last_hidden_state=chunks[0] if len(chunks) == 1 else torch.cat(chunks))
+
+    def _forward_reuse(self, pixel_values, grid_cpu, patch_positions, keep_cpu, kept, **kwargs) -> BaseModelOutput:
+        """pre_encoder_reuse: the kept patches only, each attending to every position of its frame (ReuseSegments).
+        The whole sequence runs at once: a frame's keys come from earlier frames, so it cannot be cut into runs."""
+        if self.config.attention_scope != "frame":
+            raise ValueError("prune_stage='pre_encoder_reuse' needs attention_scope='frame'")
+        if "flash" in (self.config._attn_implementation or ""):
+            raise ValueError("prune_stage='pre_encoder_reuse' runs with sdpa or eager attention, not flash-attention")
+        if self.absolute_positions(grid_cpu, patch_positions) is not None:
+            raise ValueError("prune_stage='pre_encoder_reuse' needs the rotary tower")
+        segments = ReuseSegments.from_keep(grid_cpu, keep_cpu, patch_positions).to(pixel_values.device)
+        positions = patch_positions.index_select(0, kept)
+        hidden_states = self.patch_embedding(pixel_values.index_select(0, kept).to(self.patch_embedding.weight.dtype))
+        position_embeddings = (*self.rotary_emb(positions), *self.rotary_emb(segments.kv_positions))
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, position_embeddings, segments, **kwargs)
+        return BaseModelOutput(last_hidden_state=self.post_layernorm(hidden_states))
 
     def absolute_positions(
         self, grid_thw: torch.Tensor, patch_positions: torch.Tensor, patch_keep_mask: torch.Tensor | None = None
@@ -585,11 +675,14 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
         projector_device = self.projector.linear_1.weight.device
         if self.config.prune_stage not in PRUNE_STAGES:  # set after loading (from_pretrained kwargs do) skips the check
             raise ValueError(f"prune_stage must be one of {PRUNE_STAGES}, got {self.config.prune_stage!r}")
-        if self.config.prune_stage == "pre_encoder" and not bool(visual_keep_mask.all()):
+        if self.config.prune_stage != "post_encoder" and not bool(visual_keep_mask.all()):
             patch_keep = patch_keep_mask(visual_keep_mask, grid_thw, merge_sizes)
+            reuse = self.config.prune_stage == "pre_encoder_reuse"
+            if reuse and frame_offsets is not None and bool((frame_offsets != 0).any()):
+                raise ValueError("prune_stage='pre_encoder_reuse' encodes a video in one call, not in streamed chunks")
             features = self.vision_tower(
                 pixel_values, grid_thw, patch_positions, patch_keep_mask=patch_keep, frame_offsets=frame_offsets,
-                **kwargs,
+                **({"reuse": True} if reuse else {}), **kwargs,
             ).last_hidden_state
             features = self.projector(features.to(projector_device), token_merge[visual_keep_mask])
             return features, visual_keep_mask, int(patch_keep.sum())
@@ -645,7 +738,11 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
         in t; derived when absent) and visual_keep_mask (recomputed with this model's config when absent or when
         `prune_threshold` is given, with the pruning reference carried from the previous chunk). prune_stage
         "pre_encoder" drops each chunk's pruned patches before the tower. With attention_scope "clip" a frame attends
-        to the whole clip, which no chunking can reproduce: that is refused."""
+        to the whole clip, which no chunking can reproduce: that is refused, as is "pre_encoder_reuse" (its keys come
+        from earlier frames, which would have to be carried across chunks)."""
+        if self.config.prune_stage == "pre_encoder_reuse":
+            raise ValueError("encode_video_chunks: prune_stage='pre_encoder_reuse' is not streamed yet; use "
+                             "'pre_encoder' or 'post_encoder' for a streamed video")  # fmt: skip
         if self.config.vision_config.attention_scope != "frame":
             raise ValueError(
                 f"encode_video_chunks needs attention_scope='frame' (this tower's is "

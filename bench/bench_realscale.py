@@ -170,7 +170,7 @@ def child(args) -> dict:
     if args.arm == "qwen":
         model = build_qwen_vl(args.shape, tokenizer)
     else:
-        model = build_ours(args.shape, tokenizer, "pre_encoder" if args.arm == "pre" else "post_encoder")
+        model = build_ours(args.shape, tokenizer, STAGES.get(args.arm, "post_encoder"))
     build_s = time.perf_counter() - start
     eos = model.generation_config.eos_token_id
     out = {"build_s": build_s}
@@ -400,9 +400,12 @@ def summarise_lowmem(shape: str, results: dict, command: str) -> list[Row]:
 
 
 # --------------------------------------------------------------------------------------------------------- parent
-ARMS = {"image": ("off", "qwen"), "volume": ("off", "post", "pre", "qwen"), "video": ("off", "post", "pre", "qwen")}
+ARMS = {"image": ("off", "qwen"), "volume": ("off", "post", "pre", "reuse", "qwen"),
+        "video": ("off", "post", "pre", "reuse", "qwen")}  # fmt: skip
+STAGES = {"post": "post_encoder", "pre": "pre_encoder", "reuse": "pre_encoder_reuse"}  # the arms' prune_stage
 LABEL = {"off": "ours, pruning off", "post": "ours, default pruning post-encoder",
-         "pre": "ours, default pruning pre-encoder", "qwen": "Qwen2.5-VL, same visual tokens"}  # fmt: skip
+         "pre": "ours, default pruning pre-encoder", "reuse": "ours, default pruning pre-encoder reuse",
+         "qwen": "Qwen2.5-VL, same visual tokens"}  # fmt: skip
 
 
 def measure(shape: str, media_names, repeats: int, threads: int, quick: bool, workdir: Path) -> dict:
@@ -449,13 +452,13 @@ def summarise(shape: str, results: dict, command: str) -> list[Row]:
             "ratio = Qwen2.5-VL time / our time; both generate(max_new_tokens=1) from ready tensors (processors "
             "not timed here; ours is in the TTFT rows)",
         ))  # fmt: skip
-        for stage in ("post", "pre"):
+        for stage in STAGES:
             if stage not in ttft:
                 continue
             ratio = ttft["off"] / ttft[stage]
-            default = json.loads((ROOT / "config.json").read_text())["prune_stage"] == f"{stage}_encoder"
+            default = json.loads((ROOT / "config.json").read_text())["prune_stage"] == STAGES[stage]
             rows.append(Row(
-                f"Real scale {shape}", f"{media}: pruning {stage}-encoder vs off, end to end (TTFT)"
+                f"Real scale {shape}", f"{media}: pruning {STAGES[stage].replace('_', '-')} vs off, end to end (TTFT)"
                 + (" [default]" if default else ""),
                 f"{first[stage]['visual_tokens']} of {first[stage]['all_visual_tokens']} tokens kept; "
                 f"{ttft['off']:.2f} s vs {ttft[stage]:.2f} s", ratio, ">= 3x" if default else "-",

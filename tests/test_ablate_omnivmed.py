@@ -19,7 +19,7 @@ TABLE_HEADERS = (
     "| stage | reference | threshold | visual tokens kept | prefill time vs no pruning |",  # claim 2
     "| stage | reference | threshold | direction / video |",  # claim 2 per task
     "| task | input | n | chance / majority | progressive 1→2→3 | joint | progressive − joint (paired) |",  # claim 3
-    "| task | input | n | chance / majority | pre-encoder | post-encoder | pre − post (paired) |",  # claim 2, stages
+    "| task | input | n | chance / majority | post-encoder | pre-encoder | pre-encoder reuse | pre-encoder − post (paired) |",  # noqa: E501
 )
 
 

@@ -37,7 +37,7 @@ def test_quick_run_compares_every_arm_at_equal_visual_tokens(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out_json.read_text())["results"]["tiny"]
     assert set(results) == {"image", "volume"}
-    assert set(results["image"]) == {"off", "qwen"} and set(results["volume"]) == {"off", "post", "pre", "qwen"}
+    assert set(results["image"]) == {"off", "qwen"} and set(results["volume"]) == {"off", "post", "pre", "reuse", "qwen"}
     for arms in results.values():
         off, qwen = arms["off"][0], arms["qwen"][0]
         # Qwen2.5-VL counted its own placeholder tokens: the same visual tokens and sequence length as ours unpruned
@@ -48,6 +48,7 @@ def test_quick_run_compares_every_arm_at_equal_visual_tokens(tmp_path):
     vol = results["volume"]
     # the MNI slices differ little: default pruning drops tokens, and both stages see the same keep mask
     assert vol["post"][0]["visual_tokens"] == vol["pre"][0]["visual_tokens"] < vol["off"][0]["visual_tokens"]
+    assert vol["reuse"][0]["visual_tokens"] == vol["pre"][0]["visual_tokens"]
     text = out_md.read_text()
     assert "volume: pruning post-encoder vs off, end to end (TTFT) [default]" in text  # config.json's stage
     assert "volume: pruning pre-encoder vs off, end to end (TTFT) [default]" not in text

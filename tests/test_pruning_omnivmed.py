@@ -332,3 +332,54 @@ def test_keep_mask_chunk_of_a_single_frame_clip_and_bad_input():
         compute_keep_mask_chunk(torch.randn(8, 12), torch.tensor([[1, 2, 2], [1, 2, 2]]), torch.tensor([2, 2]))
     with pytest.raises(ValueError, match="describes 8 patches but pixel_values has 4"):
         compute_keep_mask_chunk(frame, torch.tensor([[2, 2, 2]]), merge)
+
+
+def test_reuse_stage_on_a_static_clip_gives_the_post_encoder_features_pre_encoder_does_not(tiny_config):
+    """Frames 1.. are copies of frame 0: pruning keeps one block of each (min_tokens). Post-encoder, each copy's
+    features are frame 0's. pre_encoder_reuse runs only the kept patches but lets them attend to frame 0's keys and
+    values at the pruned positions, which are exactly what the copy would compute: the same features (to rounding).
+    pre_encoder, whose kept patches see only each other, differs."""
+    from omnivmed.modeling_omnivmed import OmniVMedModel
+
+    torch.manual_seed(0)
+    model = OmniVMedModel(tiny_config).eval()
+    patch_dim = tiny_config.vision_config.patch_dim
+    t, h, w, m = 4, 4, 4, 2
+    frame = torch.randn(h * w, patch_dim)
+    pixels = frame.repeat(t, 1)
+    grid, merge = torch.tensor([[t, h, w]]), torch.tensor([m])
+    keep = torch.zeros(t, (h // m) * (w // m), dtype=torch.bool)
+    keep[0] = True
+    keep[1:, 1] = True
+    keep = keep.reshape(-1)
+    out = {}
+    with torch.no_grad():
+        for stage in ("post_encoder", "pre_encoder", "pre_encoder_reuse"):
+            model.config.prune_stage = stage
+            out[stage], kept, _ = model.get_visual_features(pixels, grid, merge, visual_keep_mask=keep)
+    assert out["pre_encoder_reuse"].shape == out["post_encoder"].shape
+    assert out["post_encoder"].shape[0] == int(keep.sum())
+    torch.testing.assert_close(out["pre_encoder_reuse"], out["post_encoder"], atol=1e-5, rtol=1e-5)
+    reuse_error = (out["pre_encoder_reuse"] - out["post_encoder"]).abs().max()
+    pre_error = (out["pre_encoder"][4:] - out["post_encoder"][4:]).abs().max()
+    assert pre_error > 1e-3 and pre_error > 100 * reuse_error, (pre_error, reuse_error)
+
+
+def test_reuse_stage_with_everything_kept_is_the_plain_tower_and_changing_frames_differ(tiny_config):
+    from omnivmed.modeling_omnivmed import OmniVMedVisionModel
+
+    torch.manual_seed(0)
+    tower = OmniVMedVisionModel(tiny_config.vision_config).eval()
+    t, h, w = 3, 4, 4
+    pixels = torch.randn(t * h * w, tiny_config.vision_config.patch_dim)
+    grid = torch.tensor([[t, h, w]])
+    with torch.no_grad():
+        plain = tower(pixels, grid).last_hidden_state
+        every = tower(pixels, grid, patch_keep_mask=torch.ones(t * h * w, dtype=torch.bool), reuse=True)
+        torch.testing.assert_close(every.last_hidden_state, plain, atol=1e-5, rtol=1e-5)
+        # frame 1 drops half its patches: frame 0's outputs do not move, frame 1's kept ones see stale keys
+        keep = torch.ones(t * h * w, dtype=torch.bool)
+        keep[h * w : h * w + 8] = False
+        reused = tower(pixels, grid, patch_keep_mask=keep, reuse=True).last_hidden_state
+        torch.testing.assert_close(reused[: h * w], plain[: h * w], atol=1e-5, rtol=1e-5)
+        assert reused.shape[0] == int(keep.sum())
