@@ -408,17 +408,18 @@ LABEL = {"off": "ours, pruning off", "post": "ours, default pruning post-encoder
          "qwen": "Qwen2.5-VL, same visual tokens"}  # fmt: skip
 
 
-def measure(shape: str, media_names, repeats: int, threads: int, quick: bool, workdir: Path) -> dict:
+def measure(shape: str, media_names, repeats: int, threads: int, quick: bool, workdir: Path, only=None) -> dict:
     """{media: {arm: [child results, one per round]}}; the arms of one input interleave round by round."""
     blocks = write_media(workdir, quick)
     results = {}
     common = ["--shape", shape, "--threads", str(threads)] + (["--quick"] if quick else [])
     for media in media_names:
         block = json.dumps(blocks[media])
-        results[media] = {arm: [] for arm in ARMS[media]}
+        arms = [a for a in ARMS[media] if only is None or a in only or a == "off"]  # off: every ratio's reference
+        results[media] = {arm: [] for arm in arms}
         for _ in range(repeats):
             off = None
-            for arm in ARMS[media]:
+            for arm in arms:
                 extra = []
                 if arm == "qwen":  # same grid and sequence length as our unpruned arm of this round
                     extra = ["--grid", json.dumps(off["grid"]), "--seq-len", str(off["seq_len"])]
@@ -445,13 +446,14 @@ def summarise(shape: str, results: dict, command: str) -> list[Row]:
                 f"visual tokens, {r['seq_len']}-token prompt", None, "-", None, command,
             ))  # fmt: skip
         model_s = {arm: statistics.median(r["ttft_s"] - r["processor_s"] for r in rs) for arm, rs in arms.items()}
-        ratio = model_s["qwen"] / model_s["off"]
-        rows.append(Row(
-            f"Real scale {shape}", f"{media}: ours unpruned vs Qwen2.5-VL at equal visual tokens (model: generate)",
-            f"{model_s['off']:.2f} s vs {model_s['qwen']:.2f} s", ratio, ">= 1.0x", ratio >= 1.0, command,
-            "ratio = Qwen2.5-VL time / our time; both generate(max_new_tokens=1) from ready tensors (processors "
-            "not timed here; ours is in the TTFT rows)",
-        ))  # fmt: skip
+        if "qwen" in model_s:  # absent when --arms leaves it out
+            ratio = model_s["qwen"] / model_s["off"]
+            rows.append(Row(
+                f"Real scale {shape}", f"{media}: ours unpruned vs Qwen2.5-VL at equal visual tokens (model: generate)",
+                f"{model_s['off']:.2f} s vs {model_s['qwen']:.2f} s", ratio, ">= 1.0x", ratio >= 1.0, command,
+                "ratio = Qwen2.5-VL time / our time; both generate(max_new_tokens=1) from ready tensors (processors "
+                "not timed here; ours is in the TTFT rows)",
+            ))  # fmt: skip
         for stage in STAGES:
             if stage not in ttft:
                 continue
@@ -478,13 +480,13 @@ def render(rows: list[Row], facts: dict, note: str) -> str:
 
 
 def run(shapes=("1.5B",), media=("image", "volume", "video"), repeats: int = 1, threads: int = 1,
-        quick: bool = False) -> tuple[list[Row], dict]:  # fmt: skip
+        quick: bool = False, only=None) -> tuple[list[Row], dict]:  # fmt: skip
     if quick:
         shapes = ("tiny",)
     rows, raw = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for shape in shapes:
-            raw[shape] = measure(shape, media, repeats, threads, quick, Path(tmp))
+            raw[shape] = measure(shape, media, repeats, threads, quick, Path(tmp), only)
             rows += summarise(shape, raw[shape], COMMAND + (" --quick" if quick else f" --shapes {shape}"))
     return rows, raw
 
@@ -499,6 +501,8 @@ def main(argv=None):
     parser.add_argument("--seq-len", type=int)
     parser.add_argument("--shapes", default="1.5B")
     parser.add_argument("--media", default="image,volume,video")
+    parser.add_argument("--arms", default=None, help="only these arms (comma-separated: post, pre, reuse, qwen); "
+                        "the unpruned arm always runs, every ratio is against it")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each child (one arm at a time)")
     parser.add_argument("--json", type=Path)
@@ -532,8 +536,9 @@ def main(argv=None):
             raw[shape] = measure_lowmem(shape, args.repeats, args.threads, args.quick, folder, arms)
             rows += summarise_lowmem(shape, raw[shape], COMMAND + f" --lowmem --shapes {shape}")
     else:
+        only = None if args.arms is None else set(args.arms.split(","))
         rows, raw = run(tuple(args.shapes.split(",")), tuple(args.media.split(",")), args.repeats, args.threads,
-                        args.quick)  # fmt: skip
+                        args.quick, only)  # fmt: skip
     facts = machine_facts()
     facts["torch threads per arm"] = args.threads
     facts["load average (1, 5, 15 min) at start / end"] = (
