@@ -617,25 +617,20 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
     def default_merge_sizes(self, grid_thw: torch.Tensor) -> torch.Tensor:
         return torch.tensor([self.config.merge_size_for(int(t)) for t in grid_thw[:, 0]], device=grid_thw.device)
 
+    def pruning_rule(self, prune_threshold: float | None = None) -> dict:
+        """This model's pruning settings as `pruning_omnivmed.compute_keep_mask`'s keyword arguments (`prune_threshold`
+        in place of the config's threshold when given)."""
+        c = self.config
+        return dict(threshold=c.prune_threshold if prune_threshold is None else prune_threshold,
+                    reference=c.prune_reference, unit=c.prune_unit, image_mean=c.image_mean, image_std=c.image_std,
+                    keep_first_frame=c.prune_keep_first_frame, min_tokens=c.prune_min_tokens,
+                    min_tokens_pick=c.prune_min_tokens_pick, num_channels=c.vision_config.num_channels)  # fmt: skip
+
     def visual_keep_mask(
         self, pixel_values, grid_thw, merge_sizes, prune_threshold: float | None = None
     ) -> torch.Tensor:
         """The pruning rule (pruning_omnivmed.compute_keep_mask) with this model's settings."""
-        c = self.config
-        return compute_keep_mask(
-            pixel_values,
-            grid_thw,
-            merge_sizes,
-            threshold=c.prune_threshold if prune_threshold is None else prune_threshold,
-            reference=c.prune_reference,
-            unit=c.prune_unit,
-            image_mean=c.image_mean,
-            image_std=c.image_std,
-            keep_first_frame=c.prune_keep_first_frame,
-            min_tokens=c.prune_min_tokens,
-            min_tokens_pick=c.prune_min_tokens_pick,
-            num_channels=c.vision_config.num_channels,
-        )
+        return compute_keep_mask(pixel_values, grid_thw, merge_sizes, **self.pruning_rule(prune_threshold))
 
     def get_visual_features(
         self,
@@ -749,11 +744,7 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
                 f"{self.config.vision_config.attention_scope!r}): with 'clip' every frame attends to the whole clip, "
                 "so encoding it in chunks would change the features; process the clip in one call instead"
             )
-        c = self.config
-        rule = dict(threshold=c.prune_threshold if prune_threshold is None else prune_threshold,
-                    reference=c.prune_reference, unit=c.prune_unit, image_mean=c.image_mean, image_std=c.image_std,
-                    keep_first_frame=c.prune_keep_first_frame, min_tokens=c.prune_min_tokens,
-                    min_tokens_pick=c.prune_min_tokens_pick, num_channels=c.vision_config.num_channels)  # fmt: skip
+        rule = self.pruning_rule(prune_threshold)
         features, keeps, frames, tower_tokens, layout, carry = [], [], 0, 0, None, None
         for index, chunk in enumerate(chunks):
             pixel_values = torch.as_tensor(chunk["pixel_values"])
