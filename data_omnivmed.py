@@ -44,7 +44,15 @@ import numpy as np
 
 from omnivmed.collator_omnivmed import OmniVMedCollator
 from omnivmed.media_omnivmed import load_media
-from omnivmed_tools import ANSWERS, CAPTION_QUESTION, QUESTIONS, load_rows, normalize_answer, write_jsonl
+from omnivmed_tools import (
+    ANSWERS,
+    CAPTION_QUESTION,
+    QUESTIONS,
+    load_rows,
+    normalize_answer,
+    write_jsonl,
+    write_mjpeg,
+)
 
 
 logger = logging.getLogger("data_omnivmed")
@@ -534,23 +542,6 @@ def _grid(size: int):
     return _GRIDS[size]
 
 
-def _write_video(path: Path, frames: np.ndarray, fps: int):
-    """Motion-JPEG in AVI: every frame coded on its own, so the same frames always give the same bytes (x264's
-    encoder made one video in ~300 differ between runs)."""
-    import av
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mjpeg", rate=fps, options={"q:v": "2"})
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuvj420p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
 def _video_items(rng, n: int, root: Path, prefix: str, size=112, fps=8, seconds=4.0) -> list[dict]:
     items = []
     directions = ANSWERS["direction"]
@@ -576,7 +567,7 @@ def _video_items(rng, n: int, root: Path, prefix: str, size=112, fps=8, seconds=
             frame = _draw_instrument(background.copy(), cy, cx, angle, length, width, shade)
             frames[t] = (np.clip(frame, 0, 1) * 255).astype(np.uint8)
         path = root / "videos" / f"{prefix}endo_{i:04d}.avi"
-        _write_video(path, frames, fps)
+        write_mjpeg(path, frames, fps, options={"q:v": "2"})
         items.append({"path": path, "direction": direction, "modality": "endoscopy", "source": "synthetic (PyAV)"})
     return items
 
@@ -705,12 +696,6 @@ def multi_turn(rng, rows: list[dict]) -> list[dict]:
         out.update(task="+".join(r["task"] for r in group), answer=" / ".join(r["answer"] for r in group))
         merged.append(out)
     return merged
-
-
-def write_jsonl(path: Path, rows: list[dict]):
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
 
 
 def default_paths(root: Path) -> dict:

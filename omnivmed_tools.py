@@ -1404,6 +1404,26 @@ def endoscopic_scene(size: int, seed: int = 0) -> np.ndarray:
     return np.stack([0.55 + 0.35 * texture, 0.25 + 0.2 * texture, 0.25 + 0.15 * texture], -1)
 
 
+def write_mjpeg(path: Path, frames, fps: float = 1, options: dict | None = None) -> Path:
+    """Motion-JPEG in AVI from (H, W, 3) uint8 frames (any iterable, so a long clip need not exist whole): every frame
+    is coded on its own, so the same frames always give the same bytes (x264 does not), and writing is fast."""
+    import av
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mjpeg", rate=fps, options=options or {})
+        stream.pix_fmt = "yuvj420p"
+        for i, frame in enumerate(frames):
+            if i == 0:
+                stream.height, stream.width = frame.shape[:2]
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
 def write_instrument_video(path: Path, seconds: int = 64, fps: int = 8, size: int = 224, seed: int = 0) -> Path:
     """A static 'endoscopic' scene (smooth pink texture) with a grey instrument sweeping left to right and back."""
     import av

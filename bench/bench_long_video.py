@@ -37,15 +37,11 @@ def write_video(path: Path, n_frames: int, size: int = 112, period: int = 120, s
     """A static scene with an instrument sweeping across and back every `period` frames, at 1 fps (Motion-JPEG AVI:
     fast to write; the instrument moves at the same speed whatever the length, so the work per frame is the same).
     The instrument is drawn to scale, so every size shows the same picture."""
-    import av
-
     scene = omnivmed_tools.endoscopic_scene(size, seed)
     unit = size / 112  # the drawing's sizes are those of a 112 px frame
     shaft, jaws, head, tip = (max(1, round(v * unit)) for v in (3, 6, 15, 20))
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mjpeg", rate=1)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuvj420p"
+
+    def frames():
         for i in range(n_frames):
             frame = scene.copy()
             phase = (i % period) / period * 2
@@ -53,10 +49,9 @@ def write_video(path: Path, n_frames: int, size: int = 112, period: int = 120, s
             y = size // 2
             frame[y - shaft : y + shaft, : x + head] = 0.75
             frame[y - jaws : y + jaws, x + head : x + tip] = 0.9
-            for packet in stream.encode(av.VideoFrame.from_ndarray((frame * 255).astype(np.uint8), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+            yield (frame * 255).astype(np.uint8)
+
+    omnivmed_tools.write_mjpeg(path, frames(), fps=1)
     return path
 
 

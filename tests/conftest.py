@@ -10,6 +10,8 @@ sys.path.insert(0, str(ROOT))  # `import omnivmed` makes the flat remote-code fi
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import omnivmed_tools  # noqa: E402 (after the offline switches)
+
 
 def tiny_config_dict(**overrides):
     """A few-hundred-thousand-parameter OmniV-Med config: 2-layer tower (patch 4) and 2-layer Qwen2."""
@@ -58,20 +60,16 @@ def write_moving_square(path: Path, n_frames: int = 13, size: int = 112) -> Path
     pruning keeps a few blocks per frame and its reference matters."""
     import numpy as np
 
-    av = pytest.importorskip("av")
     scene = (np.random.default_rng(3).random((size, size, 3)) * 0.3 + 0.3).astype(np.float32)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mjpeg", rate=1)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuvj420p"
+
+    def frames():
         for i in range(n_frames):
             frame = scene.copy()
             x = 7 * i % (size - 20)
             frame[40:60, x : x + 20] = 0.95
-            for packet in stream.encode(av.VideoFrame.from_ndarray((frame * 255).astype(np.uint8), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+            yield (frame * 255).astype(np.uint8)
+
+    omnivmed_tools.write_mjpeg(path, frames(), fps=1)
     return path
 
 
