@@ -1102,8 +1102,9 @@ def quantize_int8(src, out, max_shard_size: str | int = INT8_SHARD_SIZE) -> Path
         raise ValueError(f"{src}: not a checkpoint folder (no config.json)")
     if out.resolve() == src.resolve():
         raise ValueError(f"{out}: the int8 variant must go to another folder than its source")
-    if read_json(src / "config.json").get("quantization_config"):
-        raise ValueError(f"{src}: already quantized ({read_json(src / 'config.json')['quantization_config']})")
+    quantized = read_json(src / "config.json").get("quantization_config")
+    if quantized:
+        raise ValueError(f"{src}: already quantized ({quantized})")
     model = AutoModelForImageTextToText.from_pretrained(src, dtype="auto", trust_remote_code=True,
                                                         quantization_config=int8_config())  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)

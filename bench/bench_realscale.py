@@ -434,6 +434,7 @@ def measure(shape: str, media_names, repeats: int, threads: int, quick: bool, wo
 
 def summarise(shape: str, results: dict, command: str) -> list[Row]:
     rows = []
+    default_stage = json.loads((ROOT / "config.json").read_text())["prune_stage"]
     for media, arms in results.items():
         ttft = {arm: statistics.median(r["ttft_s"] for r in rs) for arm, rs in arms.items()}
         first = {arm: rs[0] for arm, rs in arms.items()}
@@ -458,7 +459,7 @@ def summarise(shape: str, results: dict, command: str) -> list[Row]:
             if stage not in ttft:
                 continue
             ratio = ttft["off"] / ttft[stage]
-            default = json.loads((ROOT / "config.json").read_text())["prune_stage"] == STAGES[stage]
+            default = default_stage == STAGES[stage]
             rows.append(Row(
                 f"Real scale {shape}", f"{media}: pruning {STAGES[stage].replace('_', '-')} vs off, end to end (TTFT)"
                 + (" [default]" if default else ""),
