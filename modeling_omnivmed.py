@@ -114,49 +114,86 @@ class PackedSegments:
 
 
 @dataclass
+class ReuseCache:
+    """pre_encoder_reuse across the chunks of one streamed clip (`encode_video_chunks`): per tower layer, the key
+    (already rotated) and value each position of a frame was last computed with, and which positions have been
+    computed at all. The tower reads it and replaces its contents after each chunk, as an LLM's KV cache is updated
+    in place. Keys are rotated with frame index 0: within one frame's attention the frame index cancels out of
+    every query-key angle, so a key is valid for any later frame as it is."""
+
+    keys: list[torch.Tensor] | None = None  # per layer (n, heads, head_dim)
+    values: list[torch.Tensor] | None = None
+    seen: torch.Tensor | None = None  # (n,) bool, on the CPU
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.seen is None else self.seen.numel()
+
+
+@dataclass
 class ReuseSegments:
     """Attention layout of `pre_encoder_reuse`: the queries are the kept patches, the keys / values of each frame are
-    all its positions, a pruned position's taken from the kept row where it was last computed."""
+    every position computed so far, a pruned position's taken from the row where it was last computed. Rows are
+    counted in [the cache's n rows | this call's kept rows]."""
 
-    kv_index: torch.Tensor  # (N_kv,) the kept row whose key / value each (frame, position) uses
-    kv_positions: torch.Tensor  # (N_kv, 3) the (t, h, w) each key is rotated to: its own frame's
-    groups: list[tuple[torch.Tensor, torch.Tensor]]  # frames of equal (queries, keys): (G, Lq) query rows, (G, Lk) kv rows
+    kv_source: torch.Tensor  # (N_kv,) the row each key / value of each (frame, position) is read from
+    cu_seqlens_q: torch.Tensor  # (F + 1,) int32 over the F frames that have queries, for flash-attention varlen
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+    groups: list[tuple[torch.Tensor, torch.Tensor]]  # frames of equal (queries, keys): (G, Lq) query rows, (G, Lk) rows
+    last: torch.Tensor  # (n,) the row each position was last computed in after the last frame (-1: never); for caching
+    cache: ReuseCache | None = None
+    cached_rows: int = 0  # rows the cache held before this call (0 for none)
 
     @classmethod
-    def from_keep(cls, grid_thw: torch.Tensor, keep: torch.Tensor, positions: torch.Tensor) -> "ReuseSegments":
-        """grid_thw (n_items, 3) and keep (N,) on the CPU; positions (N, 3) of every patch (kept or not)."""
-        kept_row = torch.cumsum(keep.long(), 0) - 1
-        kv_index, kv_rows, q_lens, kv_lens = [], [], [], []
-        offset = 0
+    def from_keep(cls, grid_thw: torch.Tensor, keep: torch.Tensor, cache: ReuseCache | None = None) -> "ReuseSegments":
+        """grid_thw (n_items, 3) and keep (N,) on the CPU; `cache` (one item only) holds the frames before these."""
+        base = cache.rows if cache is not None else 0
+        kept_row = torch.cumsum(keep.long(), 0) - 1 + base
+        sources, q_lens, kv_lens = [], [], []
+        offset, last = 0, torch.zeros(0, dtype=torch.long)
         for t, h, w in grid_thw.tolist():
             n = h * w
             k = keep[offset : offset + t * n].view(t, n)
-            frame = torch.where(k, torch.arange(t)[:, None], torch.full((t, n), -1))
-            last = torch.cummax(frame, dim=0).values  # the frame each position was last kept in (-1: never yet)
-            seen = last >= 0
-            source = offset + last.clamp(min=0) * n + torch.arange(n)[None, :]
-            kv_index.append(kept_row[source][seen])
-            kv_rows.append((offset + torch.arange(t * n)).view(t, n)[seen])
-            q_lens.append(k.sum(1))
+            row = torch.where(k, kept_row[offset : offset + t * n].view(t, n), -1)
+            if cache is not None and cache.seen is not None:
+                if cache.rows != n:
+                    raise ValueError(f"the reuse cache holds frames of {cache.rows} patches, this chunk's have {n}")
+                row = torch.cat([torch.where(cache.seen, torch.arange(n), -1)[None], row])
+            # rows grow with the frame (cache rows first), so the running maximum is the latest computed row
+            running = torch.cummax(row, dim=0).values[-t:]
+            has_query = k.any(1)
+            seen = running[has_query] >= 0
+            sources.append(running[has_query][seen])
+            q_lens.append(k.sum(1)[has_query])
             kv_lens.append(seen.sum(1))
-            offset += t * n
+            offset, last = offset + t * n, running[-1]
         q_lens, kv_lens = torch.cat(q_lens), torch.cat(kv_lens)
-        q_starts = torch.cumsum(q_lens, 0) - q_lens
-        kv_starts = torch.cumsum(kv_lens, 0) - kv_lens
+        cu_q = torch.nn.functional.pad(torch.cumsum(q_lens, 0), (1, 0)).to(torch.int32)
+        cu_k = torch.nn.functional.pad(torch.cumsum(kv_lens, 0), (1, 0)).to(torch.int32)
+        kv_source = torch.cat(sources)
         groups = []
         pairs = torch.stack([q_lens, kv_lens], 1)
-        for lq, lk in torch.unique(pairs[q_lens > 0], dim=0).tolist():
+        for lq, lk in torch.unique(pairs, dim=0).tolist():
             frames = ((q_lens == lq) & (kv_lens == lk)).nonzero().squeeze(-1)
-            groups.append((q_starts[frames, None] + torch.arange(lq)[None, :],
-                           kv_starts[frames, None] + torch.arange(lk)[None, :]))  # fmt: skip
-        return cls(kv_index=torch.cat(kv_index), kv_positions=positions[torch.cat(kv_rows).to(positions.device)],
-                   groups=groups)  # fmt: skip
+            q_rows = cu_q[frames].long()[:, None] + torch.arange(lq)[None, :]  # this call's kept rows
+            kv_rows = kv_source[cu_k[frames].long()[:, None] + torch.arange(lk)[None, :]]
+            groups.append((q_rows, kv_rows))
+        return cls(kv_source=kv_source, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                   max_seqlen_q=int(q_lens.max()) if q_lens.numel() else 0,
+                   max_seqlen_k=int(kv_lens.max()) if kv_lens.numel() else 0,
+                   groups=groups, last=last, cache=cache, cached_rows=base)  # fmt: skip
 
     def to(self, device, **kwargs) -> "ReuseSegments":
-        if self.kv_index.device == torch.device(device):
+        if self.kv_source.device == torch.device(device):
             return self
-        return ReuseSegments(self.kv_index.to(device, **kwargs), self.kv_positions.to(device, **kwargs),
-                             [(q.to(device, **kwargs), k.to(device, **kwargs)) for q, k in self.groups])  # fmt: skip
+        return ReuseSegments(
+            self.kv_source.to(device, **kwargs), self.cu_seqlens_q.to(device, **kwargs),
+            self.cu_seqlens_k.to(device, **kwargs), self.max_seqlen_q, self.max_seqlen_k,
+            [(q.to(device, **kwargs), k.to(device, **kwargs)) for q, k in self.groups], self.last, self.cache,
+            self.cached_rows,
+        )  # fmt: skip
 
 
 class OmniVMedVisionRotaryEmbedding(nn.Module):
@@ -220,9 +257,10 @@ def eager_attention_forward(
 
 
 class OmniVMedVisionAttention(nn.Module):
-    def __init__(self, config: OmniVMedVisionConfig):
+    def __init__(self, config: OmniVMedVisionConfig, layer_idx: int = 0):
         super().__init__()
         self.config = config
+        self.layer_idx = layer_idx  # which of a ReuseCache's layers is this one
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.scaling = self.head_dim**-0.5
@@ -306,11 +344,41 @@ class OmniVMedVisionAttention(nn.Module):
         return self.out_proj(out)
 
     def _reuse_attention(self, q, k, v, position_embeddings, segments, attention_interface, dropout, kwargs):
-        # keys are gathered before their rotation: a reused key is rotated to the frame that reads it
-        cos, sin, kv_cos, kv_sin = position_embeddings
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k.index_select(0, segments.kv_index), kv_cos, kv_sin)
-        v = v.index_select(0, segments.kv_index)
+        # every row is rotated with frame index 0 (see ReuseCache), so a key is gathered for later frames as it is
+        cos, sin = position_embeddings
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        cache = segments.cache
+        if cache is not None:
+            if segments.cached_rows:
+                k = torch.cat([cache.keys[self.layer_idx].to(k.device), k])
+                v = torch.cat([cache.values[self.layer_idx].to(v.device), v])
+            last = segments.last.to(k.device)
+            if k.shape[0]:
+                cache.keys[self.layer_idx] = k.index_select(0, last.clamp(min=0))
+                cache.values[self.layer_idx] = v.index_select(0, last.clamp(min=0))
+            else:  # nothing computed yet: no position is seen, the rows are never read
+                cache.keys[self.layer_idx] = k.new_zeros(last.numel(), *k.shape[1:])
+                cache.values[self.layer_idx] = v.new_zeros(last.numel(), *v.shape[1:])
+        n_q = q.shape[0]
+        implementation = self.config._attn_implementation or "eager"
+        if n_q and "flash" in implementation:
+            # varlen kernels take queries and keys packed with their own cu_seqlens (a frame's keys outnumber its queries)
+            out, _ = attention_interface(
+                self,
+                q.transpose(0, 1).unsqueeze(0),
+                k.index_select(0, segments.kv_source).transpose(0, 1).unsqueeze(0),
+                v.index_select(0, segments.kv_source).transpose(0, 1).unsqueeze(0),
+                attention_mask=None,
+                scaling=self.scaling,
+                dropout=dropout,
+                cu_seq_lens_q=segments.cu_seqlens_q,
+                cu_seq_lens_k=segments.cu_seqlens_k,
+                max_length_q=segments.max_seqlen_q,
+                max_length_k=segments.max_seqlen_k,
+                is_causal=False,
+                **kwargs,
+            )
+            return self.out_proj(out.reshape(n_q, self.num_heads * self.head_dim))
         out = q.new_empty(q.shape)
         for q_rows, kv_rows in segments.groups:
             (g, lq), lk = q_rows.shape, kv_rows.shape[1]
@@ -326,7 +394,7 @@ class OmniVMedVisionAttention(nn.Module):
                 **kwargs,
             )
             out[q_rows.reshape(-1)] = group_out.reshape(g * lq, self.num_heads, self.head_dim)
-        return self.out_proj(out.reshape(q.shape[0], self.num_heads * self.head_dim))
+        return self.out_proj(out.reshape(n_q, self.num_heads * self.head_dim))
 
 
 class OmniVMedVisionMLP(nn.Module):
@@ -341,10 +409,10 @@ class OmniVMedVisionMLP(nn.Module):
 
 
 class OmniVMedVisionLayer(GradientCheckpointingLayer):
-    def __init__(self, config: OmniVMedVisionConfig):
+    def __init__(self, config: OmniVMedVisionConfig, layer_idx: int = 0):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.self_attn = OmniVMedVisionAttention(config)
+        self.self_attn = OmniVMedVisionAttention(config, layer_idx)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = OmniVMedVisionMLP(config)
 
@@ -389,7 +457,7 @@ class OmniVMedVisionModel(OmniVMedPreTrainedModel):
         # a Linear over (C, p, p)-flattened patches == a Conv2d(kernel p, stride p) whose weight is flattened
         self.patch_embedding = nn.Linear(config.patch_dim, config.hidden_size)
         self.rotary_emb = OmniVMedVisionRotaryEmbedding(config)
-        self.layers = nn.ModuleList([OmniVMedVisionLayer(config) for _ in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([OmniVMedVisionLayer(config, i) for i in range(config.num_hidden_layers)])
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
@@ -405,12 +473,16 @@ class OmniVMedVisionModel(OmniVMedPreTrainedModel):
         patch_keep_mask: torch.Tensor | None = None,
         frame_offsets: torch.Tensor | None = None,
         reuse: bool = False,
+        reuse_cache: ReuseCache | None = None,
         **kwargs,
     ) -> BaseModelOutput:
         """
         pixel_values: (N, C*p*p); grid_thw: (n_items, 3); patch_positions: (N, 3), derived from the grid (merge-block
         order, `merge_sizes`) when omitted; patch_keep_mask: (N,) bool, run the tower only on these patches;
         frame_offsets: (n_items,) first frame index of each item within a longer clip (a streamed chunk), 0 if None.
+        reuse: the kept patches attend to every position of their frame (prune_stage "pre_encoder_reuse");
+        reuse_cache: with `reuse`, one clip streamed in chunks: the keys / values of the frames before this chunk,
+        updated in place for the next one.
         Returns last_hidden_state (N or N_kept, D) after post_layernorm.
         """
         # The tower may sit on another device than the inputs, and under a device_map its layers on several. The
@@ -429,11 +501,16 @@ class OmniVMedVisionModel(OmniVMedPreTrainedModel):
                 merge_sizes = torch.ones(grid_cpu.shape[0], dtype=torch.long)
             patch_positions = patch_positions_from_grid(grid_cpu, merge_sizes.cpu(), frame_offsets).to(device)
         keep_cpu = None
+        if reuse and patch_keep_mask is None:
+            patch_keep_mask = torch.ones(pixel_values.shape[0], dtype=torch.bool)
+        if reuse_cache is not None and not reuse:
+            raise ValueError("reuse_cache is for the pre_encoder_reuse tower (reuse=True)")
         if patch_keep_mask is not None:
             keep_cpu = patch_keep_mask.detach().to("cpu").bool()
             kept = keep_cpu.nonzero().squeeze(-1).to(device)
             if reuse:
-                return self._forward_reuse(pixel_values, grid_cpu, patch_positions, keep_cpu, kept, **kwargs)
+                return self._forward_reuse(pixel_values, grid_cpu, patch_positions, keep_cpu, kept, reuse_cache,
+                                           **kwargs)  # fmt: skip
             pixel_values = pixel_values.index_select(0, kept)
             patch_positions = patch_positions.index_select(0, kept)
         lengths = segment_lengths(grid_cpu, self.config.attention_scope, keep_cpu)
@@ -452,21 +529,28 @@ class OmniVMedVisionModel(OmniVMedPreTrainedModel):
             chunks.append(self.post_layernorm(hidden_states))
         return BaseModelOutput(last_hidden_state=chunks[0] if len(chunks) == 1 else torch.cat(chunks))
 
-    def _forward_reuse(self, pixel_values, grid_cpu, patch_positions, keep_cpu, kept, **kwargs) -> BaseModelOutput:
+    def _forward_reuse(self, pixel_values, grid_cpu, patch_positions, keep_cpu, kept, cache=None, **kwargs):
         """pre_encoder_reuse: the kept patches only, each attending to every position of its frame (ReuseSegments).
-        The whole sequence runs at once: a frame's keys come from earlier frames, so it cannot be cut into runs."""
+        The whole sequence runs at once (a frame's keys come from earlier frames, so it is not cut into runs); a
+        longer clip is streamed a chunk at a time with a ReuseCache."""
         if self.config.attention_scope != "frame":
             raise ValueError("prune_stage='pre_encoder_reuse' needs attention_scope='frame'")
-        if "flash" in (self.config._attn_implementation or ""):
-            raise ValueError("prune_stage='pre_encoder_reuse' runs with sdpa or eager attention, not flash-attention")
         if self.absolute_positions(grid_cpu, patch_positions) is not None:
             raise ValueError("prune_stage='pre_encoder_reuse' needs the rotary tower")
-        segments = ReuseSegments.from_keep(grid_cpu, keep_cpu, patch_positions).to(pixel_values.device)
-        positions = patch_positions.index_select(0, kept)
+        if cache is not None:
+            if grid_cpu.shape[0] != 1:
+                raise ValueError(f"a reuse cache follows one clip: grid_thw must be (1, 3), got {list(grid_cpu.shape)}")
+            if cache.keys is None:
+                cache.keys, cache.values = [None] * len(self.layers), [None] * len(self.layers)
+        segments = ReuseSegments.from_keep(grid_cpu, keep_cpu, cache).to(pixel_values.device)
+        # frame index 0 for every row: it cancels within a frame's attention, and a cached key stays valid as it is
+        positions = patch_positions.index_select(0, kept) * torch.tensor([0, 1, 1], device=patch_positions.device)
         hidden_states = self.patch_embedding(pixel_values.index_select(0, kept).to(self.patch_embedding.weight.dtype))
-        position_embeddings = (*self.rotary_emb(positions), *self.rotary_emb(segments.kv_positions))
+        position_embeddings = self.rotary_emb(positions)
         for layer in self.layers:
             hidden_states = layer(hidden_states, position_embeddings, segments, **kwargs)
+        if cache is not None:
+            cache.seen = segments.last >= 0
         return BaseModelOutput(last_hidden_state=self.post_layernorm(hidden_states))
 
     def absolute_positions(
@@ -641,13 +725,15 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
         visual_keep_mask: torch.Tensor | None = None,
         prune_threshold: float | None = None,
         frame_offsets: torch.Tensor | None = None,
+        reuse_cache: ReuseCache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Returns (features of the kept visual tokens (T_kept, D_llm), keep mask (T,), patches the tower ran on).
 
         The keep mask is `visual_keep_mask` (what the processor expanded the text to) when given, else recomputed
         from the pixels with this model's config (the one source of the pruning settings), or with
-        `prune_threshold` in place of the config's threshold when that is given. `frame_offsets`: see the tower."""
+        `prune_threshold` in place of the config's threshold when that is given. `frame_offsets`, `reuse_cache`:
+        see the tower (a streamed clip's chunks)."""
         grid_thw = grid_thw.to(pixel_values.device).long()
         merge_sizes = self._merge_sizes(grid_thw, merge_sizes)
         validate_visual_inputs(pixel_values, grid_thw, self.config.vision_config.patch_dim, patch_positions,
@@ -670,14 +756,18 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
         projector_device = self.projector.linear_1.weight.device
         if self.config.prune_stage not in PRUNE_STAGES:  # set after loading (from_pretrained kwargs do) skips the check
             raise ValueError(f"prune_stage must be one of {PRUNE_STAGES}, got {self.config.prune_stage!r}")
-        if self.config.prune_stage != "post_encoder" and not bool(visual_keep_mask.all()):
+        reuse = self.config.prune_stage == "pre_encoder_reuse"
+        if reuse and reuse_cache is None and frame_offsets is not None and bool((frame_offsets != 0).any()):
+            raise ValueError("prune_stage='pre_encoder_reuse': a chunk that continues a clip needs the reuse_cache of "
+                             "the chunks before it (encode_video_chunks keeps one)")  # fmt: skip
+        if reuse_cache is not None and not reuse:
+            raise ValueError(f"reuse_cache is for prune_stage='pre_encoder_reuse', not {self.config.prune_stage!r}")
+        # a streamed chunk that keeps everything still fills the reuse cache, so it takes the reuse path too
+        if self.config.prune_stage != "post_encoder" and (reuse_cache is not None or not bool(visual_keep_mask.all())):
             patch_keep = patch_keep_mask(visual_keep_mask, grid_thw, merge_sizes)
-            reuse = self.config.prune_stage == "pre_encoder_reuse"
-            if reuse and frame_offsets is not None and bool((frame_offsets != 0).any()):
-                raise ValueError("prune_stage='pre_encoder_reuse' encodes a video in one call, not in streamed chunks")
             features = self.vision_tower(
                 pixel_values, grid_thw, patch_positions, patch_keep_mask=patch_keep, frame_offsets=frame_offsets,
-                **({"reuse": True} if reuse else {}), **kwargs,
+                **({"reuse": True, "reuse_cache": reuse_cache} if reuse else {}), **kwargs,
             ).last_hidden_state
             features = self.projector(features.to(projector_device), token_merge[visual_keep_mask])
             return features, visual_keep_mask, int(patch_keep.sum())
@@ -733,11 +823,9 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
         in t; derived when absent) and visual_keep_mask (recomputed with this model's config when absent or when
         `prune_threshold` is given, with the pruning reference carried from the previous chunk). prune_stage
         "pre_encoder" drops each chunk's pruned patches before the tower. With attention_scope "clip" a frame attends
-        to the whole clip, which no chunking can reproduce: that is refused, as is "pre_encoder_reuse" (its keys come
-        from earlier frames, which would have to be carried across chunks)."""
-        if self.config.prune_stage == "pre_encoder_reuse":
-            raise ValueError("encode_video_chunks: prune_stage='pre_encoder_reuse' is not streamed yet; use "
-                             "'pre_encoder' or 'post_encoder' for a streamed video")  # fmt: skip
+        to the whole clip, which no chunking can reproduce: that is refused. "pre_encoder_reuse" carries each tower
+        layer's keys / values of the positions computed so far from chunk to chunk (a ReuseCache: 2 x layers x one
+        frame's patches x width), so its pruned positions read what the frames before the chunk computed."""
         if self.config.vision_config.attention_scope != "frame":
             raise ValueError(
                 f"encode_video_chunks needs attention_scope='frame' (this tower's is "
@@ -746,6 +834,7 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
             )
         rule = self.pruning_rule(prune_threshold)
         features, keeps, frames, tower_tokens, layout, carry = [], [], 0, 0, None, None
+        cache = ReuseCache() if self.config.prune_stage == "pre_encoder_reuse" else None
         for index, chunk in enumerate(chunks):
             pixel_values = torch.as_tensor(chunk["pixel_values"])
             grid_thw = torch.as_tensor(chunk["grid_thw"]).to(pixel_values.device).long()
@@ -770,7 +859,7 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
             positions = chunk.get("patch_positions")
             out, keep, n_tower = self.get_visual_features(
                 pixel_values, grid_thw, merge_sizes, None if positions is None else torch.as_tensor(positions),
-                torch.as_tensor(keep), frame_offsets=torch.tensor([frames]),
+                torch.as_tensor(keep), frame_offsets=torch.tensor([frames]), reuse_cache=cache,
             )  # fmt: skip
             features.append(out)
             keeps.append(keep)

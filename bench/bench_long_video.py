@@ -3,7 +3,7 @@
 and time against 10x a 360-frame run. Each run is a fresh process, so its peak RSS is its own.
 
     python bench/bench_long_video.py [--frames 3600] [--size 448] [--chunk-frames 64] [--repeats 2]
-        [--prune-stage pre_encoder|post_encoder] [--tower tiny|root]
+        [--prune-stage pre_encoder|post_encoder|pre_encoder_reuse] [--tower tiny|root]
 
 `--tower root` puts the root config.json's vision tower (so400m shape) behind the tiny LLM; it is for trying a few
 frames (`--frames 20`): at that width an hour takes hours on a CPU.
@@ -181,7 +181,8 @@ if __name__ == "__main__":
     parser.add_argument("--chunk-frames", type=int, default=64, help="frames decoded, processed and encoded at once")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-patches-per-chunk", type=int, help="override the tower's chunking (0 = off)")
-    parser.add_argument("--prune-stage", choices=("pre_encoder", "post_encoder"), help="default: the config's")
+    parser.add_argument("--prune-stage", choices=("pre_encoder", "post_encoder", "pre_encoder_reuse"),
+                        help="default: the config's")
     parser.add_argument("--tower", choices=("tiny", "root"), default="tiny")
     parser.add_argument("--video-backend", choices=("decord", "pyav"), help="default: load_media's (decord first)")
     args = parser.parse_args()

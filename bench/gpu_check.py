@@ -151,17 +151,28 @@ def check_flash_varlen(device, quick: bool) -> list[Check]:
     tower = OmniVMedVisionModel(OmniVMedVisionConfig(**vision)).to(device).eval()
     sizes = PACKED_SIZES[:3] if quick else PACKED_SIZES
     pv, grid = packed_images(sizes, vision["patch_size"], device, torch.float32, frames=2 if quick else 8)
+    # pre_encoder_reuse: the video's later frames keep a quarter of their patches as queries but attend to every
+    # position, so its varlen call has cu_seqlens_q != cu_seqlens_k
+    keep = torch.ones(pv.shape[0], dtype=torch.bool)
+    per_frame = int(grid[-1, 1] * grid[-1, 2])
+    later = torch.rand(pv.shape[0] - int(grid[:-1].prod(-1).sum()) - per_frame, generator=torch.Generator().manual_seed(1))
+    keep[pv.shape[0] - later.numel() :] = later < 0.25
+    keep = keep.to(device)
     with torch.inference_mode():
         tower.set_attn_implementation("eager")
         reference = tower(pv, grid).last_hidden_state
+        reference_reuse = tower(pv, grid, patch_keep_mask=keep, reuse=True).last_hidden_state
         tower.to(torch.bfloat16)
         tower.set_attn_implementation("sdpa")
         sdpa = tower(pv.bfloat16(), grid).last_hidden_state.float()
-    sdpa_err = _mean_rel(sdpa, reference)
+        sdpa_reuse = tower(pv.bfloat16(), grid, patch_keep_mask=keep, reuse=True).last_hidden_state.float()
+    sdpa_err, sdpa_reuse_err = _mean_rel(sdpa, reference), _mean_rel(sdpa_reuse, reference_reuse)
     detail = (f"{pv.shape[0]} patches in {len(grid)} items ({len(sizes)} image sizes + a video), "
               f"{vision['num_hidden_layers']} layers")
     rows = [Check("sdpa (bf16) vs the fp32 eager tower", "pass" if sdpa_err <= 2e-2 else "fail",
-                  f"mean rel err {sdpa_err:.2e}", "<= 2e-2", detail)]  # fmt: skip
+                  f"mean rel err {sdpa_err:.2e}", "<= 2e-2", detail),
+            Check("sdpa (bf16) vs the fp32 eager tower, pre_encoder_reuse", "pass" if sdpa_reuse_err <= 2e-2 else "fail",
+                  f"mean rel err {sdpa_reuse_err:.2e}", "<= 2e-2", f"{int(keep.sum())} of {keep.numel()} patches kept")]  # fmt: skip
     cuda = torch.device(device).type == "cuda"
     available = [name for name, ok in (("flash_attention_3", is_flash_attn_3_available()),
                                        ("flash_attention_2", is_flash_attn_2_available())) if ok]  # fmt: skip
@@ -173,11 +184,15 @@ def check_flash_varlen(device, quick: bool) -> list[Check]:
         with torch.inference_mode():
             tower.set_attn_implementation(implementation)
             flash = tower(pv.bfloat16(), grid).last_hidden_state.float()
-        err = _mean_rel(flash, reference)
-        rows.append(Check(f"{implementation} varlen (bf16) vs the fp32 eager tower, no worse than sdpa",
-                          "pass" if err <= 1.5 * sdpa_err + 1e-3 else "fail",
-                          f"mean rel err {err:.2e} (sdpa {sdpa_err:.2e}); flash vs sdpa {_mean_rel(flash, sdpa):.2e}",
-                          "<= 1.5 x sdpa's", detail))  # fmt: skip
+            flash_reuse = tower(pv.bfloat16(), grid, patch_keep_mask=keep, reuse=True).last_hidden_state.float()
+        for label, got, ref, sdpa_out, sdpa_e in (("", flash, reference, sdpa, sdpa_err),
+                                                  (", pre_encoder_reuse", flash_reuse, reference_reuse, sdpa_reuse,
+                                                   sdpa_reuse_err)):  # fmt: skip
+            err = _mean_rel(got, ref)
+            rows.append(Check(f"{implementation} varlen (bf16) vs the fp32 eager tower{label}, no worse than sdpa",
+                              "pass" if err <= 1.5 * sdpa_e + 1e-3 else "fail",
+                              f"mean rel err {err:.2e} (sdpa {sdpa_e:.2e}); flash vs sdpa {_mean_rel(got, sdpa_out):.2e}",
+                              "<= 1.5 x sdpa's", detail))  # fmt: skip
     return rows
 
 

@@ -88,6 +88,7 @@ def test_gpu_check_cpu_quick_runs_every_check(tmp_path):
     assert code == 0, report
     assert report["device"].startswith("CPU")
     assert checks["sdpa (bf16) vs the fp32 eager tower"]["status"] == "pass"
+    assert checks["sdpa (bf16) vs the fp32 eager tower, pre_encoder_reuse"]["status"] == "pass"
     flash = checks["flash-attention varlen == sdpa"]
     assert flash["status"] == "skipped" and flash["measured"] == "no CUDA device"
     splits = [c for n, c in checks.items() if n.startswith("device split")]
@@ -107,7 +108,7 @@ def test_gpu_check_reports_a_failing_check_as_a_row(tmp_path, monkeypatch):
     code = gpu_check.main(["--cpu-quick", "--only", "flash_varlen,generation", "--out", str(tmp_path)])
     checks = json.loads((tmp_path / "gpu_check.json").read_text())["checks"]
     assert code == 1
-    assert [c["status"] for c in checks] == ["pass", "skipped", "error"]
+    assert [c["status"] for c in checks] == ["pass", "pass", "skipped", "error"]
     assert "kernel exploded" in checks[-1]["measured"]
 
 

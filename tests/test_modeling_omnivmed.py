@@ -211,6 +211,48 @@ def test_eager_and_sdpa_agree():
     torch.testing.assert_close(outs["eager"], outs["sdpa"], atol=1e-5, rtol=1e-4)
 
 
+def _varlen_reference(module, query, key, value, attention_mask, scaling, dropout=0.0, cu_seq_lens_q=None,
+                      cu_seq_lens_k=None, max_length_q=None, max_length_k=None, is_causal=False, **kwargs):
+    """What flash_attn_varlen_func computes, in plain torch: query (1, H, Nq, D) and key / value (1, H, Nk, D) cut
+    into segments by their own cu_seqlens, each query segment attending to its key segment only."""
+    assert attention_mask is None and not is_causal and query.shape[0] == 1
+    cu_q, cu_k = cu_seq_lens_q.tolist(), cu_seq_lens_k.tolist()
+    assert len(cu_q) == len(cu_k) and cu_q[-1] == query.shape[2] and cu_k[-1] == key.shape[2]
+    assert max_length_q == max(b - a for a, b in zip(cu_q, cu_q[1:]))
+    assert max_length_k == max(b - a for a, b in zip(cu_k, cu_k[1:]))
+    outs = [torch.nn.functional.scaled_dot_product_attention(query[:, :, q0:q1], key[:, :, k0:k1], value[:, :, k0:k1],
+                                                             scale=scaling)
+            for q0, q1, k0, k1 in zip(cu_q, cu_q[1:], cu_k, cu_k[1:])]  # fmt: skip
+    return torch.cat(outs, dim=2).transpose(1, 2), None
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_flash_varlen_packing_equals_sdpa(reuse):
+    """The flash-attention branch (packed rows + cu_seqlens, no per-segment batching) run on the CPU through a
+    reference varlen function registered in transformers' AttentionInterface under a "flash" name: a mixed batch
+    with a keep mask gives the sdpa features, pre-encoder (kept patches only) and pre_encoder_reuse (a frame's
+    queries are its kept patches, its keys every position, so cu_seqlens_q and cu_seqlens_k differ)."""
+    from transformers import AttentionInterface
+
+    calls = []
+    AttentionInterface.register("flash_varlen_reference", lambda *a, **k: calls.append(1) or _varlen_reference(*a, **k))
+    grids = [[1, 4, 6], [5, 4, 4], [1, 2, 2], [3, 4, 4]]
+    pv, grid = visual_inputs(grids)
+    keep = torch.rand(pv.shape[0], generator=torch.Generator().manual_seed(2)) > 0.5
+    keep[24:40] = True  # the volume's first frame whole, as pruning keeps it
+    keep[40 + 16 : 40 + 32] = False  # and a frame with no query at all
+    out = {}
+    model = make_model()
+    for impl in ("sdpa", "flash_varlen_reference"):
+        tower(model).config._attn_implementation = impl
+        with torch.no_grad():
+            out[impl] = tower(model)(pv, grid, merge_sizes=torch.full((4,), 2), patch_keep_mask=keep,
+                                     reuse=reuse).last_hidden_state  # fmt: skip
+    assert out["sdpa"].shape[0] == int(keep.sum())
+    assert len(calls) == model.config.vision_config.num_hidden_layers  # one packed call per layer
+    torch.testing.assert_close(out["flash_varlen_reference"], out["sdpa"], atol=1e-5, rtol=1e-5)
+
+
 def test_bfloat16_forward_runs_on_cpu():
     model = make_model().to(torch.bfloat16)
     pv, grid = visual_inputs([[2, 4, 4]])
@@ -514,13 +556,14 @@ def _streaming_setup(square_clip, stage, reference):
     return model, processor, prompt
 
 
-@pytest.mark.parametrize("stage", ["post_encoder", "pre_encoder"])
+@pytest.mark.parametrize("stage", ["post_encoder", "pre_encoder", "pre_encoder_reuse"])
 @pytest.mark.parametrize("reference", ["last_kept", "previous"])
 def test_streamed_video_answers_as_the_one_shot_inputs(square_clip, stage, reference):
     """A PyAV-written clip streamed in chunks (of 1 frame; of 5, not dividing its 13) through the processor and
     `encode_video_chunks` gives the one-shot call's keep mask, tower work and features (to float rounding: the tower
     multiplies other row counts), a prompt expanded to the same ids, and the same generated answer through
-    `generate(mm_encoder_outputs=...)` as `generate(**one_shot_inputs)`."""
+    `generate(mm_encoder_outputs=...)` as `generate(**one_shot_inputs)`. pre_encoder_reuse carries its keys / values
+    across the chunk borders (a ReuseCache), so a chunk's pruned positions read the earlier chunks' rows."""
     model, processor, prompt = _streaming_setup(square_clip, stage, reference)
     one = processor(text=prompt, videos=[str(square_clip)], return_tensors="pt")
     keep = one["visual_keep_mask"]
@@ -538,7 +581,7 @@ def test_streamed_video_answers_as_the_one_shot_inputs(square_clip, stage, refer
             assert visual.grid_thw.tolist() == one["grid_thw"].tolist() == [[13, 8, 8]]
             assert visual.merge_sizes.tolist() == one["merge_sizes"].tolist()
             assert visual.num_tower_tokens == expected.num_tower_tokens
-            assert (visual.num_tower_tokens < 13 * 64) == (stage == "pre_encoder")
+            assert (visual.num_tower_tokens < 13 * 64) == (stage != "post_encoder")
             torch.testing.assert_close(visual.pooler_output[0], expected.pooler_output[0], atol=1e-5, rtol=1e-5)
             inputs = processor.prompt_inputs(prompt, visual, return_tensors="pt")
             assert torch.equal(inputs["input_ids"], one["input_ids"])
