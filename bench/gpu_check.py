@@ -308,7 +308,7 @@ def check_device_split(device, quick: bool) -> list[Check]:
     assert kept < inputs["visual_keep_mask"].numel(), "the repeated frame should have been pruned"
     other = torch.device(device)
     rows = []
-    for stage in ("post_encoder", "pre_encoder"):
+    for stage in ("post_encoder", "pre_encoder", "pre_encoder_reuse"):
         # the 1.5B shape's width with 4 layers each side: fp32 at full depth is 7 GB per copy, and the check is
         # about placement (every tensor following its layer), which 4 layers exercise as well as 28
         shape, layers = ("tiny", None) if quick else ("1.5B", 4)

@@ -92,7 +92,7 @@ def test_gpu_check_cpu_quick_runs_every_check(tmp_path):
     flash = checks["flash-attention varlen == sdpa"]
     assert flash["status"] == "skipped" and flash["measured"] == "no CUDA device"
     splits = [c for n, c in checks.items() if n.startswith("device split")]
-    assert len(splits) == 4 and all(c["status"] == "pass" for c in splits)
+    assert len(splits) == 6 and all(c["status"] == "pass" for c in splits)
     assert any("tokens/s" in c["measured"] for n, c in checks.items() if n.startswith("generation"))
     assert sum("MFU" in n for n in checks) == 2
     assert "## GPU check on CPU" in (tmp_path / "gpu_check.md").read_text()
