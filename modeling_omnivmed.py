@@ -169,10 +169,11 @@ class ReuseSegments:
             q_lens.append(k.sum(1)[has_query])
             kv_lens.append(seen.sum(1))
             offset, last = offset + t * n, running[-1]
-        q_lens, kv_lens = torch.cat(q_lens), torch.cat(kv_lens)
+        empty = torch.zeros(0, dtype=torch.long)
+        q_lens, kv_lens = torch.cat([empty, *q_lens]), torch.cat([empty, *kv_lens])
         cu_q = torch.nn.functional.pad(torch.cumsum(q_lens, 0), (1, 0)).to(torch.int32)
         cu_k = torch.nn.functional.pad(torch.cumsum(kv_lens, 0), (1, 0)).to(torch.int32)
-        kv_source = torch.cat(sources)
+        kv_source = torch.cat([empty, *sources])
         groups = []
         pairs = torch.stack([q_lens, kv_lens], 1)
         for lq, lk in torch.unique(pairs, dim=0).tolist():

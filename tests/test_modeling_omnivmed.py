@@ -198,6 +198,9 @@ def test_tower_on_no_patches_returns_no_features(scope):
     model = make_model(vision_config={"attention_scope": scope})
     out = tower(model)(torch.zeros(0, 48), torch.zeros(0, 3, dtype=torch.long)).last_hidden_state
     assert out.shape == (0, model.config.vision_config.hidden_size)
+    if scope == "frame":  # the pre_encoder_reuse tower too
+        out = tower(model)(torch.zeros(0, 48), torch.zeros(0, 3, dtype=torch.long), reuse=True).last_hidden_state
+        assert out.shape == (0, model.config.vision_config.hidden_size)
 
 
 def test_eager_and_sdpa_agree():
@@ -209,6 +212,36 @@ def test_eager_and_sdpa_agree():
         model.set_attn_implementation(impl)
         outs[impl] = model(input_ids=ids, pixel_values=pv, grid_thw=grid, prune_threshold=0.0).logits
     torch.testing.assert_close(outs["eager"], outs["sdpa"], atol=1e-5, rtol=1e-4)
+
+
+def test_reuse_cache_carries_a_clip_across_tower_calls_and_refuses_other_clips():
+    """The tower streamed a few frames at a time with one ReuseCache gives the one-shot reuse features; a cache is one
+    clip's: a packed batch of two items, or frames of another size, are refused."""
+    from omnivmed.modeling_omnivmed import ReuseCache
+
+    model = make_model(seed=1)
+    t, h, w = 7, 4, 4
+    pv, grid = visual_inputs([[t, h, w]])
+    keep = torch.rand(t * h * w, generator=torch.Generator().manual_seed(3)) > 0.6
+    keep[: h * w] = True
+    with torch.no_grad():
+        whole = tower(model)(pv, grid, patch_keep_mask=keep, reuse=True).last_hidden_state
+        cache, parts, start = ReuseCache(), [], 0
+        for frames in (2, 1, 4):
+            rows = slice(start * h * w, (start + frames) * h * w)
+            parts.append(tower(model)(pv[rows], torch.tensor([[frames, h, w]]), patch_keep_mask=keep[rows],
+                                      frame_offsets=torch.tensor([start]), reuse=True,
+                                      reuse_cache=cache).last_hidden_state)  # fmt: skip
+            start += frames
+        torch.testing.assert_close(torch.cat(parts), whole, atol=1e-5, rtol=1e-5)
+        assert len(cache.keys) == model.config.vision_config.num_hidden_layers and cache.seen.all()
+        with pytest.raises(ValueError, match="one clip: grid_thw must be \\(1, 3\\)"):
+            two, two_grid = visual_inputs([[1, h, w], [1, h, w]])
+            tower(model)(two, two_grid, reuse=True, reuse_cache=ReuseCache())
+        with pytest.raises(ValueError, match="holds frames of 16 patches, this chunk's have 8"):
+            tower(model)(pv[:8], torch.tensor([[1, 2, 4]]), reuse=True, reuse_cache=cache)
+        with pytest.raises(ValueError, match="reuse_cache is for the pre_encoder_reuse tower"):
+            tower(model)(pv, grid, reuse_cache=ReuseCache())
 
 
 def _varlen_reference(module, query, key, value, attention_mask, scaling, dropout=0.0, cu_seq_lens_q=None,
