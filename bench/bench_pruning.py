@@ -89,14 +89,13 @@ def time_arms(model, arms: dict, repeats: int) -> dict:
 
 
 def measure(model, processor, block: dict, repeats: int) -> tuple[torch.Tensor, dict]:
-    """(keep mask, median seconds per arm) of one input: unpruned, post-encoder and pre-encoder pruning."""
+    """(keep mask, median seconds per arm) of one input: unpruned, post-encoder, pre-encoder and pre-encoder-reuse
+    pruning."""
     full = inputs_for(processor, block, 0.0)
     pruned = inputs_for(processor, block, None)
-    times = time_arms(
-        model,
-        {"unpruned": (full, "post_encoder"), "post": (pruned, "post_encoder"), "pre": (pruned, "pre_encoder")},
-        repeats,
-    )
+    arms = {"unpruned": (full, "post_encoder"), "post": (pruned, "post_encoder"), "pre": (pruned, "pre_encoder"),
+            "reuse": (pruned, "pre_encoder_reuse")}  # fmt: skip
+    times = time_arms(model, arms, repeats)
     return pruned["visual_keep_mask"], times
 
 
@@ -123,11 +122,11 @@ def run(configs=("tiny",), repeats: int = 3, quick: bool = False) -> list:
         model = model_for(config_name, tokenizer)
         for name, block in media.items():
             kept, times = measure(model, processor, block, 1 if quick else repeats)
-            for stage in ("post", "pre"):
+            for stage, label in (("post", "post-encoder"), ("pre", "pre-encoder"), ("reuse", "pre-encoder reuse")):
                 ratio = times["unpruned"] / times[stage]
                 rows.append(
                     Row(
-                        "Pruning", f"{name}, {config_name} config: forward speed-up, {stage}-encoder pruning",
+                        "Pruning", f"{name}, {config_name} config: forward speed-up, {label} pruning",
                         f"{100 * kept.float().mean():.1f} % of {kept.numel()} tokens kept; "
                         f"{times['unpruned']:.2f} s unpruned vs {times[stage]:.2f} s pruned",
                         ratio, "-", None, f"python bench/bench_pruning.py --configs {config_name}",
@@ -166,16 +165,18 @@ def main(argv=None):
             print(f"montage: {out}")
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, sdpa attention, float32")
-    print("| input | config | tokens | kept % | unpruned s | post s | pre s | speed-up post | speed-up pre |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| input | config | tokens | kept % | unpruned s | post s | pre s | reuse s | speed-up post | speed-up pre | "
+          "speed-up reuse |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for config_name in args.configs.split(","):
         model = model_for(config_name, tokenizer)
         for name, block in media.items():
             kept, times = measure(model, processor, block, args.repeats)
             print(
                 f"| {name} | {config_name} | {kept.numel()} | {100 * kept.float().mean():.1f} | "
-                f"{times['unpruned']:.2f} | {times['post']:.2f} | {times['pre']:.2f} | "
-                f"{times['unpruned'] / times['post']:.2f}x | {times['unpruned'] / times['pre']:.2f}x |",
+                f"{times['unpruned']:.2f} | {times['post']:.2f} | {times['pre']:.2f} | {times['reuse']:.2f} | "
+                f"{times['unpruned'] / times['post']:.2f}x | {times['unpruned'] / times['pre']:.2f}x | "
+                f"{times['unpruned'] / times['reuse']:.2f}x |",
                 flush=True,
             )
 
