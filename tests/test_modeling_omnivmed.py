@@ -506,7 +506,7 @@ def _dispatched(device_map, **overrides):
     return model
 
 
-@pytest.mark.parametrize("stage", ["post_encoder", "pre_encoder"])
+@pytest.mark.parametrize("stage", ["post_encoder", "pre_encoder", "pre_encoder_reuse"])
 @pytest.mark.parametrize("device_map", [
     # tower and projector on one device, the LLM on another
     {"model.vision_tower": "cpu", "model.projector": "cpu", "model.language_model": "meta", "lm_head": "meta"},
