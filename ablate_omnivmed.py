@@ -882,7 +882,9 @@ def write_report(args, out: Path, results, timing: dict) -> Path:
             "with `prune_stage` pinned in its config: stage 3 trains with it and the held-out rows are scored with "
             "it (threshold 0.1, last_kept), as a user of that checkpoint runs it. Pre-encoder pruning drops the "
             "pruned blocks' patches before the tower, so kept patches attend only to kept patches of their frame; "
-            "post-encoder runs the tower on every patch and drops tokens after it. Accuracy in %.",
+            "pre-encoder reuse runs only the kept patches too, but each attends to every position of its frame, a "
+            "pruned position's key and value taken from where it was last computed; post-encoder runs the tower on "
+            "every patch and drops tokens after it. Accuracy in %.",
             "",
             stage_table(results),
             "",
