@@ -144,10 +144,6 @@ def build_base(out: Path, seed: int, vision_overrides: dict, prune_stage: str | 
     if (out / "config.json").exists():
         return out
     build_tiny(out, seed)
-    if prune_stage is not None:  # config.json is the one source of pruning settings; the weights are unchanged
-        config = OmniVMedConfig.from_pretrained(out)
-        config.prune_stage = prune_stage
-        config.save_pretrained(out)
     if vision_overrides:  # same text model and tokenizer as build_tiny, other tower config
         tokenizer = build_tiny_tokenizer(seed=0)
         text = dict(TINY_TEXT, vocab_size=-(-len(tokenizer) // 64) * 64, pad_token_id=tokenizer.pad_token_id,
@@ -159,6 +155,10 @@ def build_base(out: Path, seed: int, vision_overrides: dict, prune_stage: str | 
         processor = OmniVMedProcessor.from_pretrained(out, trust_remote_code=True)
         save_hub_folder(model, processor, out, title="OmniV-Med tiny ablation arm (random weights)",
                         description=f"vision overrides {vision_overrides}", repo=out.name)  # fmt: skip
+    if prune_stage is not None:  # config.json is the one source of pruning settings; the weights are unchanged
+        config = OmniVMedConfig.from_pretrained(out)
+        config.prune_stage = config.train_prune_stage = prune_stage  # the arm trains and answers with its stage
+        config.save_pretrained(out)
     processor = OmniVMedProcessor.from_pretrained(out, trust_remote_code=True, **data_omnivmed.DEFAULT_PROCESSOR)
     processor.save_pretrained(out)
     return out
@@ -298,7 +298,9 @@ def run_worker(spec: dict) -> None:
     out = Path(spec["dir"])
     data = Path(spec["data"])
     vision, schedule = ARMS[spec["arm"]]
-    base = build_base(out / "base", spec["seed"], vision, STAGE_ARMS.get(spec["arm"]))
+    # the claim 1 / 3 arms pinned to post-encoder, as they were measured (and the learned-table and clip-scope
+    # towers cannot run pre_encoder_reuse)
+    base = build_base(out / "base", spec["seed"], vision, STAGE_ARMS.get(spec["arm"], "post_encoder"))
     if spec.get("tower_warmup_steps"):  # as train_trl does for its fresh tiny model: the same start for every arm
         stage1 = load_rows([data / "stage1.jsonl"], data)
         base = train_trl.warm_up_tower(base, stage1, out / "tower-warmup", spec["tower_warmup_steps"], 1e-3,

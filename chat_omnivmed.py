@@ -53,8 +53,10 @@ def main(argv=None):
     parser.add_argument("--prune-threshold", type=float, default=None,
                         help="token pruning threshold for volumes / videos (0 keeps every token; default: the model's)")
     parser.add_argument("--prune-stage", choices=PRUNE_STAGES, default=None,
-                        help="pruning before the tower (pre_encoder: much faster on long volumes / videos) or after it "
-                        "(post_encoder); default: the model's")
+                        help="where pruning happens: post_encoder (every patch through the tower, the default), "
+                        "pre_encoder_reuse (kept patches only through the tower, attending to their whole frame: much "
+                        "faster on volumes / videos, see README) or pre_encoder (kept patches seeing only kept "
+                        "patches); default: the model's")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--system", default=None, help="a system prompt instead of the template's default")
     parser.add_argument("--device", default="auto")

@@ -116,14 +116,18 @@ class OmniVMedConfig(PreTrainedConfig):
     prune_threshold (`float`): mean |delta| below which a merged token repeating its reference is dropped; 0 = off.
     prune_reference (`str`): `"last_kept"` (default; slow drift is refreshed) or `"previous"` (the paper).
     prune_unit (`str`): `"normalized"` (pixels as the tower sees them) or `"intensity"` (the [0, 1] scale).
-    prune_stage (`str`): `"pre_encoder_reuse"` (default for our own checkpoints): the tower runs only the kept
-        patches, but a kept patch still attends to every position of its frame: a pruned position's key and value at
-        each layer are those computed where that position was last kept (it changed less than the threshold since).
-        About 4x (a 64-slice MNI volume) to 28x (a static-camera video) fewer patches through the tower; EVIDENCE.md "Claim 2, deployed" (8 seeds) found no accuracy
-        change against post-encoder on any volume or video task. `"post_encoder"` (the paper's, and what converted
-        Hulu-Med / VideoLLaMA3 checkpoints keep): run the tower on every patch, drop tokens after it. `"pre_encoder"`:
-        drop the pruned tokens' patches before the tower, so kept patches see only kept patches (fastest, but it loses
-        the level-in-volume task, EVIDENCE.md).
+    prune_stage (`str`): where pruning happens when the model answers (eval mode). `"post_encoder"` (default, the
+        paper's, and what converted Hulu-Med / VideoLLaMA3 checkpoints keep): run the tower on every patch, drop
+        tokens after it, so each kept token is computed with its whole slice / frame in view. `"pre_encoder_reuse"`
+        (opt-in, 3.8-26x faster volumes and videos end to end at real scale): the tower runs only the kept patches,
+        but a kept patch still attends to every position of its frame: a pruned position's key and value at each
+        layer are those computed where that position was last kept (it changed less than the threshold since);
+        EVIDENCE.md measured its cost ("Claim 2 at the embedded default's budget": 3D + video −1.4 ± 1.7 points, up
+        to −21 on one task of one seed), which kept the default. `"pre_encoder"`: drop the pruned tokens' patches
+        before the tower, so kept patches see only kept patches (fastest; it loses the level-in-volume task).
+    train_prune_stage (`str` or None): the stage in training mode (`model.train()`); None: `prune_stage`. Default
+        `"post_encoder"`: the tower learns from whole frames whatever stage answers (EVIDENCE.md: training with
+        pre_encoder_reuse went worse than training with post-encoder and answering with it).
     prune_keep_first_frame (`bool`): keep the first frame whole (ours); False reproduces the successor code, whose
         first frame keeps only `prune_min_tokens` tokens.
     prune_min_tokens / prune_min_tokens_pick: every frame keeps at least this many tokens, the most changed ones
@@ -153,7 +157,8 @@ class OmniVMedConfig(PreTrainedConfig):
     prune_threshold: float = 0.1
     prune_reference: str = "last_kept"
     prune_unit: str = "normalized"
-    prune_stage: str = "pre_encoder_reuse"
+    prune_stage: str = "post_encoder"
+    train_prune_stage: str | None = "post_encoder"
     prune_keep_first_frame: bool = True
     prune_min_tokens: int = 1
     prune_min_tokens_pick: str = "most_changed"
@@ -170,6 +175,7 @@ class OmniVMedConfig(PreTrainedConfig):
             ("prune_reference", self.prune_reference, PRUNE_REFERENCES),
             ("prune_unit", self.prune_unit, PRUNE_UNITS),
             ("prune_stage", self.prune_stage, PRUNE_STAGES),
+            ("train_prune_stage", self.train_prune_stage, (None, *PRUNE_STAGES)),
             ("prune_min_tokens_pick", self.prune_min_tokens_pick, ("most_changed", "first")),
         ):
             if value not in allowed:

@@ -807,13 +807,16 @@ def format_table(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_default(model_dir: Path, eval_jsonl: Path, data_root: Path, batch_size: int = 16, examples: int = 8) -> dict:
-    """Load the saved model through the Auto classes, answer the held-out questions (greedy), score them."""
+def evaluate_default(model_dir: Path, eval_jsonl: Path, data_root: Path, batch_size: int = 16, examples: int = 8,
+                     prune_stage: str | None = None) -> dict:  # fmt: skip
+    """Load the saved model through the Auto classes, answer the held-out questions (greedy), score them;
+    `prune_stage` in place of the checkpoint's."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
 
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=True).eval()
+    stage = {} if prune_stage is None else {"prune_stage": prune_stage}
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=True, **stage).eval()
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
     rows = load_rows([eval_jsonl], data_root)
     collator = OmniVMedCollator(processor)
@@ -847,11 +850,12 @@ def evaluate_default(model_dir: Path, eval_jsonl: Path, data_root: Path, batch_s
         if len(shown) >= examples:
             break
     overall = sum(r["accuracy"] * r["n"] for r in report["table"]) / max(1, sum(r["n"] for r in report["table"]))
-    text = ["", "Held-out accuracy (exact match, greedy decoding):", format_table(report["table"]),
+    text = ["", f"Held-out accuracy (exact match, greedy decoding, prune_stage {model.config.prune_stage}):",
+            format_table(report["table"]),
             f"overall: {overall:.1%} on {len(rows)} questions", "", "Examples (question / expected / answer):"]  # fmt: skip
     for s in shown:
         text.append(f"  [{s['media']}] {s['question']} / {s['expected']} / {s['answer']!r}")
-    report.update(text="\n".join(text), examples=shown, overall=overall, n=len(rows))
+    report.update(text="\n".join(text), examples=shown, overall=overall, n=len(rows), prune_stage=model.config.prune_stage)
     return report
 
 

@@ -711,6 +711,16 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
                     keep_first_frame=c.prune_keep_first_frame, min_tokens=c.prune_min_tokens,
                     min_tokens_pick=c.prune_min_tokens_pick, num_channels=c.vision_config.num_channels)  # fmt: skip
 
+    def active_prune_stage(self) -> str:
+        """The pruning stage this forward runs: `train_prune_stage` in training mode when set, else `prune_stage`."""
+        c = self.config
+        training = self.training and getattr(c, "train_prune_stage", None) is not None
+        stage = c.train_prune_stage if training else c.prune_stage
+        if stage not in PRUNE_STAGES:  # set after loading (from_pretrained kwargs do) skips the config's check
+            name = "train_prune_stage" if training else "prune_stage"
+            raise ValueError(f"{name} must be one of {PRUNE_STAGES}, got {stage!r}")
+        return stage
+
     def visual_keep_mask(
         self, pixel_values, grid_thw, merge_sizes, prune_threshold: float | None = None
     ) -> torch.Tensor:
@@ -755,16 +765,15 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
         # the projector may sit on another device than the tower (device_map): its input goes there explicitly, so
         # the model is right without accelerate's hooks too
         projector_device = self.projector.linear_1.weight.device
-        if self.config.prune_stage not in PRUNE_STAGES:  # set after loading (from_pretrained kwargs do) skips the check
-            raise ValueError(f"prune_stage must be one of {PRUNE_STAGES}, got {self.config.prune_stage!r}")
-        reuse = self.config.prune_stage == "pre_encoder_reuse"
+        stage = self.active_prune_stage()
+        reuse = stage == "pre_encoder_reuse"
         if reuse and reuse_cache is None and frame_offsets is not None and bool((frame_offsets != 0).any()):
             raise ValueError("prune_stage='pre_encoder_reuse': a chunk that continues a clip needs the reuse_cache of "
                              "the chunks before it (encode_video_chunks keeps one)")  # fmt: skip
         if reuse_cache is not None and not reuse:
-            raise ValueError(f"reuse_cache is for prune_stage='pre_encoder_reuse', not {self.config.prune_stage!r}")
+            raise ValueError(f"reuse_cache is for prune_stage='pre_encoder_reuse', not {stage!r}")
         # a streamed chunk that keeps everything still fills the reuse cache, so it takes the reuse path too
-        if self.config.prune_stage != "post_encoder" and (reuse_cache is not None or not bool(visual_keep_mask.all())):
+        if stage != "post_encoder" and (reuse_cache is not None or not bool(visual_keep_mask.all())):
             patch_keep = patch_keep_mask(visual_keep_mask, grid_thw, merge_sizes)
             features = self.vision_tower(
                 pixel_values, grid_thw, patch_positions, patch_keep_mask=patch_keep, frame_offsets=frame_offsets,
@@ -835,7 +844,7 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
             )
         rule = self.pruning_rule(prune_threshold)
         features, keeps, frames, tower_tokens, layout, carry = [], [], 0, 0, None, None
-        cache = ReuseCache() if self.config.prune_stage == "pre_encoder_reuse" else None
+        cache = ReuseCache() if self.active_prune_stage() == "pre_encoder_reuse" else None
         for index, chunk in enumerate(chunks):
             pixel_values = torch.as_tensor(chunk["pixel_values"])
             grid_thw = torch.as_tensor(chunk["grid_thw"]).to(pixel_values.device).long()

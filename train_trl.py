@@ -50,6 +50,7 @@ if str(ROOT) not in sys.path:  # `omnivmed` (see omnivmed.py) and omnivmed_tools
 
 import data_omnivmed  # noqa: E402 (the embedded default's dataset)
 from omnivmed.collator_omnivmed import OmniVMedCollator  # noqa: E402
+from omnivmed.configuration_omnivmed import PRUNE_STAGES  # noqa: E402
 from omnivmed.modeling_omnivmed import OmniVMedForConditionalGeneration  # noqa: E402
 from omnivmed.processing_omnivmed import OmniVMedProcessor  # noqa: E402
 from omnivmed_tools import (  # noqa: E402
@@ -264,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_threads", type=int, help="torch intra-op threads per process (None: torch's; 1 for the "
                    "embedded default, whose tiny matrices run fastest on one thread and do not stall when other "
                    "processes share the cores)")  # fmt: skip
+    g.add_argument("--train_prune_stage", choices=(*PRUNE_STAGES, "same"), default=None,
+                   help="pruning stage while training (saved in the model's config as train_prune_stage; 'same': "
+                   "the model's prune_stage; default: the model's train_prune_stage, post_encoder for ours)")
     g.add_argument("--deepspeed", help="DeepSpeed JSON config (e.g. configs/ds_zero2.json)")
     g.add_argument("--check_replicas", action="store_true",
                    help="after each stage, check that all processes hold the same weights")
@@ -290,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="answer the held-out questions of the embedded default at the end")
     g.add_argument("--default_size", choices=["full", "small"], default="full",
                    help="size of the embedded default dataset (small: for smoke tests)")
+    g.add_argument("--eval_prune_stage", choices=PRUNE_STAGES, default=None,
+                   help="score the held-out questions with this pruning stage (default: the model's prune_stage; "
+                   "the saved model is not changed)")
     return p
 
 
@@ -619,6 +626,8 @@ def run_stage(plan: StagePlan, start_model: str, args, plans: list, callbacks=()
     )
     processor = load_processor(start_model, args.processor)
     load_kwargs = {"dtype": getattr(torch, args.dtype)}
+    if args.train_prune_stage:  # a config attribute: from_pretrained sets it, save_pretrained keeps it
+        load_kwargs["train_prune_stage"] = None if args.train_prune_stage == "same" else args.train_prune_stage
     if args.attn_implementation:
         load_kwargs["attn_implementation"] = args.attn_implementation
     model = args.model_class.from_pretrained(start_model, **load_kwargs)
@@ -824,7 +833,8 @@ def _main(args, callbacks) -> Path:
     _barrier()
 
     if embedded and _is_main() and args.eval != "no":
-        report = data_omnivmed.evaluate_default(final, default_items["eval"], output_dir / "data")
+        report = data_omnivmed.evaluate_default(final, default_items["eval"], output_dir / "data",
+                                                prune_stage=args.eval_prune_stage)  # fmt: skip
         data_omnivmed.append_results_to_card(final, report)
         print(report["text"])
     if args.push_to_hub and _is_main():

@@ -69,7 +69,7 @@ def test_finished_runs_are_kept_and_results_complete(quick_run):
         )
         assert not (path.parent / "final").exists()  # models are removed unless --keep_models
         # the stage arms trained and scored with their pinned stage; the others with the config default
-        assert res["final"]["prune_stage"] == A.STAGE_ARMS.get(arm, OmniVMedConfig().prune_stage), arm
+        assert res["final"]["prune_stage"] == A.STAGE_ARMS.get(arm, "post_encoder"), arm
         assert not (path.parent / "claim.pid").exists()
     sweep = json.loads(paths["rope_frame"].read_text())["final"]["sweep"]
     assert len(sweep) == 1 + 4 * 4

@@ -268,12 +268,43 @@ def test_min_tokens_pick_first_or_most_changed():
 def test_an_unknown_prune_stage_set_after_loading_is_an_error_not_post_encoder(processor, model, tmp_path):
     # from_pretrained(..., prune_stage=...) and attribute writes bypass the config's own check
     inputs = inputs_for(processor, [three_media(tmp_path)[2]])
-    model.config.prune_stage = "pre-encoder"
+    saved, model.config.prune_stage = model.config.prune_stage, "pre-encoder"
     try:
         with pytest.raises(ValueError, match="prune_stage must be one of .*'pre-encoder'"):
             model(**inputs)
     finally:
-        model.config.prune_stage = "post_encoder"
+        model.config.prune_stage = saved
+
+
+def test_training_mode_runs_train_prune_stage(tiny_config):
+    """model.train() runs `train_prune_stage` (default post_encoder: the tower sees every patch), model.eval() runs
+    `prune_stage` (here pre_encoder_reuse: only the kept patches); None trains with prune_stage too."""
+    from omnivmed.configuration_omnivmed import OmniVMedConfig
+    from omnivmed.modeling_omnivmed import OmniVMedModel
+
+    assert OmniVMedConfig().prune_stage == "post_encoder" and OmniVMedConfig().train_prune_stage == "post_encoder"
+    torch.manual_seed(0)
+    model = OmniVMedModel(tiny_config)
+    model.config.prune_stage = "pre_encoder_reuse"
+    t, h, w = 4, 4, 4
+    pixels = torch.randn(h * w, tiny_config.vision_config.patch_dim).repeat(t, 1)  # a static clip: pruned
+    grid, merge = torch.tensor([[t, h, w]]), torch.tensor([2])
+
+    def tower_patches():
+        with torch.no_grad():
+            return model.get_visual_features(pixels, grid, merge)[2]
+
+    assert tower_patches() == t * h * w  # a fresh module is in training mode: post-encoder
+    model.eval()
+    assert tower_patches() < t * h * w
+    model.train()
+    model.config.train_prune_stage = None
+    assert tower_patches() < t * h * w
+    model.config.train_prune_stage = "pre-encoder"
+    with pytest.raises(ValueError, match="train_prune_stage must be one of .*'pre-encoder'"):
+        tower_patches()
+    with pytest.raises(ValueError, match="train_prune_stage must be one of"):
+        OmniVMedConfig(train_prune_stage="later")
 
 
 @pytest.mark.parametrize(

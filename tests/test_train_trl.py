@@ -626,12 +626,16 @@ def test_embedded_default_end_to_end_is_deterministic(tmp_path, capsys):
     seed gives the same data and the same weights."""
     args = ["--default_size", "small", "--max_steps", "1,2,2", "--seed", "5", "--per_device_train_batch_size", "2",
             "--tower_warmup_steps", "2"]
-    first = main([*args, "--output_dir", str(tmp_path / "a")])
+    first = main([*args, "--output_dir", str(tmp_path / "a"), "--eval_prune_stage", "pre_encoder_reuse"])
     report = capsys.readouterr().out
     assert "Held-out accuracy" in report and "| direction | video |" in report and "chance" in report
+    assert "prune_stage pre_encoder_reuse" in report  # scored as asked; the saved model keeps its stages
+    saved = json.loads((first / "config.json").read_text())
+    assert (saved["prune_stage"], saved["train_prune_stage"]) == ("post_encoder", "post_encoder")
     card = (first / "README.md").read_text()
     assert "Embedded default results" in card and "embedded default dataset" in card and str(tmp_path) not in card
-    second = main([*args, "--output_dir", str(tmp_path / "b"), "--eval", "no"])
+    # the default training stage named explicitly: the same weights
+    second = main([*args, "--output_dir", str(tmp_path / "b"), "--eval", "no", "--train_prune_stage", "post_encoder"])
     import nibabel as nib
 
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a" / "data").rglob("*") if p.is_file())
