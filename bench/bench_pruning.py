@@ -51,7 +51,10 @@ CONFIGS = {
 
 def model_for(name: str, tokenizer) -> OmniVMedForConditionalGeneration:
     c = CONFIGS[name]
-    text = dict(c["text"], vocab_size=-(-len(tokenizer) // 64) * 64, pad_token_id=tokenizer.pad_token_id)
+    # every 1 mm MNI slice unpruned is a 10.8k-token prompt, beyond the tiny LLM's 8192 positions (which the model
+    # refuses): the timed models get room for it (random weights, so nothing is extrapolated)
+    text = dict(c["text"], vocab_size=-(-len(tokenizer) // 64) * 64, pad_token_id=tokenizer.pad_token_id,
+                max_position_embeddings=max(c["text"].get("max_position_embeddings", 0), 16384))
     config = OmniVMedConfig(text_config=text, vision_config=c["vision"], **omnivmed_tools.token_ids(tokenizer))
     torch.manual_seed(0)
     model = OmniVMedForConditionalGeneration(config).eval()
