@@ -295,21 +295,9 @@ class OmniVMedVisionAttention(nn.Module):
 
         if "flash" in implementation:
             # varlen kernels take the packed sequence with its cu_seqlens: no padding, no mask
-            out, _ = attention_interface(
-                self,
-                q.transpose(0, 1).unsqueeze(0),
-                k.transpose(0, 1).unsqueeze(0),
-                v.transpose(0, 1).unsqueeze(0),
-                attention_mask=None,
-                scaling=self.scaling,
-                dropout=dropout,
-                cu_seq_lens_q=segments.cu_seqlens,
-                cu_seq_lens_k=segments.cu_seqlens,
-                max_length_q=segments.max_seqlen,
-                max_length_k=segments.max_seqlen,
-                is_causal=False,
-                **kwargs,
-            )
+            out = self._attend(attention_interface, q[None], k[None], v[None], dropout, kwargs,
+                               cu_seq_lens_q=segments.cu_seqlens, cu_seq_lens_k=segments.cu_seqlens,
+                               max_length_q=segments.max_seqlen, max_length_k=segments.max_seqlen)  # fmt: skip
             out = out.reshape(n, self.num_heads * self.head_dim)
         else:
             out = None
@@ -319,19 +307,9 @@ class OmniVMedVisionAttention(nn.Module):
                 flat = index.reshape(-1) if start is None else slice(start, start + g * length)
 
                 def gather(x):
-                    return x[flat].view(g, length, self.num_heads, self.head_dim).transpose(1, 2)
+                    return x[flat].view(g, length, self.num_heads, self.head_dim)
 
-                group_out, _ = attention_interface(
-                    self,
-                    gather(q),
-                    gather(k),
-                    gather(v),
-                    attention_mask=None,
-                    scaling=self.scaling,
-                    dropout=dropout,
-                    is_causal=False,
-                    **kwargs,
-                )
+                group_out = self._attend(attention_interface, gather(q), gather(k), gather(v), dropout, kwargs)
                 group_out = group_out.reshape(g * length, self.num_heads, self.head_dim)
                 if g * length == n:  # one group holds every row (e.g. frames of one size): no scatter
                     out = group_out
@@ -344,6 +322,24 @@ class OmniVMedVisionAttention(nn.Module):
             out = out.reshape(n, self.num_heads * self.head_dim)
         return self.out_proj(out)
 
+    def _attend(self, attention_interface, q, k, v, dropout, kwargs, **varlen) -> torch.Tensor:
+        """One non-causal, unmasked attention call: q (B, Lq, heads, head_dim), k / v (B, Lk, heads, head_dim) ->
+        (B, Lq, heads, head_dim). `varlen`: flash-attention's cu_seq_lens_q / _k and max_length_q / _k for B = 1 rows
+        packed from several segments."""
+        out, _ = attention_interface(
+            self,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attention_mask=None,
+            scaling=self.scaling,
+            dropout=dropout,
+            is_causal=False,
+            **varlen,
+            **kwargs,
+        )
+        return out
+
     def _reuse_attention(self, q, k, v, position_embeddings, segments, attention_interface, dropout, kwargs):
         # every row is rotated with frame index 0 (see ReuseCache), so a key is gathered for later frames as it is
         cos, sin = position_embeddings
@@ -353,48 +349,31 @@ class OmniVMedVisionAttention(nn.Module):
             if segments.cached_rows:
                 k = torch.cat([cache.keys[self.layer_idx].to(k.device), k])
                 v = torch.cat([cache.values[self.layer_idx].to(v.device), v])
-            last = segments.last.to(k.device)
+            last = segments.last.to(k.device).clamp(min=0)
             if k.shape[0]:
-                cache.keys[self.layer_idx] = k.index_select(0, last.clamp(min=0))
-                cache.values[self.layer_idx] = v.index_select(0, last.clamp(min=0))
+                cache.keys[self.layer_idx] = k.index_select(0, last)
+                cache.values[self.layer_idx] = v.index_select(0, last)
             else:  # nothing computed yet: no position is seen, the rows are never read
                 cache.keys[self.layer_idx] = k.new_zeros(last.numel(), *k.shape[1:])
                 cache.values[self.layer_idx] = v.new_zeros(last.numel(), *v.shape[1:])
         n_q = q.shape[0]
-        implementation = self.config._attn_implementation or "eager"
-        if n_q and "flash" in implementation:
-            # varlen kernels take queries and keys packed with their own cu_seqlens (a frame's keys outnumber its queries)
-            out, _ = attention_interface(
-                self,
-                q.transpose(0, 1).unsqueeze(0),
-                k.index_select(0, segments.kv_source).transpose(0, 1).unsqueeze(0),
-                v.index_select(0, segments.kv_source).transpose(0, 1).unsqueeze(0),
-                attention_mask=None,
-                scaling=self.scaling,
-                dropout=dropout,
-                cu_seq_lens_q=segments.cu_seqlens_q,
-                cu_seq_lens_k=segments.cu_seqlens_k,
-                max_length_q=segments.max_seqlen_q,
-                max_length_k=segments.max_seqlen_k,
-                is_causal=False,
-                **kwargs,
-            )
+        if n_q and "flash" in (self.config._attn_implementation or "eager"):
+            # varlen kernels take queries and keys packed with their own cu_seqlens (a frame's keys outnumber its
+            # queries)
+            keys, values = k.index_select(0, segments.kv_source), v.index_select(0, segments.kv_source)
+            out = self._attend(attention_interface, q[None], keys[None], values[None], dropout, kwargs,
+                               cu_seq_lens_q=segments.cu_seqlens_q, cu_seq_lens_k=segments.cu_seqlens_k,
+                               max_length_q=segments.max_seqlen_q, max_length_k=segments.max_seqlen_k)  # fmt: skip
             return self.out_proj(out.reshape(n_q, self.num_heads * self.head_dim))
+
+        def gather(x, rows):  # (G, L) row indices -> (G, L, heads, head_dim)
+            return x[rows.reshape(-1)].view(*rows.shape, self.num_heads, self.head_dim)
+
         out = q.new_empty(q.shape)
         for q_rows, kv_rows in segments.groups:
-            (g, lq), lk = q_rows.shape, kv_rows.shape[1]
-            group_out, _ = attention_interface(
-                self,
-                q[q_rows.reshape(-1)].view(g, lq, self.num_heads, self.head_dim).transpose(1, 2),
-                k[kv_rows.reshape(-1)].view(g, lk, self.num_heads, self.head_dim).transpose(1, 2),
-                v[kv_rows.reshape(-1)].view(g, lk, self.num_heads, self.head_dim).transpose(1, 2),
-                attention_mask=None,
-                scaling=self.scaling,
-                dropout=dropout,
-                is_causal=False,
-                **kwargs,
-            )
-            out[q_rows.reshape(-1)] = group_out.reshape(g * lq, self.num_heads, self.head_dim)
+            group_out = self._attend(attention_interface, gather(q, q_rows), gather(k, kv_rows), gather(v, kv_rows),
+                                     dropout, kwargs)  # fmt: skip
+            out[q_rows.reshape(-1)] = group_out.reshape(q_rows.numel(), self.num_heads, self.head_dim)
         return self.out_proj(out.reshape(n_q, self.num_heads * self.head_dim))
 
 
