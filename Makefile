@@ -1,13 +1,13 @@
 # `make test` and `make demo` each set up their own venv from requirements.txt on a fresh machine; `make test` and
 # `make app` add requirements-demo.txt (Gradio + Selenium, installed with --no-deps: see that file); `make test` adds
-# requirements-int8.txt (torchao, for quantize_omnivmed.py: see that file).
+# requirements-int8.txt (torchao, for quantize_omnivmed.py: see that file) and requirements-scaleout.txt (DeepSpeed).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: test demo app venv demo-venv int8-venv clean
+.PHONY: test demo app venv demo-venv int8-venv scaleout-venv clean
 
 venv: $(VENV)/.installed
 
@@ -29,7 +29,13 @@ $(VENV)/.installed-int8: requirements-int8.txt $(VENV)/.installed
 	$(PY) -m pip install -q -r requirements-int8.txt
 	touch $@
 
-test: venv demo-venv int8-venv
+scaleout-venv: $(VENV)/.installed-scaleout
+
+$(VENV)/.installed-scaleout: requirements-scaleout.txt $(VENV)/.installed
+	$(PY) -m pip install -q -r requirements-scaleout.txt
+	touch $@
+
+test: venv demo-venv int8-venv scaleout-venv
 	$(PY) -m pytest -q tests
 
 demo: venv

@@ -1015,9 +1015,11 @@ def write_model_card(out: Path, model, title: str, description: str, repo: str, 
     )
 
 
-def save_hub_folder(model, processor, out: Path, max_shard_size: str | int | None = None, **card) -> Path:
+def save_hub_folder(model, processor, out: Path, max_shard_size: str | int | None = None, original_format: bool = True,
+                    **card) -> Path:  # fmt: skip
     """Everything a Hub repo needs: code, config with auto_map, safetensors (sharded above `max_shard_size`, e.g.
-    "5GB"; transformers' default when None), processor, tokenizer, card."""
+    "5GB"; transformers' default when None), processor, tokenizer, card. `original_format`: the weights under the key
+    names they were loaded with (transformers' `save_original_format`); False: this code's own names."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.config.auto_map = dict(AUTO_MAP)
@@ -1027,7 +1029,8 @@ def save_hub_folder(model, processor, out: Path, max_shard_size: str | int | Non
         pad_token_id=processor.tokenizer.pad_token_id,
         do_sample=False,
     )
-    model.save_pretrained(out, **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
+    model.save_pretrained(out, save_original_format=original_format,
+                          **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))  # fmt: skip
     # the processor refuses prompts longer than the tokenizer's model_max_length: no more than the LLM can place
     limit = getattr(model.config.text_config, "max_position_embeddings", None)
     if limit and processor.tokenizer.model_max_length > limit:

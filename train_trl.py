@@ -4,7 +4,7 @@
     python train_trl.py --model DIR_OR_ID --stages 1,2,3 --data_root DATA \\
         --stage1_data captions.jsonl --stage2_data instruct2d.jsonl --stage3_data mixed.jsonl
     torchrun --nproc_per_node 2 train_trl.py ...          # DDP (gloo on CPU, NCCL on GPUs)
-    accelerate launch --config_file configs/accelerate_zero2.yaml train_trl.py ...   # e.g. DeepSpeed ZeRO-2 on GPUs
+    accelerate launch --config_file configs/accelerate_zero2.yaml train_trl.py ...   # e.g. DeepSpeed ZeRO-2 (requirements-scaleout.txt)
 
 Stages (presets; each runs alone or chained, each starting from the previous stage's saved model):
     1 alignment   2D image-caption data; vision tower and LLM frozen, projector trained (lr 1e-3)
@@ -29,6 +29,7 @@ on every visual / frame-separator token and on padding.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import inspect
 import json
@@ -127,6 +128,11 @@ def module_of(parameter_name: str) -> str:
     raise ValueError(f"parameter {parameter_name!r} belongs to none of the vision tower, projector or LLM")
 
 
+def _numel(param: torch.nn.Parameter) -> int:
+    # a ZeRO-3-partitioned parameter is an empty placeholder on each process; DeepSpeed records its full size
+    return getattr(param, "ds_numel", param.numel())
+
+
 def set_trainable(model: torch.nn.Module, modules) -> dict[str, int]:
     """Freeze every parameter outside `modules`; returns trainable parameter counts per module."""
     counts = dict.fromkeys(MODULES, 0)
@@ -134,7 +140,7 @@ def set_trainable(model: torch.nn.Module, modules) -> dict[str, int]:
         module = module_of(name)
         param.requires_grad_(module in modules)
         if param.requires_grad:
-            counts[module] += param.numel()
+            counts[module] += _numel(param)
     return counts
 
 
@@ -180,7 +186,7 @@ def _sft_trainer_class():
                 logger.info(
                     "optimizer group %-9s lr %.2e weight_decay %.3g: %d tensors, %d parameters",
                     group["module"], group["lr"], group["weight_decay"], len(group["params"]),
-                    sum(p.numel() for p in group["params"]),
+                    sum(_numel(p) for p in group["params"]),
                 )  # fmt: skip
             return self.optimizer
 
@@ -471,6 +477,14 @@ def _init_distributed():
         PartialState(cpu=not _accelerator_available())
 
 
+def _engine(trainer) -> str:
+    """What the Trainer's Accelerator actually runs: a shipped DeepSpeed / FSDP file may be read and still not engaged."""
+    state = trainer.accelerator.state
+    if trainer.is_deepspeed_enabled and state.distributed_type.name == "DEEPSPEED":
+        return f"deepspeed zero-{state.deepspeed_plugin.zero_stage}"
+    return state.distributed_type.name.lower()
+
+
 def _barrier():
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -548,6 +562,22 @@ def check_replicas(model) -> None:
         raise RuntimeError(f"the processes hold different weights: {[g.tolist() for g in gathered]}")
 
 
+@contextlib.contextmanager
+def _unpartitioned_loading():
+    """from_pretrained on the main process alone: under ZeRO-3 it would partition the weights over processes that are
+    not loading (zero.Init's collectives then wait for ever). The ZeRO-3 switch is transformers' module-level weak
+    reference to the active DeepSpeed config, set by TrainingArguments(deepspeed=...) or by accelerate's DeepSpeed
+    plugin; it is cleared for the load and put back."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    active = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = active
+
+
 def save_model_folder(trainer, processor, out: Path, start_model: str, lora: bool, card: dict,
                       model_class=OmniVMedForConditionalGeneration) -> Path:
     """Write the trained model as a complete Hub folder (omnivmed_tools.save_hub_folder) on the main process.
@@ -563,7 +593,8 @@ def save_model_folder(trainer, processor, out: Path, start_model: str, lora: boo
             from peft import PeftModel
 
             processor.save_pretrained(adapter)
-            base = model_class.from_pretrained(start_model)
+            with _unpartitioned_loading():
+                base = model_class.from_pretrained(start_model)
             model = PeftModel.from_pretrained(base, adapter).merge_and_unload()
             # PEFT's own card is an empty template: the adapter gets the same card as the merged model
             write_model_card(adapter, model, **{**card, "title": card["title"] + " (LoRA adapter)"},
@@ -573,8 +604,11 @@ def save_model_folder(trainer, processor, out: Path, start_model: str, lora: boo
         gathered = out.parent / "gathered"
         trainer.save_model(str(gathered))
         if trainer.accelerator.is_main_process:
-            model = model_class.from_pretrained(gathered)
-            save_hub_folder(model, processor, out, **card)
+            with _unpartitioned_loading():
+                model = model_class.from_pretrained(gathered)
+            # ZeRO-3 loading keeps transformers' whole key-renaming table, legacy names included, so the gathered
+            # weights come out as "model.language_model.model.*": written back under this code's own names
+            save_hub_folder(model, processor, out, original_format=False, **card)
             shutil.rmtree(gathered, ignore_errors=True)
     elif trainer.accelerator.is_main_process:
         model = trainer.accelerator.unwrap_model(trainer.model)
@@ -630,6 +664,12 @@ def run_stage(plan: StagePlan, start_model: str, args, plans: list, callbacks=()
         load_kwargs["train_prune_stage"] = None if args.train_prune_stage == "same" else args.train_prune_stage
     if args.attn_implementation:
         load_kwargs["attn_implementation"] = args.attn_implementation
+    if args.deepspeed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        # under ZeRO-3 from_pretrained partitions the weights as it loads them (zero.Init), sized by DeepSpeed's own
+        # process group: Accelerate makes that one only later (and never on the CPU), so it joins the torch group here
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     model = args.model_class.from_pretrained(start_model, **load_kwargs)
     lora = args.lora and "llm" in plan.train
     counts = set_trainable(model, [m for m in plan.train if not (lora and m == "llm")])
@@ -658,11 +698,15 @@ def run_stage(plan: StagePlan, start_model: str, args, plans: list, callbacks=()
     if lora:
         trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
         logger.info("LoRA: %d trainable tensors, e.g. %s", len(trainable), trainable[:2])
+    engine = _engine(trainer)
     logger.info(
-        "stage %d: %s, world size %d, device %s, bf16 %s, gradient checkpointing %s",
-        stage.number, trainer.args.parallel_mode.value, trainer.args.world_size, trainer.args.device,
+        "stage %d: %s, world size %d, engine %s, device %s, bf16 %s, gradient checkpointing %s",
+        stage.number, trainer.args.parallel_mode.value, trainer.args.world_size, engine, trainer.args.device,
         trainer.args.bf16, trainer.args.gradient_checkpointing,
     )  # fmt: skip
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not trainer.is_fsdp_enabled:
+        logger.warning("the launch config asks for FSDP but Accelerate runs %s (it engages FSDP on GPUs only): every "
+                       "process holds the whole model", engine)  # fmt: skip
     started = time.time()
     trainer.train(resume_from_checkpoint=resume)
     logger.info("stage %d trained in %.1f s", stage.number, time.time() - started)
