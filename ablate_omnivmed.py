@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -742,8 +743,20 @@ def plot_losses(results, path: Path) -> bool:
     return True
 
 
+HAND_RUN = ("<!-- hand-run: kept as it is when this file is regenerated -->", "<!-- /hand-run -->")
+
+
+def hand_run_blocks(report: Path) -> list[str]:
+    """The report's hand-run sections (between HAND_RUN's markers, markers included): results of runs this script
+    does not make (e.g. the embedded default over many seeds), carried into the regenerated report."""
+    if not report.exists():
+        return []
+    return re.findall(re.escape(HAND_RUN[0]) + r".*?" + re.escape(HAND_RUN[1]), report.read_text(), flags=re.S)
+
+
 def write_report(args, out: Path, results, timing: dict) -> Path:
     report = ROOT / "EVIDENCE.md" if args.report is None else Path(args.report)
+    hand_run = hand_run_blocks(report)
     fig_dir = report.parent / "docs" / "evidence" if args.report is None else report.parent
     fig_dir.mkdir(parents=True, exist_ok=True)
     sweep_png, loss_png = fig_dir / "accuracy_vs_tokens_kept.png", fig_dir / "loss_curves.png"
@@ -891,6 +904,8 @@ def write_report(args, out: Path, results, timing: dict) -> Path:
             stage_table(results),
             "",
         ]
+    for block in hand_run:
+        lines += [block, ""]
     lines += [
         "## Claim 3: progressive (1 → 2 → 3) vs joint training at equal total steps",
         "",

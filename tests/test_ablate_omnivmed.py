@@ -56,6 +56,22 @@ def test_quick_mode_writes_every_table_and_plot(quick_run):
         assert f"]({png})" in text
 
 
+def test_hand_run_sections_survive_a_rewrite(quick_run):
+    """EVIDENCE.md's hand-run sections (results this script does not produce) are carried into the regenerated file,
+    before claim 3, and nothing else of the old file is."""
+    tmp, argv, report = quick_run
+    text = report.read_text()
+    block = f"{A.HAND_RUN[0]}\n## A hand-run section\n\n| a | b |\n|---|---|\n{A.HAND_RUN[1]}"
+    report.write_text(text.replace("## Claim 3", block + "\n\n## Claim 3", 1) + "\nstale line\n")
+    try:
+        A.main(argv + ["--report_only"])
+        new = report.read_text()
+        assert new.count(block) == 1 and new.index(block) < new.index("## Claim 3")
+        assert "stale line" not in new
+    finally:
+        report.write_text(text)
+
+
 def test_finished_runs_are_kept_and_results_complete(quick_run):
     tmp, argv, _ = quick_run
     paths = {arm: tmp / "runs" / "arms" / arm / "seed0" / "results.json" for arm in A.ARMS}
