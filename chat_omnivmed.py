@@ -53,10 +53,11 @@ def main(argv=None):
     parser.add_argument("--prune-threshold", type=float, default=None,
                         help="token pruning threshold for volumes / videos (0 keeps every token; default: the model's)")
     parser.add_argument("--prune-stage", choices=PRUNE_STAGES, default=None,
-                        help="where pruning happens: post_encoder (every patch through the tower, the default), "
-                        "pre_encoder_reuse (kept patches only through the tower, attending to their whole frame: much "
-                        "faster on volumes / videos, see README) or pre_encoder (kept patches seeing only kept "
-                        "patches); default: the model's")
+                        help="where pruning happens: pre_encoder_reuse (kept patches only through the tower, "
+                        "attending to their whole frame: our checkpoints' default), post_encoder (every patch through "
+                        "the tower: converted checkpoints') or pre_encoder (kept patches seeing only kept patches); "
+                        "default: the model's. Answering with another stage than the model was trained with may cost "
+                        "accuracy (README, Token pruning)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--system", default=None, help="a system prompt instead of the template's default")
     parser.add_argument("--device", default="auto")

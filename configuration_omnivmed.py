@@ -116,18 +116,19 @@ class OmniVMedConfig(PreTrainedConfig):
     prune_threshold (`float`): mean |delta| below which a merged token repeating its reference is dropped; 0 = off.
     prune_reference (`str`): `"last_kept"` (default; slow drift is refreshed) or `"previous"` (the paper).
     prune_unit (`str`): `"normalized"` (pixels as the tower sees them) or `"intensity"` (the [0, 1] scale).
-    prune_stage (`str`): where pruning happens when the model answers (eval mode). `"post_encoder"` (default, the
-        paper's, and what converted Hulu-Med / VideoLLaMA3 checkpoints keep): run the tower on every patch, drop
-        tokens after it, so each kept token is computed with its whole slice / frame in view. `"pre_encoder_reuse"`
-        (opt-in, 3.8-26x faster volumes and videos end to end at real scale): the tower runs only the kept patches,
-        but a kept patch still attends to every position of its frame: a pruned position's key and value at each
-        layer are those computed where that position was last kept (it changed less than the threshold since);
-        EVIDENCE.md measured its cost ("Claim 2 at the embedded default's budget": 3D + video −1.4 ± 1.7 points, up
-        to −21 on one task of one seed), which kept the default. `"pre_encoder"`: drop the pruned tokens' patches
-        before the tower, so kept patches see only kept patches (fastest; it loses the level-in-volume task).
-    train_prune_stage (`str` or None): the stage in training mode (`model.train()`); None: `prune_stage`. Default
-        `"post_encoder"`: the tower learns from whole frames whatever stage answers (EVIDENCE.md: training with
-        pre_encoder_reuse went worse than training with post-encoder and answering with it).
+    prune_stage (`str`): where pruning happens when the model answers (eval mode). `"pre_encoder_reuse"` (default
+        for our own checkpoints; 3.8-26x faster volumes and videos end to end at real scale): the tower runs only the
+        kept patches, but a kept patch still attends to every position of its frame: a pruned position's key and
+        value at each layer are those computed where that position was last kept (it changed less than the threshold
+        since). `"post_encoder"` (the paper's, and what converted Hulu-Med / VideoLLaMA3 checkpoints keep): run the
+        tower on every patch, drop tokens after it, so each kept token is computed with its whole slice / frame in
+        view. `"pre_encoder"`: drop the pruned tokens' patches before the tower, so kept patches see only kept patches
+        (fastest; it loses the level-in-volume task). A model must answer with the stage it was trained with:
+        EVIDENCE.md ("Claim 2 at the embedded default's budget", 10 seeds) found pre_encoder_reuse within the spread
+        of post-encoder on every volume and video task when it trains and answers (2D −0.4 ± 0.5 points), but a
+        post-encoder-trained model answering with it 1.3 ± 1.4 points lower on 3D + video (a warning says so).
+    train_prune_stage (`str` or None): the stage in training mode (`model.train()`); None (default): `prune_stage`.
+        Our saved checkpoints name it, so the stage a model was trained with travels with it.
     prune_keep_first_frame (`bool`): keep the first frame whole (ours); False reproduces the successor code, whose
         first frame keeps only `prune_min_tokens` tokens.
     prune_min_tokens / prune_min_tokens_pick: every frame keeps at least this many tokens, the most changed ones
@@ -157,8 +158,8 @@ class OmniVMedConfig(PreTrainedConfig):
     prune_threshold: float = 0.1
     prune_reference: str = "last_kept"
     prune_unit: str = "normalized"
-    prune_stage: str = "post_encoder"
-    train_prune_stage: str | None = "post_encoder"
+    prune_stage: str = "pre_encoder_reuse"
+    train_prune_stage: str | None = None
     prune_keep_first_frame: bool = True
     prune_min_tokens: int = 1
     prune_min_tokens_pick: str = "most_changed"

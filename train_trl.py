@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "processes share the cores)")  # fmt: skip
     g.add_argument("--train_prune_stage", choices=(*PRUNE_STAGES, "same"), default=None,
                    help="pruning stage while training (saved in the model's config as train_prune_stage; 'same': "
-                   "the model's prune_stage; default: the model's train_prune_stage, post_encoder for ours)")
+                   "the model's prune_stage; default: the model's train_prune_stage, pre_encoder_reuse for ours)")
     g.add_argument("--deepspeed", help="DeepSpeed JSON config (e.g. configs/ds_zero2.json)")
     g.add_argument("--check_replicas", action="store_true",
                    help="after each stage, check that all processes hold the same weights")
@@ -671,6 +671,8 @@ def run_stage(plan: StagePlan, start_model: str, args, plans: list, callbacks=()
 
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     model = args.model_class.from_pretrained(start_model, **load_kwargs)
+    # the saved model names the stage it was trained with (None would follow a later prune_stage override)
+    model.config.train_prune_stage = model.config.train_prune_stage or model.config.prune_stage
     lora = args.lora and "llm" in plan.train
     counts = set_trainable(model, [m for m in plan.train if not (lora and m == "llm")])
     logger.info(

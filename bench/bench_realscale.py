@@ -7,8 +7,8 @@ Shapes: "1.5B" is the root config.json (so400m-shaped tower + Qwen2.5-1.5B LLM);
 Qwen2.5-7B LLM (hyperparameters below, from Qwen2.5-7B's published config.json); "tiny" (--quick) the test-suite model.
 Inputs: a 448 x 448 image, the MNI152 T1 volume (nilearn) at 64 axial slices, a 64-frame 448 px video (a synthetic
 static-camera scene with an instrument sweeping across, 64 s sampled at 1 fps).
-Arms per input: ours with pruning off (threshold 0), default pruning post-encoder and pre-encoder (config.json's
-prune_stage, pre-encoder, marks the default), and Qwen2.5-VL (random weights, the same LLM shape, its own ViT of Qwen2.5-VL-3B/7B's shape) given the
+Arms per input: ours with pruning off (threshold 0), default pruning post-encoder, pre-encoder and pre-encoder
+reuse (config.json's prune_stage, pre-encoder reuse, marks the default), and Qwen2.5-VL (random weights, the same LLM shape, its own ViT of Qwen2.5-VL-3B/7B's shape) given the
 same number of visual tokens and the same sequence length as our unpruned arm. 2D images are never pruned, so the
 image has two arms.
 

@@ -50,8 +50,8 @@ def test_quick_run_compares_every_arm_at_equal_visual_tokens(tmp_path):
     assert vol["post"][0]["visual_tokens"] == vol["pre"][0]["visual_tokens"] < vol["off"][0]["visual_tokens"]
     assert vol["reuse"][0]["visual_tokens"] == vol["pre"][0]["visual_tokens"]
     text = out_md.read_text()
-    assert "volume: pruning post-encoder vs off, end to end (TTFT) [default]" in text  # config.json's stage
-    assert "volume: pruning pre-encoder vs off, end to end (TTFT) [default]" not in text
+    assert "volume: pruning pre-encoder-reuse vs off, end to end (TTFT) [default]" in text  # config.json's stage
+    assert "volume: pruning post-encoder vs off, end to end (TTFT) [default]" not in text
     assert "ours unpruned vs Qwen2.5-VL at equal visual tokens" in text
     assert "| torch threads per arm | 1 |" in text
 

@@ -205,10 +205,10 @@ def test_default_config_is_the_1_5b_architecture():
     assert config.vision_config.hidden_size == 1152 and config.vision_config.num_hidden_layers == 27
     assert config.vision_config.num_attention_heads == 16 and config.vision_config.patch_size == 14
     assert config.text_config.hidden_size == 1536 and config.text_config.num_hidden_layers == 28
-    # post-encoder stays the default (EVIDENCE.md, "Claim 2 at the embedded default's budget"); the class default
-    # agrees with config.json, and so does the training stage
-    assert config.prune_stage == OmniVMedConfig().prune_stage == "post_encoder"
-    assert config.train_prune_stage == OmniVMedConfig().train_prune_stage == "post_encoder"
+    # pre-encoder reuse is the default, to train and to answer with (EVIDENCE.md, "Claim 2 at the embedded default's
+    # budget"); the class default agrees with config.json, whose training stage is named (the class's None: the same)
+    assert config.prune_stage == OmniVMedConfig().prune_stage == "pre_encoder_reuse"
+    assert config.train_prune_stage == "pre_encoder_reuse" and OmniVMedConfig().train_prune_stage is None
     with torch.device("meta"):
         model = OmniVMedForConditionalGeneration(config)
     counts = {

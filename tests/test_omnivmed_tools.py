@@ -95,7 +95,7 @@ def test_load_model_overrides_the_checkpoints_prune_stage(tmp_path):
     folder = tools.build_tiny(tmp_path / "tiny", seed=0)
     saved = json.loads((folder / "config.json").read_text())["prune_stage"]
     model, _ = tools.load_model(str(folder), "cpu", "float32")
-    assert model.config.prune_stage == saved == "post_encoder"
+    assert model.config.prune_stage == saved == "pre_encoder_reuse"
     model, _ = tools.load_model(str(folder), "cpu", "float32", prune_stage="pre_encoder")
     assert model.config.prune_stage == "pre_encoder"
     assert json.loads((folder / "config.json").read_text())["prune_stage"] == saved  # the folder is not changed

@@ -277,15 +277,15 @@ def test_an_unknown_prune_stage_set_after_loading_is_an_error_not_post_encoder(p
 
 
 def test_training_mode_runs_train_prune_stage(tiny_config):
-    """model.train() runs `train_prune_stage` (default post_encoder: the tower sees every patch), model.eval() runs
-    `prune_stage` (here pre_encoder_reuse: only the kept patches); None trains with prune_stage too."""
+    """model.train() runs `train_prune_stage` (here post_encoder: the tower sees every patch), model.eval() runs
+    `prune_stage` (here pre_encoder_reuse: only the kept patches); None (the class default) trains with prune_stage."""
     from omnivmed.configuration_omnivmed import OmniVMedConfig
     from omnivmed.modeling_omnivmed import OmniVMedModel
 
-    assert OmniVMedConfig().prune_stage == "post_encoder" and OmniVMedConfig().train_prune_stage == "post_encoder"
+    assert OmniVMedConfig().prune_stage == "pre_encoder_reuse" and OmniVMedConfig().train_prune_stage is None
     torch.manual_seed(0)
     model = OmniVMedModel(tiny_config)
-    model.config.prune_stage = "pre_encoder_reuse"
+    model.config.prune_stage, model.config.train_prune_stage = "pre_encoder_reuse", "post_encoder"
     t, h, w = 4, 4, 4
     pixels = torch.randn(h * w, tiny_config.vision_config.patch_dim).repeat(t, 1)  # a static clip: pruned
     grid, merge = torch.tensor([[t, h, w]]), torch.tensor([2])
@@ -305,6 +305,28 @@ def test_training_mode_runs_train_prune_stage(tiny_config):
         tower_patches()
     with pytest.raises(ValueError, match="train_prune_stage must be one of"):
         OmniVMedConfig(train_prune_stage="later")
+
+
+def test_answering_with_another_stage_than_trained_warns(caplog):
+    """A checkpoint names the stage it was trained with; a model built to answer with another (from_pretrained's
+    prune_stage=...) says so, since its volume / video answers may be worse (EVIDENCE.md); the same stage, or
+    train_prune_stage None (the same by definition), is silent."""
+    import logging
+
+    from conftest import tiny_config_dict
+    from omnivmed.configuration_omnivmed import OmniVMedConfig
+    from omnivmed.modeling_omnivmed import OmniVMedModel
+
+    def warnings_for(**stages):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            OmniVMedModel(OmniVMedConfig(**tiny_config_dict(**stages)))
+        return [r.getMessage() for r in caplog.records if "answers with" in r.getMessage()]
+
+    assert warnings_for(prune_stage="pre_encoder_reuse", train_prune_stage="pre_encoder_reuse") == []
+    assert warnings_for(prune_stage="post_encoder", train_prune_stage=None) == []
+    (message,) = warnings_for(prune_stage="pre_encoder_reuse", train_prune_stage="post_encoder")
+    assert "trains with prune_stage 'post_encoder' but answers with 'pre_encoder_reuse'" in message
 
 
 @pytest.mark.parametrize(
