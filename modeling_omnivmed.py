@@ -671,7 +671,7 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
         self.projector = OmniVMedProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
-        trained = getattr(config, "train_prune_stage", None)
+        trained = config.train_prune_stage
         if trained is not None and trained != config.prune_stage:
             # the two stages give the LLM different features for the same pixels: answering with a stage the model
             # was not trained with cost 1.3 ± 1.4 points on volumes and videos (post-encoder-trained, answering with
@@ -702,7 +702,7 @@ class OmniVMedModel(OmniVMedPreTrainedModel):
     def active_prune_stage(self) -> str:
         """The pruning stage this forward runs: `train_prune_stage` in training mode when set, else `prune_stage`."""
         c = self.config
-        training = self.training and getattr(c, "train_prune_stage", None) is not None
+        training = self.training and c.train_prune_stage is not None
         stage = c.train_prune_stage if training else c.prune_stage
         if stage not in PRUNE_STAGES:  # set after loading (from_pretrained kwargs do) skips the config's check
             name = "train_prune_stage" if training else "prune_stage"
